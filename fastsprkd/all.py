@@ -1,0 +1,3 @@
+"Everything public in fastsprkd, in the style of `from fastai.vision.all import *`."
+from .data import *
+from .models import *

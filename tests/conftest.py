@@ -1,0 +1,9 @@
+import os, warnings
+import pytest, torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="CUDA test: no GPU on this machine"))]
