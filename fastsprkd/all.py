@@ -1,3 +1,4 @@
 "Everything public in fastsprkd, in the style of `from fastai.vision.all import *`."
 from .data import *
 from .models import *
+from .core import *
