@@ -2,3 +2,4 @@
 from .data import *
 from .models import *
 from .core import *
+from .eigen import *
