@@ -3,3 +3,4 @@ from .data import *
 from .models import *
 from .core import *
 from .eigen import *
+from .saddle import *
