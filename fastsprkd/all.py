@@ -4,3 +4,5 @@ from .models import *
 from .core import *
 from .eigen import *
 from .saddle import *
+from .estimators import *
+from .analysis import *

@@ -1,0 +1,338 @@
+import math, warnings
+import pytest, torch
+from torch import nn
+import fastcore.test as fct
+from conftest import DEVICES
+from fastsprkd.core import DenseOperator, HessianOperator, LinearOperator
+from fastsprkd.estimators import Estimate, SpectralDensity, SolveResult, trace, diagonal, spectral_density, logdet, solve
+
+D = torch.float64
+
+
+def spd_matrix(n=150, seed=0, top=(100., 50.), n_top=10, low=1.):
+    "Symmetric matrix with `n_top` large eigenvalues and the rest uniform in [0, low]."
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=D)).Q
+    lam = torch.cat([torch.linspace(*top, n_top, dtype=D), low * torch.rand(n - n_top, generator=g, dtype=D)])
+    return (U * lam) @ U.T, lam
+
+
+class CountingOperator(LinearOperator):
+    "Dense operator that records the number of columns of each `_matmat` call."
+    def __init__(self, A):
+        self.A, self.num_params, self.dtype, self.device, self.calls = A, A.shape[0], A.dtype, A.device, []
+    def _matmat(self, V):
+        self.calls.append(V.shape[1])
+        return self.A @ V
+
+
+def tiny_hessian(seed=0):
+    "A float64 HessianOperator of a small MLP and its dense reference from torch.func.hessian."
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(40, 4, dtype=D), torch.randint(0, 3, (40,))
+    lf = nn.CrossEntropyLoss()
+    op = HessianOperator(model, lf, (x, y))
+    names = [n for n, _ in model.named_parameters()]
+    def loss_of(flat): return lf(torch.func.functional_call(model, dict(zip(names, op.unflatten(flat))), (x,)), y)
+    H = torch.func.hessian(loss_of)(op.flatten([p.detach() for p in model.parameters()]))
+    return op, H
+
+
+# ---------------------------------------------------------------- trace
+@pytest.mark.parametrize('method', ['hutchinson', 'hutch++'])
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_trace_within_4_stderr(method, seed):
+    A, lam = spd_matrix(seed=seed)
+    est = trace(A, method=method, num_matvecs=60, seed=seed)
+    assert isinstance(est, Estimate) and est.num_matvecs == 60
+    assert est.stderr > 0
+    assert abs(est.estimate - lam.sum().item()) <= 4 * est.stderr
+    fct.test_close(est.samples.mean().item(), est.estimate, eps=1e-9)
+
+
+def test_trace_of_hessian_operator_within_4_stderr():
+    op, H = tiny_hessian()
+    for method in ('hutchinson', 'hutch++'):
+        est = trace(op, method=method, num_matvecs=30)
+        assert abs(est.estimate - H.trace().item()) <= 4 * est.stderr
+
+
+def test_hutchpp_beats_hutchinson_on_low_rank_plus_noise():
+    g = torch.Generator().manual_seed(3)
+    n, r = 300, 10
+    L = torch.randn(n, r, generator=g, dtype=D)
+    N = torch.randn(n, n, generator=g, dtype=D)
+    A = 10 * L @ L.T + 0.05 * (N + N.T)  # low rank plus noise
+    for seed in range(3):
+        h = trace(A, method='hutchinson', num_matvecs=90, seed=seed)
+        hpp = trace(A, method='hutch++', num_matvecs=90, seed=seed)
+        assert hpp.num_matvecs == h.num_matvecs == 90
+        assert hpp.stderr < h.stderr / 5
+        assert abs(hpp.estimate - A.trace().item()) <= 4 * hpp.stderr
+
+
+def test_trace_probes_go_through_one_matmat():
+    A, _ = spd_matrix()
+    op = CountingOperator(A)
+    trace(op, method='hutchinson', num_matvecs=40)
+    assert op.calls == [40]
+    op.calls.clear()
+    trace(op, method='hutch++', num_matvecs=60)
+    assert op.calls == [20, 20, 20]
+
+
+def test_trace_same_probes_whatever_the_batch():
+    A, _ = spd_matrix()
+    a = trace(A, method='hutchinson', num_matvecs=30, seed=5)
+    b = trace(A, method='hutchinson', num_matvecs=30, seed=5, batch=7)
+    fct.test_close(a.samples, b.samples, eps=1e-10)
+
+
+def test_trace_rtol_stopping_rule():
+    A, lam = spd_matrix(seed=4, top=(5., 1.), low=2.)
+    est = trace(A, method='hutchinson', num_matvecs=2000, rtol=0.02)
+    assert est.stderr <= 0.02 * abs(est.estimate)
+    assert est.num_matvecs < 2000 and est.num_matvecs % 10 == 0
+    est2 = trace(A, method='hutch++', num_matvecs=300, rtol=0.005, batch=5)
+    assert est2.stderr <= 0.005 * abs(est2.estimate) and 200 < est2.num_matvecs < 300
+    assert abs(est2.estimate - lam.sum().item()) <= 4 * est2.stderr
+
+
+def test_hutchpp_exact_when_budget_covers_the_space():
+    A, lam = spd_matrix(n=20)
+    est = trace(A, method='hutch++', num_matvecs=60)
+    assert est.stderr == 0
+    fct.test_close(est.estimate, lam.sum().item(), eps=1e-9)
+
+
+def test_trace_bad_input():
+    A, _ = spd_matrix(n=10)
+    fct.test_fail(lambda: trace(A, method='pyhessian'), contains="'hutch++' or 'hutchinson'")
+    fct.test_fail(lambda: trace(A, num_matvecs=5), contains='num_matvecs')
+    fct.test_fail(lambda: trace(A, method='hutchinson', num_matvecs=1), contains='num_matvecs')
+    fct.test_fail(lambda: trace(A, rtol=-1.), contains='rtol')
+    fct.test_fail(lambda: trace(torch.randn(3, 4, dtype=D)), contains='square')
+    fct.test_fail(lambda: trace([1, 2]), contains='linear operator')
+
+
+# ---------------------------------------------------------------- diagonal
+def test_diagonal_hutchinson():
+    A, _ = spd_matrix(n=80, top=(5., 1.))
+    est = diagonal(A, num_matvecs=500, seed=1)
+    assert est.estimate.shape == (80,) and est.stderr.shape == (80,) and est.num_matvecs == 500
+    z = (est.estimate - A.diagonal()) / est.stderr
+    assert z.abs().max() < 5
+    assert z.abs().mean() < 1.2  # ≈ 0.8 for a standard normal
+
+
+# ---------------------------------------------------------------- spectral density
+def test_slq_density_integrates_to_one_and_mean_is_trace_over_n():
+    A, lam = spd_matrix(n=200)
+    sd = spectral_density(A, num_probes=12, num_steps=40, seed=0)
+    assert isinstance(sd, SpectralDensity) and sd.num_matvecs == 12 * 40
+    fct.test_close(sd.weights.sum(1), torch.ones(12, dtype=D), eps=1e-12)
+    grid = torch.linspace(-10, 110, 40001, dtype=D)
+    for sigma in (0.1, 1.):
+        fct.test_close(torch.trapezoid(sd.pdf(grid, sigma), grid).item(), 1., eps=1e-6)
+    # the mean of the density is the Hutchinson estimate of tr/n from the same probes...
+    h = trace(A, method='hutchinson', num_matvecs=12, seed=0)
+    fct.test_close(sd.mean, h.estimate / 200, eps=1e-10)
+    # ...and so within 4 standard errors of the exact tr/n
+    t = sd.trace()
+    fct.test_close(t.estimate / 200, sd.mean, eps=1e-10)
+    assert abs(t.estimate - lam.sum().item()) <= 4 * t.stderr
+    # the extreme Ritz values converge to the extreme eigenvalues
+    fct.test_close(sd.nodes.max().item(), lam.max().item(), eps=1e-6)
+
+
+def test_slq_batched_equals_eigen_lanczos_probe_by_probe():
+    A, _ = spd_matrix(n=120)
+    op = CountingOperator(A)
+    a = spectral_density(op, num_probes=5, num_steps=25, seed=3)
+    assert op.calls == [5] * 25  # each Lanczos step serves all probes with one matmat
+    b = spectral_density(A, num_probes=5, num_steps=25, seed=3, batch=1)
+    fct.test_close(a.nodes, b.nodes, eps=1e-8)
+    fct.test_close(a.weights, b.weights, eps=1e-8)
+
+
+def test_slq_invariant_subspace_and_small_matrices():
+    A = torch.diag(torch.tensor([1., 2., 3., 4.], dtype=D))
+    sd = spectral_density(A, num_probes=3, num_steps=10)  # steps capped at n = 4
+    assert sd.nodes.shape == (3, 4)
+    fct.test_close(sd.trace().estimate, 10., eps=1e-9)  # 4 nodes integrate the identity exactly
+    B = torch.eye(6, dtype=D) * 2  # Krylov space of dimension 1: early stop, padded with zero weights
+    sd = spectral_density(B, num_probes=2, num_steps=5)
+    assert torch.isfinite(sd.nodes).all()
+    fct.test_close(sd.mean, 2., eps=1e-12)
+
+
+def test_slq_of_hessian_operator_matches_dense_moments():
+    from fastsprkd.estimators import _rademacher
+    op, H = tiny_hessian()
+    n = op.num_params
+    sd = spectral_density(op, num_probes=4, num_steps=12, seed=7)
+    V = _rademacher(n, 4, torch.Generator().manual_seed(7), H) / math.sqrt(n)
+    # an m-node Gauss quadrature integrates polynomials of degree ≤ 2m−1 exactly: vᵀHᵏv = Σ wᵢθᵢᵏ
+    for k in (1, 2, 3, 5):
+        exact = (V * (torch.linalg.matrix_power(H, k) @ V)).sum(0)
+        fct.test_close((sd.weights * sd.nodes ** k).sum(1), exact, eps=1e-10)
+    # Ritz values lie inside the spectrum and the extreme ones have converged
+    ev = torch.linalg.eigvalsh(H)
+    assert sd.nodes.min() >= ev[0] - 1e-10 and sd.nodes.max() <= ev[-1] + 1e-10
+    fct.test_close(sd.nodes.max().item(), ev[-1].item(), eps=1e-8)
+
+
+def test_density_plot_returns_ax():
+    import matplotlib; matplotlib.use('Agg')
+    A, _ = spd_matrix(n=50)
+    ax = spectral_density(A, num_probes=2, num_steps=10).plot()
+    assert ax.get_yscale() == 'log' and ax.get_xlabel() == 'Eigenvalue'
+
+
+# ---------------------------------------------------------------- logdet
+def test_exact_logdet_equals_torch_logdet():
+    A, _ = spd_matrix()
+    B = A + 0.3 * torch.eye(150, dtype=D)
+    est = logdet(B)
+    assert est.stderr == 0
+    fct.test_close(est.estimate, torch.logdet(B).item(), eps=1e-9)
+    fct.test_close(logdet(A, shift=0.3).estimate, torch.logdet(B).item(), eps=1e-9)
+    op, H = tiny_hessian()
+    fct.test_close(logdet(op, shift=1.).estimate, torch.logdet(H + torch.eye(len(H), dtype=D)).item(), eps=1e-8)
+
+
+def test_exact_logdet_refuses_non_pd_naming_the_eigenvalue():
+    H = torch.diag(torch.tensor([-0.25, 1., 2.], dtype=D))
+    fct.test_fail(lambda: logdet(H), contains='smallest eigenvalue is -0.25')
+    fct.test_fail(lambda: logdet(H, shift=0.25), contains='shift above 0.25')
+    fct.test_close(logdet(H, shift=0.5).estimate, math.log(0.25 * 1.5 * 2.5), eps=1e-12)
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_slq_logdet_within_4_stderr(seed):
+    A, lam = spd_matrix(seed=seed)
+    est = logdet(A, shift=0.5, method='slq', num_probes=30, num_steps=30, seed=seed)
+    assert est.stderr > 0 and est.num_matvecs == 900
+    assert abs(est.estimate - torch.log(lam + 0.5).sum().item()) <= 4 * est.stderr
+
+
+def test_slq_logdet_warns_on_non_positive_ritz_values():
+    H = torch.diag(torch.linspace(-1, 3, 50, dtype=D))
+    with pytest.warns(UserWarning, match='smallest Ritz value'):
+        est = logdet(H, method='slq', num_probes=3, num_steps=20)
+    assert math.isnan(est.estimate)
+
+
+def test_logdet_bad_method():
+    fct.test_fail(lambda: logdet(torch.eye(3, dtype=D), method='cholesky'), contains="'exact' or 'slq'")
+
+
+# ---------------------------------------------------------------- solve
+def test_cg_residual_below_tol():
+    A, _ = spd_matrix()
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(150, generator=g, dtype=D)
+    for tol in (1e-6, 1e-10):
+        r = solve(A, b, damping=0.5, tol=tol)
+        assert isinstance(r, SolveResult) and r.converged and not r.negative_curvature
+        true = ((b - A @ r.x - 0.5 * r.x).norm() / b.norm()).item()
+        assert r.residual <= tol and abs(true - r.residual) <= 1e-3 * tol
+    fct.test_close(r.x, torch.linalg.solve(A + 0.5 * torch.eye(150, dtype=D), b), eps=1e-8)
+
+
+def test_cg_several_right_hand_sides_share_matmats():
+    A, _ = spd_matrix()
+    op = CountingOperator(A)
+    B = torch.randn(150, 4, generator=torch.Generator().manual_seed(1), dtype=D)
+    r = solve(op, B, damping=1., tol=1e-8)
+    assert r.x.shape == (150, 4) and r.residual.shape == (4,) and (r.residual <= 1e-8).all()
+    assert max(op.calls) <= 4 and len(op.calls) <= r.iterations + 1
+    assert r.num_matvecs == sum(op.calls)
+    fct.test_close(r.x, torch.linalg.solve(A + torch.eye(150, dtype=D), B), eps=1e-7)
+    # warm start at the solution: no iteration needed
+    r2 = solve(A, B, damping=1., tol=1e-6, x0=r.x)
+    assert r2.iterations == 0 and r2.converged
+
+
+def test_cg_on_hessian_operator():
+    op, H = tiny_hessian()
+    b = torch.randn(op.num_params, generator=torch.Generator().manual_seed(0), dtype=D)
+    damping = 0.1 - torch.linalg.eigvalsh(H)[0].item()  # the MLP's Hessian is indefinite
+    r = solve(op, b, damping=damping, tol=1e-8)
+    assert r.converged and r.residual <= 1e-8
+    fct.test_close(r.x, torch.linalg.solve(H + damping * torch.eye(len(H), dtype=D), b), eps=1e-6)
+
+
+def test_cg_reports_negative_curvature_and_non_convergence():
+    H = torch.diag(torch.linspace(-1, 3, 40, dtype=D))
+    b = torch.ones(40, dtype=D)
+    with pytest.warns(UserWarning, match='not positive definite'):
+        r = solve(H, b)
+    assert r.negative_curvature and not r.converged
+    A, _ = spd_matrix(top=(1e4, 1e3), low=1e-2)
+    with pytest.warns(UserWarning, match='did not converge'):
+        r = solve(A, torch.ones(150, dtype=D), tol=1e-12, max_iter=5)
+    assert not r.converged and r.iterations == 5 and r.residual > 1e-12
+
+
+def test_lissa_within_1e_3_relative():
+    A, _ = spd_matrix(top=(2., 1.), low=1.)
+    b = torch.randn(150, generator=torch.Generator().manual_seed(2), dtype=D)
+    ref = torch.linalg.solve(A + 0.5 * torch.eye(150, dtype=D), b)
+    r = solve(A, b, method='lissa', damping=0.5, scale=3., depth=500, tol=1e-6)
+    assert r.converged and r.method == 'lissa' and r.scale == 3.
+    assert ((r.x - ref).norm() / ref.norm()).item() < 1e-3
+    r = solve(A, b, method='lissa', damping=0.5)  # scale from λ_max
+    assert ((r.x - ref).norm() / ref.norm()).item() < 1e-3
+    assert 2.5 < r.scale < 3.
+
+
+def test_lissa_stochastic_over_minibatch_operators():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 5, generator=g, dtype=D)
+    blocks = [X[i:i+50] for i in range(0, 200, 50)]
+    ops = [DenseOperator(B.T @ B / 50) for B in blocks]
+    H = X.T @ X / 200
+    b = torch.randn(5, generator=g, dtype=D)
+    ref = torch.linalg.solve(H + 0.5 * torch.eye(5, dtype=D), b)
+    r = solve(ops, b, method='lissa', damping=0.5, scale=5., depth=400, repeats=8, seed=0)
+    assert ((r.x - ref).norm() / ref.norm()).item() < 0.1
+    fct.test_fail(lambda: solve(ops, b, method='lissa'), contains='pass `scale`')
+    fct.test_fail(lambda: solve(ops, b), contains='one operator')
+
+
+def test_lissa_divergence_raises_with_scale_hint():
+    A, lam = spd_matrix(top=(10., 5.), low=1.)
+    b = torch.ones(150, dtype=D)
+    fct.test_fail(lambda: solve(A, b, method='lissa', scale=4.), contains='increase `scale`')
+    H = torch.diag(torch.linspace(-1, 3, 40, dtype=D))  # indefinite: diverges whatever the scale
+    fct.test_fail(lambda: solve(H, torch.ones(40, dtype=D), method='lissa', scale=5.), contains='LiSSA diverges')
+
+
+def test_solve_bad_input():
+    A, _ = spd_matrix(n=10)
+    fct.test_fail(lambda: solve(A, torch.ones(9, dtype=D)), contains='shape (10,)')
+    fct.test_fail(lambda: solve(A, torch.ones(10)), contains='dtype')
+    fct.test_fail(lambda: solve(A, torch.ones(10, dtype=D), x0=torch.ones(4, dtype=D)), contains='shape')
+    fct.test_fail(lambda: solve(A, torch.ones(10, dtype=D), method='newton'), contains="'cg' or 'lissa'")
+    fct.test_fail(lambda: solve(A, torch.full((10,), float('nan'), dtype=D)), contains='non-finite')
+    fct.test_fail(lambda: solve([], torch.ones(10, dtype=D), method='lissa'), contains='empty')
+    fct.test_fail(lambda: solve(A, torch.ones(10, dtype=D), method='lissa', scale=-1.), contains='scale must be positive')
+    r = solve(A, torch.zeros(10, dtype=D))
+    assert r.converged and r.x.abs().max() == 0
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_estimators_on_device(device):
+    A, lam = spd_matrix(n=100)
+    A = A.to(device)
+    est = trace(A, num_matvecs=30)
+    assert abs(est.estimate - lam.sum().item()) <= 4 * est.stderr + 1e-9
+    # probes are drawn on the CPU: the same numbers on every device
+    fct.test_close(est.estimate, trace(A.cpu(), num_matvecs=30).estimate, eps=1e-8)
+    r = solve(A, torch.ones(100, dtype=D, device=device), damping=1., tol=1e-8)
+    assert r.x.device == A.device and r.residual <= 1e-8
+    sd = spectral_density(A, num_probes=2, num_steps=10)
+    assert sd.nodes.device.type == 'cpu'
+    fct.test_close(logdet(A, shift=1.).estimate, torch.log(lam + 1).sum().item(), eps=1e-8)
