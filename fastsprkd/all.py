@@ -6,3 +6,4 @@ from .eigen import *
 from .saddle import *
 from .estimators import *
 from .analysis import *
+from .callback.sprkd import *
