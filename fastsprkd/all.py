@@ -7,3 +7,4 @@ from .saddle import *
 from .estimators import *
 from .analysis import *
 from .callback.sprkd import *
+from .callback.observe import *

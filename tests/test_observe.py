@@ -1,0 +1,273 @@
+"Observer callbacks: invariance of training, values against dense float64 Hessians, epoch-table columns, fastai integration."
+import math, random, warnings
+from functools import partial
+import numpy as np
+import pytest, torch
+from torch import nn
+from torch.func import functional_call
+import fastcore.test as fct
+from fastai.basics import Learner, Callback, SGD, Adam, CrossEntropyLossFlat, accuracy, set_seed
+from fastai.callback.training import GradientClip, GradientAccumulation
+from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.schedule import lr_find  # noqa: F401 (patches Learner.lr_find)
+from fastsprkd.data import tensor_dls, digits_dls
+from fastsprkd.callback.observe import HessianSpectrumCallback, SharpnessCallback
+from conftest import DEVICES
+
+# ---------------------------------------------------------------- helpers
+def tiny_data(device='cpu', bs=16, n=48, n_train=32, seed=0):
+    "A float64 3-class problem in 4 dimensions: fastai DataLoaders and the training tensors."
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=g)
+    tr, va = torch.arange(n_train), torch.arange(n_train, n)
+    return tensor_dls(x, y, tr, va, bs=bs, device=device, num_workers=0), x[tr], y[tr]
+
+def tiny_mlp(device='cpu'):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().to(device)
+
+def ce64(pred, targ):
+    "Cross-entropy computed in the model's float64; the value handed to fastai is float32 (its Recorder's running loss is)."
+    # fastai's CrossEntropyLossFlat casts float64 logits to float32 (TensorBase), which limits Hessians to ~1e-8 accuracy;
+    # casting only the final scalar keeps every derivative exact in float64
+    return nn.functional.cross_entropy(pred, targ).float()
+
+def flat_params(model): return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+def dense(model, loss_func, x, y, theta=None, names=None):
+    "Dense Hessian and gradient (torch.func, float64) of loss_func(model(x), y) w.r.t. the parameters `names` at `theta`."
+    named = dict(model.named_parameters())
+    names = names or list(named)
+    shapes = [named[n].shape for n in names]
+    sizes = [named[n].numel() for n in names]
+    fixed = {n: p.detach() for n, p in named.items() if n not in names}
+    theta = torch.cat([named[n].detach().reshape(-1) for n in names]) if theta is None else theta
+    def f(v):
+        ps = {n: c.reshape(s) for n, c, s in zip(names, v.split(sizes), shapes)}
+        return loss_func(functional_call(model, {**fixed, **ps}, (x,)), y)
+    return torch.func.hessian(f)(theta), torch.func.grad(f)(theta)
+
+class StepSpy(Callback):
+    "Records, for every optimizer step, the parameters before it and the batches whose gradients it uses."
+    order = SharpnessCallback.order + 1
+    def before_fit(self): self.before, self.batches, self.pending, self.after = [], [], [], []
+    def after_backward(self): self.pending.append((self.learn.xb[0], self.learn.yb[0]))
+    def before_step(self): self.before.append(flat_params(self.learn.model).clone())
+    def after_step(self):
+        self.batches.append(self.pending); self.pending = []
+        self.after.append(flat_params(self.learn.model).clone())
+
+def quiet_fit(learn, *args, **kwargs):
+    with learn.no_bar(), learn.no_logging(): learn.fit(*args, **kwargs)
+
+# ---------------------------------------------------------------- invariance
+def digits_net():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 10))
+
+def train(opt_func, cbs, device='cpu', extra=(), fp16=False):
+    "Two seeded epochs on 128 digits; returns the state dict, the recorded losses and the global random states after."
+    set_seed(0, reproducible=True)
+    dls = digits_dls(bs=32, n_train=128, device=device, num_workers=0)
+    torch.manual_seed(1)
+    model = digits_net()
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, metrics=accuracy, cbs=list(extra) + list(cbs))
+    if fp16: learn.to_fp16()
+    quiet_fit(learn, 2, 1e-2)
+    state = {k: v.detach().clone().cpu() for k, v in learn.model.state_dict().items()}
+    return state, learn.recorder.losses, (torch.get_rng_state(), random.getstate(), np.random.get_state()[1])
+
+OPTS = dict(sgd=partial(SGD, mom=0.9), adam=Adam)
+
+CHEAP = dict(max_matvecs=20, trace_matvecs=6, mode='rev')  # invariance only: accuracy does not matter
+quiet_eigsh = pytest.mark.filterwarnings('ignore:HessianSpectrumCallback')
+
+@quiet_eigsh
+@pytest.mark.parametrize('opt', list(OPTS))
+def test_training_is_bit_identical(opt):
+    ref, losses, rng = train(OPTS[opt], [])
+    spec = HessianSpectrumCallback(every=3, n_probe=64, **CHEAP)
+    sharp = SharpnessCallback()
+    got, losses2, rng2 = train(OPTS[opt], [spec, sharp])
+    fct.test_eq([r['step'] for r in spec.history], [3, 4, 6, 8])  # 4 steps per epoch; at each epoch end too
+    fct.test_eq(len(sharp.history), 8)
+    for k in ref: assert torch.equal(ref[k], got[k]), k
+    fct.test_eq([float(l) for l in losses], [float(l) for l in losses2])
+    assert torch.equal(rng[0], rng2[0]) and rng[1] == rng2[1] and np.array_equal(rng[2], rng2[2])
+
+@quiet_eigsh
+@pytest.mark.parametrize('device', DEVICES)
+def test_bit_identical_with_clip_and_accumulation(device):
+    extra = lambda: [GradientClip(0.1), GradientAccumulation(64)]
+    fp16 = device == 'cuda'  # MixedPrecision needs CUDA
+    ref, _, _ = train(Adam, [], device, extra(), fp16)
+    got, _, _ = train(Adam, [HessianSpectrumCallback(every=2, n_probe=64, **CHEAP), SharpnessCallback()],
+                      device, extra(), fp16)
+    for k in ref: assert torch.equal(ref[k], got[k]), k
+
+# ---------------------------------------------------------------- values against dense float64 references
+@pytest.mark.parametrize('device', DEVICES)
+def test_spectrum_matches_dense(device):
+    dls, x, y = tiny_data(device)
+    lf = ce64
+    n = 43
+    cb = HessianSpectrumCallback(k=4, n_probe=20, tol=1e-10, max_matvecs=200, trace_matvecs=3 * n, mode='rev')  # Hutch++ with 3n products is exact
+    learn = Learner(dls, tiny_mlp(device), loss_func=lf, opt_func=SGD, cbs=cb)
+    quiet_fit(learn, 2, 0.5)
+    fct.test_eq(len(cb.history), 2)
+    px, py = cb.probe[0]
+    fct.test_eq(px.shape, (20, 4))
+    assert all((x.to(device) == r).all(1).any() for r in px)  # the probe items are training items
+    H, _ = dense(learn.model, lf, px, py)
+    ev = torch.linalg.eigvalsh(H)
+    row = cb.history[-1]
+    fct.test_close(row['lambda_max'], ev[-1].item(), eps=1e-8)
+    fct.test_close(row['lambda_min'], ev[0].item(), eps=1e-8)
+    fct.test_close(row['eigenvalues'], torch.cat([ev[:2], ev[-2:]]).tolist(), eps=1e-8)
+    fct.test_close(row['trace'], H.trace().item(), eps=1e-8)
+    fct.test_eq(row['stability_threshold'], 2 / 0.5)
+    fct.test_eq(row['step'], 4)
+    assert row['converged'] and row['num_matvecs'] > 0
+
+def test_spectrum_subset_and_given_data():
+    dls, x, y = tiny_data()
+    lf = ce64
+    model = tiny_mlp()
+    cb = HessianSpectrumCallback(every=1, at_epoch_end=False, data=(x[:10], y[:10]), params=model[2], trace=False,
+                                 tol=1e-10, max_matvecs=100)
+    learn = Learner(dls, model, loss_func=lf, opt_func=Adam, cbs=cb)
+    quiet_fit(learn, 1, 1e-2)
+    fct.test_eq([r['step'] for r in cb.history], [1, 2])
+    H, _ = dense(model, lf, x[:10], y[:10], names=['2.weight', '2.bias'])
+    ev = torch.linalg.eigvalsh(H)
+    fct.test_close([cb.history[-1]['lambda_min'], cb.history[-1]['lambda_max']], [ev[0].item(), ev[-1].item()], eps=1e-8)
+    assert cb.history[-1]['trace'] is None and cb.history[-1]['stability_threshold'] is None  # Adam: no edge of stability
+
+@pytest.mark.parametrize('opt', list(OPTS))
+def test_sharpness_matches_dense(opt):
+    dls, x, y = tiny_data()
+    lf = ce64
+    cb, spy = SharpnessCallback(keep_tensors=True), StepSpy()
+    learn = Learner(dls, tiny_mlp(), loss_func=lf, opt_func=OPTS[opt], cbs=[cb, spy])
+    quiet_fit(learn, 2, 0.1)
+    fct.test_eq(len(cb.history), 4)
+    fct.test_eq(len(spy.before), 4)
+    for row, before, after, batches in zip(cb.history, spy.before, spy.after, spy.batches):
+        (xb, yb), = batches
+        H, g = dense(learn.model, lf, xb, yb, theta=before)
+        u = after - before
+        assert torch.equal(row['update'], u)
+        fct.test_close(row['grad'], g, eps=1e-12)
+        fct.test_close(row['dir_sharpness'], (u @ H @ u).item(), eps=1e-14)
+        fct.test_close(row['grad_corr'], (g @ u).item(), eps=1e-14)
+        fct.test_close(row['dir_sharpness_normalized'], (u @ H @ u / (u @ u)).item(), eps=1e-10)
+        fct.test_close(row['grad_corr_normalized'], (g @ u / (g.norm() * u.norm())).item(), eps=1e-10)
+        fct.test_close(row['taylor_change'], (g @ u + u @ H @ u / 2).item(), eps=1e-14)
+        if opt == 'sgd' and row['step'] == 1: fct.test_close(u, -0.1 * g, eps=1e-12)  # first momentum step: −lr·g
+
+def test_sharpness_with_gradient_clip():
+    dls, x, y = tiny_data()
+    lf = ce64
+    cb, spy = SharpnessCallback(keep_tensors=True), StepSpy()
+    learn = Learner(dls, tiny_mlp(), loss_func=lf, opt_func=SGD, cbs=[GradientClip(0.01), cb, spy])
+    quiet_fit(learn, 1, 1.)
+    for row, before, ((xb, yb),) in zip(cb.history, spy.before, spy.batches):
+        _, g = dense(learn.model, lf, xb, yb, theta=before)
+        assert g.norm() > 0.1  # clipping is active
+        fct.test_close(row['grad'], g * 0.01 / (g.norm() + 1e-6), eps=1e-12)  # the clipped gradient, as the step used it
+        fct.test_close(row['update'], -row['grad'], eps=1e-12)
+        fct.test_close(row['grad_corr_normalized'], -1., eps=1e-10)
+
+def test_sharpness_with_gradient_accumulation():
+    dls, x, y = tiny_data(bs=8)
+    lf = ce64
+    cb, spy = SharpnessCallback(keep_tensors=True), StepSpy()
+    learn = Learner(dls, tiny_mlp(), loss_func=lf, opt_func=SGD, cbs=[GradientAccumulation(16), cb, spy])
+    quiet_fit(learn, 1, 0.1)
+    fct.test_eq(len(spy.before), 2)  # 4 batches of 8, one step per 16 items
+    fct.test_eq(len(cb.history), 2)
+    for row, before, after, batches in zip(cb.history, spy.before, spy.after, spy.batches):
+        fct.test_eq(row['num_batches'], 2)
+        xb, yb = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        H, g = dense(learn.model, lf, xb, yb, theta=before)  # the mean loss over the accumulated batches
+        u = after - before
+        fct.test_close(row['grad'], g, eps=1e-12)
+        fct.test_close(row['dir_sharpness'], (u @ H @ u).item(), eps=1e-14)
+
+# ---------------------------------------------------------------- fastai integration
+COLS = ['lambda_max', 'lambda_min', 'trace', 'grad_corr', 'dir_sharpness']
+
+def test_columns_appear_and_disappear():
+    dls, _, _ = tiny_data()
+    learn = Learner(dls, tiny_mlp(), loss_func=CrossEntropyLossFlat(), metrics=accuracy)
+    quiet_fit(learn, 1, 1e-2)
+    plain = list(learn.recorder.metric_names)
+    spec, sharp = HessianSpectrumCallback(n_probe=16), SharpnessCallback()
+    quiet_fit(learn, 2, 1e-2, cbs=[spec, sharp])
+    names = list(learn.recorder.metric_names)
+    for c in COLS: fct.test_eq(names.count(c), 1)
+    fct.test_eq([m.name for m in learn.metrics], ['accuracy'])
+    i = names.index('lambda_max') - 1  # recorder.values omit the epoch
+    fct.test_eq([v[i] for v in learn.recorder.values], [r['lambda_max'] for r in spec.history])
+    j = names.index('dir_sharpness') - 1
+    fct.test_close(learn.recorder.values[-1][j], np.mean([r['dir_sharpness'] for r in sharp.history if r['epoch'] == 1]))
+    quiet_fit(learn, 1, 1e-2)
+    fct.test_eq(list(learn.recorder.metric_names), plain)
+    # attached for good: two fits, no duplicates, rows continue
+    learn.add_cbs([spec, sharp])
+    quiet_fit(learn, 1, 1e-2); quiet_fit(learn, 1, 1e-2)
+    for c in COLS: fct.test_eq(list(learn.recorder.metric_names).count(c), 1)
+    fct.test_eq([r['fit'] for r in spec.history], [0, 0, 1, 2])
+    fct.test_eq([r['step'] for r in spec.history], [2, 4, 6, 8])
+
+class Boom(Callback):
+    def after_batch(self): raise RuntimeError('boom')
+
+def test_columns_clean_after_an_exception():
+    dls, _, _ = tiny_data()
+    learn = Learner(dls, tiny_mlp(), loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=SharpnessCallback())
+    with pytest.raises(RuntimeError): quiet_fit(learn, 1, 1e-2, cbs=Boom())
+    quiet_fit(learn, 1, 1e-2)
+    fct.test_eq(list(learn.recorder.metric_names).count('grad_corr'), 1)
+    fct.test_eq([m.name for m in learn.metrics], ['accuracy'])
+    learn.remove_cbs(learn.sharpness)
+    quiet_fit(learn, 1, 1e-2)
+    assert 'grad_corr' not in learn.recorder.metric_names
+
+def test_off_during_lr_find_get_preds_validate():
+    dls, _, _ = tiny_data()
+    learn = Learner(dls, tiny_mlp(), loss_func=CrossEntropyLossFlat(), metrics=accuracy)
+    learn.track_hessian(every=1, n_probe=16).track_sharpness()
+    with learn.no_bar(), learn.no_logging(): learn.lr_find(num_it=6, show_plot=False)
+    fct.test_eq(learn.hessian_spectrum.history, [])
+    fct.test_eq(learn.sharpness.history, [])
+    with learn.no_bar():
+        preds, targs = learn.get_preds()
+        res = learn.validate()
+    fct.test_eq(len(res), 2)  # valid loss and accuracy, no observer columns
+    fct.test_eq(learn.hessian_spectrum.history, [])
+    quiet_fit(learn, 1, 1e-2)
+    fct.test_eq(len(learn.sharpness.history), 2)
+    fct.test_eq([r['step'] for r in learn.hessian_spectrum.history], [1, 2])
+    fct.test_eq([m.name for m in learn.metrics], ['accuracy'])
+
+def test_plots_and_conveniences():
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    dls, _, _ = tiny_data()
+    learn = Learner(dls, tiny_mlp(), loss_func=CrossEntropyLossFlat(), opt_func=SGD)
+    assert learn.track_hessian(every=1, n_probe=16).track_sharpness() is learn
+    quiet_fit(learn, 1, 0.1)
+    ax = learn.hessian_spectrum.plot(show_trace=True)
+    labels = [l.get_label() for l in ax.get_lines()]
+    assert 'λ_max' in labels and 'λ_min' in labels and any('edge of stability' in l for l in labels)
+    assert learn.sharpness.plot(ax=plt.gca()) is not None
+    plt.close('all')
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match='nothing to measure'): HessianSpectrumCallback(at_epoch_end=False)
+    with pytest.raises(ValueError, match='k ≥ 2'): HessianSpectrumCallback(k=1)
+    with pytest.raises(ValueError, match='every'): HessianSpectrumCallback(every=0)
+    with pytest.raises(ValueError, match='every'): SharpnessCallback(every=0)
+    with pytest.raises(ValueError, match='which'): HessianSpectrumCallback(which='XX')
+    with pytest.raises(ValueError, match='empty'): HessianSpectrumCallback().plot()
