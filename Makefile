@@ -1,5 +1,7 @@
 # fastsprkd: `make test` and `make demo` are the two commands a fresh clone needs.
 SHELL := /bin/bash
+export OMP_WAIT_POLICY ?= PASSIVE
+export MPLBACKEND ?= Agg
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
