@@ -6,51 +6,98 @@ Docs: https://github.com/fastsprkd/fastsprkd/tree/main/nbs/cli.html.md"""
 
 # %% ../nbs/90_cli.ipynb #3ca4a364
 from __future__ import annotations
-import argparse, sys, time
-import torch
-from fastai.learner import Learner
-from fastai.metrics import accuracy
-import fastai.callback.schedule  # noqa: F401  (patches Learner.fit_one_cycle)
-from fastai.callback.progress import ProgressCallback
-from fastcore.basics import patch
-from .data import digits_dls
-from .models import DigitsCNN
+import argparse, shlex, sys, time
+from pathlib import Path
+from .saddle import SaddleBankError
+from .experiment import (StoryConfig, DATASETS, LABELS, METRIC_LABELS, OutputDirError, check_output_dir, load_data,
+                                  run_demo, run_experiment)
 
 # %% auto #0
 __all__ = ['build_parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #1933e191
-def _demo(args):
-    "Train the digits teacher with the standard fastai loop and print its accuracy."
-    torch.manual_seed(args.seed)
-    dls = digits_dls(bs=64, seed=args.seed, device='cpu')
-    learn = Learner(dls, DigitsCNN(32), loss_func=torch.nn.CrossEntropyLoss(), metrics=accuracy)
-    t0 = time.time()
-    learn.fit_one_cycle(args.epochs, 1e-2)
-    loss, acc = learn.validate()
-    print(f"digits teacher: valid loss {loss:.4f}, accuracy {acc:.4f} ({time.time()-t0:.1f}s)")
+def _log(msg):
+    print(f"fastsprkd: {msg}", file=sys.stderr, flush=True)
+
+def _config(args) -> StoryConfig:
+    return StoryConfig(dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs, n_train=args.n_train,
+                       n_probe=args.n_probe, trace_matvecs=args.trace_matvecs)
+
+def _check_inputs(args) -> StoryConfig:
+    "Everything that can be wrong with the user's input, checked before any training (raises `_UsageError`)."
+    try:
+        cfg = _config(args)
+        check_output_dir(args.out)
+        load_data(cfg)  # MNIST: the files must be there
+    except (ValueError, FileNotFoundError, OutputDirError) as e: raise _UsageError(str(e)) from None
+    return cfg
+
+class _UsageError(Exception): pass
+
+def _demo(args, command):
+    cfg = _check_inputs(args)
+    t0 = time.perf_counter()
+    res = run_demo(args.out, cfg, args.seed, progress=True, command=command, log=_log)
+    m = res['metrics']
+    accs = ', '.join(f"{LABELS[k]} {m[k]['valid_accuracy']:.3f}" for k in ('control', 'sprkd', 'kd'))
+    print(f"fastsprkd demo: {cfg.dataset}, seed {args.seed}: teacher captured {m['teacher']['saddle_points']} saddle points; "
+          f"valid accuracy {accs}; {time.perf_counter() - t0:.0f} s; report: {res['report']}", flush=True)
     return 0
 
 # %% ../nbs/90_cli.ipynb #4323b861
-def _experiment(args):
-    print("fastsprkd experiment: not available in this version", file=sys.stderr)
-    return 2
+def _experiment(args, command):
+    cfg = _check_inputs(args)
+    if args.seeds < 2: raise _UsageError(f"--seeds must be at least 2 for a paired comparison, got {args.seeds}")
+    if not 0 < args.alpha < 1: raise _UsageError(f"--alpha must be in (0, 1), got {args.alpha}")
+    t0 = time.perf_counter()
+    res = run_experiment(args.out, cfg, args.seeds, args.seed, args.alpha, progress=True, command=command, log=_log)
+    t = next(t for t in res['summary']['tests'] if t['a'] == 'sprkd' and t['b'] == 'control' and t['metric'] == 'valid_accuracy')
+    print(f"fastsprkd experiment: {args.seeds} seeds in {time.perf_counter() - t0:.0f} s; SPRKD − control valid accuracy "
+          f"{t['mean_diff']:+.4f} (paired t-test p = {t['p_t']:.3g}); report: {res['report']}", flush=True)
+    return 0
 
 # %% ../nbs/90_cli.ipynb #39d0f26b
+def _common(p, out):
+    p.add_argument('--dataset', choices=DATASETS, default='digits', help="digits (bundled, default) or mnist (files under --data-dir)")
+    p.add_argument('--data-dir', default=None, metavar='PATH', help="folder with torchvision's MNIST/raw files (mnist only)")
+    p.add_argument('--epochs', type=int, default=8, help="training epochs of the teacher and of each student (default 8)")
+    p.add_argument('--out', default=out, metavar='DIR', help=f"output directory (default {out}; a previous fastsprkd report there is replaced)")
+    p.add_argument('--n-train', type=int, default=None, metavar='N',
+                   help="keep only N training items (default: all for digits, 10,000 for mnist)")
+    p.add_argument('--n-probe', type=int, default=256, help=argparse.SUPPRESS)  # probe set of the Hessian metrics
+    p.add_argument('--trace-matvecs', type=int, default=60, help=argparse.SUPPRESS)  # Hutch++ budget
+
 def build_parser() -> argparse.ArgumentParser:
     "The `fastsprkd` argument parser."
     p = argparse.ArgumentParser(prog='fastsprkd', description="Hessian analysis and SPRKD for fastai.")
     sub = p.add_subparsers(dest='command', required=True)
-    d = sub.add_parser('demo', help="train a teacher and students on a bundled dataset and write a report")
-    d.add_argument('--epochs', type=int, default=3, help="training epochs")
-    d.add_argument('--seed', type=int, default=0, help="random seed")
+    d = sub.add_parser('demo', help="train a teacher and three students (control, SPRKD, KD) and write a report",
+                       description="Train a teacher that captures saddle points, then control, SPRKD and Hinton-KD students "
+                                   "with the same seed and budget; write report.md/.html, plots and metrics into --out.")
+    _common(d, 'demo_out')
+    d.add_argument('--seed', type=int, default=0, help="random seed (default 0)")
     d.set_defaults(func=_demo)
-    e = sub.add_parser('experiment', help="compare SPRKD, control and KD students over several seeds")
+    e = sub.add_parser('experiment', help="compare SPRKD, control and KD students over several seeds",
+                       description="Repeat the demo's story over several seeds (a new teacher per seed) and report mean ± std "
+                                   "per student and metric with paired tests of SPRKD vs control and vs KD.")
+    _common(e, 'experiment_out')
+    e.add_argument('--seeds', type=int, default=5, help="number of seeds (default 5, at least 2)")
+    e.add_argument('--seed', type=int, default=0, help="first seed (default 0)")
+    e.add_argument('--alpha', type=float, default=0.05, help="significance level (default 0.05)")
     e.set_defaults(func=_experiment)
     return p
 
 # %% ../nbs/90_cli.ipynb #a39bc3de
 def main(argv=None) -> int:
     "Entry point of the `fastsprkd` console script."
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    command = ' '.join(shlex.quote(a) for a in ['fastsprkd'] + argv)
+    try: return args.func(args, command)
+    except _UsageError as e:
+        print(f"fastsprkd {args.command}: error: {e}", file=sys.stderr); return 1
+    except OutputDirError as e:
+        print(f"fastsprkd {args.command}: error: {e}", file=sys.stderr); return 1
+    except KeyboardInterrupt:
+        print(f"fastsprkd {args.command}: interrupted; nothing was written", file=sys.stderr); return 130
