@@ -8,3 +8,5 @@ from .estimators import *
 from .analysis import *
 from .callback.sprkd import *
 from .callback.observe import *
+from .experiment import (StoryConfig, Story, run_story, run_demo, run_experiment, train_teacher, train_student,
+                         evaluate_student, evaluation_probe, write_demo_report, summarize, paired_test, experiment_markdown)
