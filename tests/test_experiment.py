@@ -70,7 +70,8 @@ def test_demo_writes_everything(tmp_path, capsys):
     md, page = (out/'report.md').read_text(), (out/'report.html').read_text()
     for n in data['plots']: assert f']({n})' in md and f'src="{n}"' in page
     assert 'student: SPRKD' in md and '<table>' in page
-    assert 'saddle point' in md
+    if data['saddle_capture']['captured'] == 0: assert 'The teacher captured no saddle point' in md
+    else: assert f"The teacher captured **{data['saddle_capture']['captured']} saddle points**" in md
     assert 'report: ' + str(out/'report.md') in stdout
     # a second run replaces its own previous report
     code, _, err = _run(capsys, ['demo', '--n-train', '128', '--out', str(out)] + TINY)
@@ -137,3 +138,20 @@ def test_mnist_from_files(tmp_path):
     learn = ex.train_student('control', cfg, 0, progress=False)
     fct.test_eq(learn.model.fc.in_features, 2 * cfg.student_width * 7 * 7)
     assert len(learn.curves['values']) == 1 and math.isfinite(learn.curves['values'][0][0])
+
+def test_sprkd_student_recruits_from_a_teacher_bank():
+    "With a non-empty bank the SPRKD student first approaches the centre crop of the teacher's point, then trains."
+    from fastsprkd.saddle import SaddleBank, SaddlePoint
+    torch.manual_seed(1)
+    teacher = ex.make_model(32)
+    bank = SaddleBank([SaddlePoint.from_model(teacher, eigenvalues=[-1., 5.], loss=0.5)])
+    cfg = StoryConfig(epochs=1, n_train=256, bs=32)
+    learn = ex.train_student('sprkd', cfg, 0, bank=bank, progress=False)
+    ev = ex.sprkd_events(learn)
+    assert ev['approach'] > 0 and ev['arrived'], ev
+    fct.test_eq(ev['steps'], 8)
+    hist = learn.recruit.history
+    arrived = next(r for r in hist if r['event'] == 'arrived')
+    assert arrived['distance'] <= learn.recruit.epsilon
+    with pytest.raises(ValueError, match='needs the teacher'): ex.train_student('sprkd', cfg, 0, progress=False)
+    with pytest.raises(ValueError, match="unknown student 'x'"): ex.train_student('x', cfg, 0, progress=False)
