@@ -178,7 +178,7 @@ def _same_key(a, b):
     return a[0] == b[0] and len(a[1]) == len(b[1]) and all(
         x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y) for x, y in zip(a[1], b[1]))
 
-# %% ../nbs/02_core.ipynb #0be91b00
+# %% ../nbs/02_core.ipynb #bf24dfb0
 import torch.distributed as dist
 
 def unwrap_model(model:nn.Module) -> nn.Module:
@@ -238,8 +238,8 @@ class HessianOperator(LinearOperator):
         self.data, data_n_inp = _prepare_data(data)
         self.n_inp = n_inp if n_inp is not None else data_n_inp
         self._fwd_ok, self._auto, self._graph, self.cache_graph, self._timed = True, {}, None, cache_graph, {}
-        self.local_num_samples = self._validate()
-        self.num_samples = self.local_num_samples if self.process_group is None else self._global_num_samples()
+        if self.process_group is None: self.num_samples = self.local_num_samples = self._validate()
+        else: self.num_samples = self._global_num_samples()  # validates this rank's data inside the all-reduce
         if check_determinism: self.check_determinism()
 
     # ---- flat vectors <-> per-parameter tensors
@@ -308,8 +308,10 @@ class HessianOperator(LinearOperator):
 
     # ---- distributed: every quantity is this rank's share, summed over the ranks in one all-reduce
     def _global_num_samples(self):
-        n = self._all_reduce(lambda: torch.tensor([float(self.local_num_samples)], dtype=torch.float64, device=self.device),
-                             torch.zeros(1, dtype=torch.float64, device=self.device), 'sample count')
+        def local():
+            self.local_num_samples = self._validate()
+            return torch.tensor([float(self.local_num_samples)], dtype=torch.float64, device=self.device)
+        n = self._all_reduce(local, torch.zeros(1, dtype=torch.float64, device=self.device), 'validation pass')
         n = int(round(n.item()))
         if n == 0: raise ValueError(f"data is empty on all {self.world_size} ranks: no batch to compute the Hessian on; "
                                     f"pass each rank its shard of (x, y) batches")
