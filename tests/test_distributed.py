@@ -13,10 +13,10 @@ import torch.multiprocessing as mp
 import fastcore.test as fct
 
 WORLD = 2
-N_OP = 401          # digits items of the operator checks: rank 0 holds 200, rank 1 holds 201 (uneven on purpose)
+N_OP = 161          # digits items of the operator checks: rank 0 holds 80, rank 1 holds 81 (uneven on purpose)
 N_FIT = 160         # training items of the distributed fit (80 per rank, 5 steps of 16)
 PROBE = dict(every=2, k=2, n_probe=64, criterion='ratio', ratio=0., tol=1e-2, max_matvecs=16, seed=0)
-LANCZOS = dict(tol=1e-8, max_matvecs=300, seed=0)
+LANCZOS = dict(tol=1e-6, max_matvecs=200, seed=0)
 TRACE = dict(method='hutch++', num_matvecs=30, seed=0)
 
 
@@ -27,21 +27,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 def _entry(rank, fn, port, out, args):
-    "Runs in each spawned rank: one thread, a gloo group on 127.0.0.1 whose collectives time out, then `fn`."
+    "Runs in each spawned rank: one thread, a gloo group on 127.0.0.1 whose collectives time out, then `fn`; errors go to a file."
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try: fn(rank, Path(out), *args)
+    except BaseException:  # written before the group closes, i.e. before the other ranks fail because of it
+        (Path(out)/f'error{rank}.txt').write_text(traceback.format_exc())
+        raise
     finally: dist.destroy_process_group()
 
 def spawn(fn, out, *args, timeout:float=240.):
-    """Run `fn(rank, out, *args)` on `WORLD` spawned processes. A rank that raises fails this call with its traceback (torch
-    terminates the other ranks); a run longer than `timeout` seconds is killed and fails with `TimeoutError`."""
+    """Run `fn(rank, out, *args)` on `WORLD` spawned processes. A rank that raises fails this call with the tracebacks of all
+    failed ranks (torch terminates the others); a run longer than `timeout` seconds is killed and fails with `TimeoutError`."""
     ctx = mp.start_processes(_entry, args=(fn, _free_port(), str(out), args), nprocs=WORLD, join=False, start_method='spawn')
     deadline = time.monotonic() + timeout
     try:
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline: raise TimeoutError(f"the {WORLD} ranks did not finish within {timeout:.0f} s")
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        errors = sorted(Path(out).glob('error*.txt'))
+        if not errors: raise
+        raise RuntimeError('\n'.join(f"rank {f.stem[5:]} failed:\n{f.read_text()}" for f in errors)) from e
     finally:
         for p in ctx.processes:
             if p.is_alive(): p.kill()
@@ -59,13 +66,13 @@ def _model(seed=0):
     from fastsprkd.core import preserved_rng
     with preserved_rng():
         torch.manual_seed(seed)
-        return DigitsCNN(width=4).double()  # 666 parameters
+        return DigitsCNN(width=2).double()  # 266 parameters
 
 def _shards():
-    "The operator checks' data: contiguous, unequal halves of the first `N_OP` items in batches of up to 64."
+    "The operator checks' data: contiguous, unequal halves of the first `N_OP` items in batches of up to 32."
     x, y = _digits()
     cut = [0, N_OP // 2, N_OP]
-    return [[(x[s:min(s + 64, b)], y[s:min(s + 64, b)]) for s in range(a, b, 64)] for a, b in zip(cut, cut[1:])]
+    return [[(x[s:min(s + 32, b)], y[s:min(s + 32, b)]) for s in range(a, b, 32)] for a, b in zip(cut, cut[1:])]
 
 def _vectors(n):
     g = torch.Generator().manual_seed(123)
@@ -105,7 +112,7 @@ def _checks(rank, out):
     from fastsprkd.core import HessianOperator
     from fastsprkd.eigen import eigsh
     from fastsprkd.estimators import trace
-    from fastsprkd.callback.sprkd import SaddleCaptureCallback
+    from fastsprkd.callback.sprkd import SaddleCaptureCallback, SaddleRecruitCallback
     ce, res = nn.CrossEntropyLoss(), {}
 
     # 1. operator and estimators on this rank's shard of the digits
@@ -137,6 +144,15 @@ def _checks(rank, out):
     with learn.no_bar(), learn.no_logging(): learn.fit(1)
     res.update(history=cap.history, writes=writes, bank=[(p.step, p.eigenvalues, p.loss) for p in cap.bank],
                final=[p.detach().clone() for p in learn.model.parameters()], probe_sizes=[len(b[1]) for b in cap._probe])
+
+    # 4. a student recruited from the saved bank: approach, eigenstep and perturbation identical on both ranks
+    dist.barrier()  # rank 0 has written the bank
+    rec = SaddleRecruitCallback(out/'bank', generosity=2, epsilon=1e9, grad_threshold=1e9, cooldown=1, perturb_every=1, max_negative_eigensteps=2,
+                                max_matvecs=20, n_probe=32, seed=0)
+    student = Learner(_fit_dls(rank), _model(2), loss_func=ce, lr=1e-2, cbs=[DDPCallback(), rec])
+    with student.no_bar(), student.no_logging(): student.fit(1)
+    res.update(student=[{k: v for k, v in r.items() if k != 'loss'} for r in rec.history],  # 'loss': this rank's mini-batch
+               student_final=[p.detach().clone() for p in student.model.parameters()])
     torch.save(res, out/f'rank{rank}.pt')
 
 def _fails(rank, out):
@@ -161,7 +177,7 @@ def test_operator_matches_single_process(ranks):
     from fastsprkd.estimators import trace
     _, rs = ranks
     shards = _shards()
-    full = HessianOperator(_model(), nn.CrossEntropyLoss(), shards[0] + shards[1])
+    full = HessianOperator(_model(), nn.CrossEntropyLoss(), shards[0] + shards[1], mode='rev')
     v, V = _vectors(full.num_params)
     ref = dict(loss=full.loss(), grad=full.gradient(), mv=full.matvec(v), mm=full.matmat(V),
                lmax=float(eigsh(full, 1, 'LA', **LANCZOS).eigenvalues[0]), lmin=float(eigsh(full, 1, 'SA', **LANCZOS).eigenvalues[0]),
@@ -211,6 +227,13 @@ def test_capture_in_distributed_fit(ranks):
                     seed=PROBE['seed'] + steps.index(p.step))
         assert _rel(p.eigenvalues, res.eigenvalues) < 1e-6, (p.eigenvalues, res.eigenvalues.tolist())
         assert abs(p.loss - float(op.loss())) <= 1e-6 * abs(p.loss)
+
+def test_student_moves_identical_on_all_ranks(ranks):
+    _, rs = ranks
+    events = [r['event'] for r in rs[0]['student']]
+    assert {'arrived', 'eigenstep', 'perturb'} <= set(events) and ({'keep', 'revert'} & set(events)), events
+    fct.test_eq(rs[0]['student'], rs[1]['student'])
+    for a, b in zip(rs[0]['student_final'], rs[1]['student_final']): assert torch.equal(a, b)
 
 def test_failing_rank_fails_the_test(tmp_path):
     "A rank that raises while the other waits in a collective fails the run with its error, quickly, instead of hanging."
