@@ -178,13 +178,19 @@ def _same_key(a, b):
     return a[0] == b[0] and len(a[1]) == len(b[1]) and all(
         x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y) for x, y in zip(a[1], b[1]))
 
-# %% ../nbs/02_core.ipynb #bf24dfb0
+# %% ../nbs/02_core.ipynb #401edbc7
 import torch.distributed as dist
 
 def unwrap_model(model:nn.Module) -> nn.Module:
     "The module inside a `DistributedDataParallel` or `DataParallel` wrapper (`model` itself if it is not wrapped)."
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
     return model
+
+def _inner_names(wrapper, inner, params):
+    "`params` with names given on the wrapper (`'module.fc.weight'`) turned into names of the wrapped model (`'fc.weight'`)."
+    prefix = next(n for n, m in wrapper.named_modules() if m is inner) + '.'
+    one = lambda o: o[len(prefix):] if isinstance(o, str) and o.startswith(prefix) else o
+    return one(params) if isinstance(params, (str, Tensor, nn.Module)) else [one(o) for o in params]
 
 def _resolve_group(process_group):
     "The process group to all-reduce over, or None: 'auto' is the default group when torch.distributed is initialized."
@@ -218,7 +224,9 @@ class HessianOperator(LinearOperator):
                  process_group='auto', # 'auto': all-reduce over the default group when torch.distributed is initialized; a group; or None/False
                 ):
         if mode not in ('auto', 'fwd', 'rev'): raise ValueError(f"mode must be 'auto', 'fwd' or 'rev', got {mode!r}")
-        model = unwrap_model(model)  # products never go through DDP's gradient hooks
+        inner = unwrap_model(model)  # products never go through DDP's gradient hooks
+        if inner is not model and params is not None: params = _inner_names(model, inner, params)
+        model = inner
         self.process_group = _resolve_group(process_group)
         if self.process_group is not None and dist.get_world_size(self.process_group) == 1: self.process_group = None
         self.rank = dist.get_rank(self.process_group) if self.process_group is not None else 0

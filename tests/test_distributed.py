@@ -113,6 +113,7 @@ def _checks(rank, out):
     from fastsprkd.eigen import eigsh
     from fastsprkd.estimators import trace
     from fastsprkd.callback.sprkd import SaddleCaptureCallback, SaddleRecruitCallback
+    from fastsprkd.callback.observe import HessianSpectrumCallback, SharpnessCallback
     ce, res = nn.CrossEntropyLoss(), {}
 
     # 1. operator and estimators on this rank's shard of the digits
@@ -140,10 +141,14 @@ def _checks(rank, out):
     writes, atomic_write = [], fastsprkd.saddle._atomic_write
     fastsprkd.saddle._atomic_write = lambda path, data: (writes.append(str(path)), atomic_write(path, data))
     cap = SaddleCaptureCallback(save_path=out/'bank', **PROBE)
-    learn = Learner(_fit_dls(rank), _model(1), loss_func=ce, lr=1e-2, cbs=[DDPCallback(), cap])
+    spec = HessianSpectrumCallback(k=2, n_probe=32, max_matvecs=20, trace_matvecs=6, params=['module.fc'])  # a name on the DDP model
+    sharp = SharpnessCallback(every=2)
+    learn = Learner(_fit_dls(rank), _model(1), loss_func=ce, lr=1e-2, cbs=[DDPCallback(), cap, spec, sharp])
     with learn.no_bar(), learn.no_logging(): learn.fit(1)
     res.update(history=cap.history, writes=writes, bank=[(p.step, p.eigenvalues, p.loss) for p in cap.bank],
-               final=[p.detach().clone() for p in learn.model.parameters()], probe_sizes=[len(b[1]) for b in cap._probe])
+               final=[p.detach().clone() for p in learn.model.parameters()], probe_sizes=[len(b[1]) for b in cap._probe],
+               spectrum=[{k: v for k, v in r.items() if k != 'seconds'} for r in spec.history],
+               sharpness=[{k: v for k, v in r.items() if k not in ('seconds', 'loss')} for r in sharp.history])
 
     # 4. a student recruited from the saved bank: approach, eigenstep and perturbation identical on both ranks
     dist.barrier()  # rank 0 has written the bank
@@ -213,7 +218,8 @@ def test_capture_in_distributed_fit(ranks):
     fct.test_eq(len(rs[0]['writes']), 2)  # the tensor file and the manifest
     fct.test_eq(sorted(f.name for f in (out/'bank').iterdir() if f.name.endswith('.json')), ['manifest.json'])
     fct.test_eq(rs[0]['probe_sizes'], [PROBE['n_probe'] // WORLD])  # each rank holds its half of the probe set
-    for k in ('history', 'bank'): fct.test_eq(rs[0][k], rs[1][k])  # identical decisions and values on both ranks
+    for k in ('history', 'bank', 'spectrum', 'sharpness'): fct.test_eq(rs[0][k], rs[1][k])  # identical on both ranks
+    assert len(rs[0]['spectrum']) == 1 and len(rs[0]['sharpness']) >= 2
     for a, b in zip(rs[0]['final'], rs[1]['final']): assert torch.equal(a, b)
     bank = SaddleBank.load(out/'bank')
     assert len(bank) >= 1 and len(bank) == sum(r['captured'] for r in rs[0]['history'])
