@@ -178,7 +178,7 @@ def _same_key(a, b):
     return a[0] == b[0] and len(a[1]) == len(b[1]) and all(
         x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y) for x, y in zip(a[1], b[1]))
 
-# %% ../nbs/02_core.ipynb #401edbc7
+# %% ../nbs/02_core.ipynb #8d461050
 import torch.distributed as dist
 
 def unwrap_model(model:nn.Module) -> nn.Module:
