@@ -1,9 +1,10 @@
-"""Distributed curvature (issue 8): `HessianOperator`, the estimators and `SaddleCaptureCallback` across 2 CPU ranks (gloo),
-spawned by the test, against single-process computations on the whole data in float64.
+"""Distributed curvature (issue 8): `HessianOperator`, the estimators and the callbacks across 2 CPU ranks (gloo), spawned by
+the test, against single-process computations on the whole data in float64. One spawn runs every check (start-up is slow)
+and saves each rank's results; the tests compare them. A second, light spawn checks that a failing rank fails the run.
 
 fastai 2.8's `learn.distrib_ctx()`/`DistributedTrainer` cannot run here: `fastai.distributed` needs the `accelerate` package to
-import at all, and its `DistributedDL` broadcasts the shuffled indices as CUDA tensors (NCCL only). The fit below therefore wraps
-the model in `DistributedDataParallel` in a small callback (as `DistributedTrainer` does) and gives each rank a loader that, like
+import at all, and its `DistributedDL` broadcasts the shuffled indices as CUDA tensors (NCCL only). The fits below therefore wrap
+the model in `DistributedDataParallel` in a small callback (as `DistributedTrainer` does) and give each rank a loader that, like
 `DistributedDL`, keeps the whole dataset and reads its share of an identically seeded permutation."""
 import datetime, os, socket, time, traceback
 from pathlib import Path
