@@ -126,6 +126,9 @@ def _checks(rank, out):
                lmin=float(eigsh(op, 1, 'SA', **LANCZOS).eigenvalues[0]), trace=trace(op, **TRACE).estimate, auto=dict(op._auto))
     res['mv_ddp'] = HessianOperator(DDP(model), ce, data).matvec(v)  # a DDP-wrapped model: unwrapped, same products
     res['local_mv'] = HessianOperator(model, ce, data, process_group=None).matvec(v)  # opt-out: this rank's data only
+    res['group_mv'] = HessianOperator(model, ce, data, process_group=dist.new_group([0, 1])).matvec(v)  # an explicit group
+    one_rank = _shards()[0] + _shards()[1] if rank == 0 else []  # rank 1 holds no data at all
+    res['empty_mv'] = HessianOperator(model, ce, one_rank).matvec(v)
 
     # 2. a rank whose shard has a NaN loss raises there, and the other rank raises naming it (no hang)
     bad = data if rank == 0 else [(torch.full_like(data[0][0], float('nan')), data[0][1])]
@@ -193,7 +196,7 @@ def test_operator_matches_single_process(ranks):
         fct.test_eq((res['num_samples'], res['local'], res['world']), (N_OP, len(torch.cat([b[1] for b in shards[r]])), WORLD))
         for k, want in ref.items():
             assert _rel(res[k], want) < 1e-6, f"rank {r}: {k} = {res[k]} differs from the single-process {want}"
-        assert _rel(res['mv_ddp'], ref['mv']) < 1e-6
+        for k in ('mv_ddp', 'group_mv', 'empty_mv'): assert _rel(res[k], ref['mv']) < 1e-6, k
         local = HessianOperator(_model(), nn.CrossEntropyLoss(), shards[r]).matvec(v)
         assert _rel(res['local_mv'], local) < 1e-12  # process_group=None: the rank's own data only
     for k in ('loss', 'grad', 'mv', 'mm', 'lmax', 'lmin', 'trace'):  # every rank holds the same bits
