@@ -124,6 +124,7 @@ def _checks(rank, out):
     res.update(num_samples=op.num_samples, local=op.local_num_samples, world=op.world_size, loss=op.loss(), grad=op.gradient(),
                mv=op.matvec(v), mm=op.matmat(V), lmax=float(eigsh(op, 1, 'LA', **LANCZOS).eigenvalues[0]),
                lmin=float(eigsh(op, 1, 'SA', **LANCZOS).eigenvalues[0]), trace=trace(op, **TRACE).estimate, auto=dict(op._auto))
+    res['dense'] = HessianOperator(model, ce, data, params=['conv1', 'conv2']).to_dense()  # 96×96, two modules
     res['mv_ddp'] = HessianOperator(DDP(model), ce, data).matvec(v)  # a DDP-wrapped model: unwrapped, same products
     res['local_mv'] = HessianOperator(model, ce, data, process_group=None).matvec(v)  # opt-out: this rank's data only
     res['group_mv'] = HessianOperator(model, ce, data, process_group=dist.new_group([0, 1])).matvec(v)  # an explicit group
@@ -192,6 +193,7 @@ def test_operator_matches_single_process(ranks):
                lmax=float(eigsh(full, 1, 'LA', **LANCZOS).eigenvalues[0]), lmin=float(eigsh(full, 1, 'SA', **LANCZOS).eigenvalues[0]),
                trace=trace(full, **TRACE).estimate)
     assert ref['lmin'] < 0 < ref['lmax']
+    ref['dense'] = HessianOperator(_model(), nn.CrossEntropyLoss(), shards[0] + shards[1], params=['conv1', 'conv2']).to_dense()
     for r, res in enumerate(rs):
         fct.test_eq((res['num_samples'], res['local'], res['world']), (N_OP, len(torch.cat([b[1] for b in shards[r]])), WORLD))
         for k, want in ref.items():
@@ -199,7 +201,7 @@ def test_operator_matches_single_process(ranks):
         for k in ('mv_ddp', 'group_mv', 'empty_mv'): assert _rel(res[k], ref['mv']) < 1e-6, k
         local = HessianOperator(_model(), nn.CrossEntropyLoss(), shards[r]).matvec(v)
         assert _rel(res['local_mv'], local) < 1e-12  # process_group=None: the rank's own data only
-    for k in ('loss', 'grad', 'mv', 'mm', 'lmax', 'lmin', 'trace'):  # every rank holds the same bits
+    for k in ('loss', 'grad', 'mv', 'mm', 'lmax', 'lmin', 'trace', 'dense'):  # every rank holds the same bits
         assert torch.equal(torch.as_tensor(rs[0][k]), torch.as_tensor(rs[1][k])), k
     fct.test_eq(rs[0]['auto'], rs[1]['auto'])  # 'auto' mode: one choice for all ranks
 
