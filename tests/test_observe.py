@@ -86,7 +86,7 @@ quiet_eigsh = pytest.mark.filterwarnings('ignore:HessianSpectrumCallback')
 @pytest.mark.parametrize('opt', list(OPTS))
 def test_training_is_bit_identical(opt):
     ref, losses, rng = train(OPTS[opt], [])
-    spec = HessianSpectrumCallback(every=3, n_probe=64, **CHEAP)
+    spec = HessianSpectrumCallback(every=3, at_epoch_end=True, n_probe=64, **CHEAP)
     sharp = SharpnessCallback()
     got, losses2, rng2 = train(OPTS[opt], [spec, sharp])
     fct.test_eq([r['step'] for r in spec.history], [3, 4, 6, 8])  # 4 steps per epoch; at each epoch end too
@@ -101,7 +101,7 @@ def test_bit_identical_with_clip_and_accumulation(device):
     extra = lambda: [GradientClip(0.1), GradientAccumulation(64)]
     fp16 = device == 'cuda'  # MixedPrecision needs CUDA
     ref, _, _ = train(Adam, [], device, extra(), fp16)
-    got, _, _ = train(Adam, [HessianSpectrumCallback(every=2, n_probe=64, **CHEAP), SharpnessCallback()],
+    got, _, _ = train(Adam, [HessianSpectrumCallback(every=2, at_epoch_end=True, n_probe=64, **CHEAP), SharpnessCallback()],
                       device, extra(), fp16)
     for k in ref: assert torch.equal(ref[k], got[k]), k
 
@@ -111,7 +111,7 @@ def test_spectrum_matches_dense(device):
     dls, x, y = tiny_data(device)
     lf = ce64
     n = 43
-    cb = HessianSpectrumCallback(k=4, n_probe=20, tol=1e-10, max_matvecs=200, trace_matvecs=3 * n, mode='rev')  # Hutch++ with 3n products is exact
+    cb = HessianSpectrumCallback(k=4, n_probe=20, tol=1e-10, max_matvecs=200, trace_matvecs=3 * n, mode='rev', at_epoch_end=True)  # Hutch++ with 3n products is exact
     learn = Learner(dls, tiny_mlp(device), loss_func=lf, opt_func=SGD, cbs=cb)
     quiet_fit(learn, 2, 0.5)
     fct.test_eq(len(cb.history), 2)
@@ -202,7 +202,7 @@ def test_columns_appear_and_disappear():
     learn = Learner(dls, tiny_mlp(), loss_func=CrossEntropyLossFlat(), metrics=accuracy)
     quiet_fit(learn, 1, 1e-2)
     plain = list(learn.recorder.metric_names)
-    spec, sharp = HessianSpectrumCallback(n_probe=16), SharpnessCallback()
+    spec, sharp = HessianSpectrumCallback(n_probe=16, at_epoch_end=True), SharpnessCallback()
     quiet_fit(learn, 2, 1e-2, cbs=[spec, sharp])
     names = list(learn.recorder.metric_names)
     for c in COLS: fct.test_eq(names.count(c), 1)
