@@ -307,10 +307,11 @@ def test_budget_schedule_with_a_fake_clock():
         warnings.simplefilter('ignore')
         quiet_fit(learn, 3, 0.1)
         # fit 0: no cost known yet, so the first measurement is the forced one at the end of epoch 0 (step 4, clock 4→7);
-        # then one whenever spent + 3 ≤ 1.0 × (clock − spent): step 6 (clock 9: 6 ≤ 6), step 9 (clock 15), step 12 (clock 21)
-        fct.test_eq([r['step'] for r in cb.history], [4, 6, 9, 12])
-        fct.test_eq([r['seconds'] for r in cb.history], [3.] * 4)
-        fct.test_eq(cb._spent, 12.)
+        # then one when spent + 3 ≤ 1.0 × (clock − spent) (the fit's budget) and 3 ≤ 1.0 × the other time since the last
+        # measurement: not at step 6 (whole fit: 6 ≤ 6, but only 2 s since the last), at step 7 (clock 10), step 10 (clock 16)
+        fct.test_eq([r['step'] for r in cb.history], [4, 7, 10])
+        fct.test_eq([r['seconds'] for r in cb.history], [3.] * 3)
+        fct.test_eq(cb._spent, 9.)
         # fit 1: the budget restarts and the cost is known: step 15 (3 s of the fit ≥ 0 + 3), step 18 (9 s − 3 ≥ 3 + 3)
         quiet_fit(learn, 2, 0.1)
     fct.test_eq([r['step'] for r in cb.history if r['fit'] == 1], [15, 18])

@@ -211,7 +211,7 @@ class HessianSpectrumCallback(_Observer):
         store_attr('every,k,which,trace,data,n_probe,probe_bs,at_epoch_end,tol,max_matvecs,trace_matvecs,seed,params,warm_start,mode,progress,'
                    'budget,ncv,train_bn,clock')
         self.probe, self._v0, self._op, self._last_step, self._last_cost = None, None, None, None, None
-        self._t_fit, self._spent = None, 0.
+        self._t_fit, self._spent, self._others_at_last = None, 0., 0.
 
     def _column_names(self):
         return [c for c, on in (('lambda_max', self.which in ('LA', 'BE')), ('lambda_min', self.which in ('SA', 'BE')),
@@ -223,14 +223,15 @@ class HessianSpectrumCallback(_Observer):
     def before_fit(self):
         super().before_fit()
         self._op, self._last_step = None, None
-        self._t_fit, self._spent = self.clock(), 0.
+        self._t_fit, self._spent, self._others_at_last = self.clock(), 0., 0.
 
     # ---- the schedule
     def _budget_allows(self) -> bool:
-        "Whether one more measurement (expected to last as long as the previous one) keeps this fit within the budget."
+        "Whether one more measurement (expected to last as long as the previous one) keeps the fit, and the time since the last one, within budget."
         if self.budget is None or self._last_cost is None: return False
         others = self.clock() - self._t_fit - self._spent  # wall time of the rest of the fit so far
-        return self._spent + self._last_cost <= self.budget * others
+        return (self._spent + self._last_cost <= self.budget * others  # the whole fit
+                and self._last_cost <= self.budget * (others - self._others_at_last))  # and since the last one: evenly spread
 
     def after_step(self):
         self._n_steps += 1
@@ -298,7 +299,9 @@ class HessianSpectrumCallback(_Observer):
         self._last_step = self._n_steps
         row['seconds'] = dt = self.clock() - t0
         self._last_cost = dt
-        if self._t_fit is not None: self._spent += dt
+        if self._t_fit is not None:
+            self._spent += dt
+            self._others_at_last = self.clock() - self._t_fit - self._spent
         self.history.append(row)
         return row
 
