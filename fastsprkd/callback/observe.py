@@ -43,7 +43,7 @@ def _set_split_idx(dl, i):
     return old
 
 def _probe_batches(dls, # the `Learner`'s `DataLoaders` (their training set is sampled)
-                   n_probe:int=256, # number of training items
+                   n_probe:int=128, # number of training items
                    seed:int=0, # seed of the local generator that picks them
                    bs:int|None=None, # items per probe batch (default: all in one batch)
                   ) -> list:
