@@ -210,7 +210,7 @@ class HessianSpectrumCallback(_Observer):
         at_epoch_end = bool(at_epoch_end)
         store_attr('every,k,which,trace,data,n_probe,probe_bs,at_epoch_end,tol,max_matvecs,trace_matvecs,seed,params,warm_start,mode,progress,'
                    'budget,ncv,train_bn,clock')
-        self.probe, self._v0, self._op, self._last_step, self._last_cost = None, None, None, None, None
+        self.probe, self._v0, self._v0_id, self._op, self._last_step, self._last_cost = None, None, None, None, None, None
         self._t_fit, self._spent, self._others_at_last = None, 0., 0.
 
     def _column_names(self):
@@ -254,7 +254,6 @@ class HessianSpectrumCallback(_Observer):
         model = self.learn.model
         names = self._select(model)
         if self._op is None or self._op.model is not model or self._op.names != names:
-            if self._op is not None and self._op.names != names: self._v0 = None
             device = next(model.parameters()).device
             n_inp = getattr(self.dls, 'n_inp', None) if self.data is None else None
             self._op = HessianOperator(model, self.learn.loss_func, self._probe(device), names, n_inp=n_inp, mode=self.mode,
@@ -280,10 +279,10 @@ class HessianSpectrumCallback(_Observer):
         with _preserved_rng(), _no_autocast(next(model.parameters()).device), self._modes(model):
             op = self._operator()
             before = op.num_matvecs
-            v0 = self._v0 if self.warm_start and self._v0 is not None and self._v0.shape[0] == op.num_params else None
+            v0 = self._v0 if self.warm_start and self._v0 is not None and self._v0_id == self._op_id else None  # same parameter set
             r = eigsh(op, self.k, self.which, tol=self.tol, max_matvecs=max(self.max_matvecs, self.ncv or 0), ncv=self.ncv,
                       seed=self.seed, v0=v0, progress=show)
-            self._v0 = r.eigenvectors.sum(1)
+            self._v0, self._v0_id = r.eigenvectors.sum(1), self._op_id
             tr = trace_estimate(op, method='hutch++', num_matvecs=self.trace_matvecs, seed=self.seed) if self.trace else None
         ev = [float(e) for e in r.eigenvalues]
         row = self._base_row()
