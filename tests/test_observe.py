@@ -439,11 +439,12 @@ def test_no_autocast_inside_measurements():
     H, _ = dense(model.double(), lambda p, t: nn.functional.cross_entropy(p, t), x[:12], y[:12])
     fct.test_close(plain['lambda_max'], torch.linalg.eigvalsh(H)[-1].item(), eps=1e-4)
 
-def tiny_dls32():
+def tiny_dls32(device='cpu'):
+    "`tiny_data`'s problem in float32."
     g = torch.Generator().manual_seed(0)
     x = torch.randn(48, 4, generator=g, dtype=torch.float64).float()
     y = torch.randint(0, 3, (48,), generator=g)
-    return tensor_dls(x, y, torch.arange(32), torch.arange(32, 48), bs=16, device='cpu', num_workers=0)
+    return tensor_dls(x, y, torch.arange(32), torch.arange(32, 48), bs=16, device=device, num_workers=0)
 
 class FakeScaler(Callback):
     "Loss scaling as `MixedPrecision` does it (scale the backward pass, unscale the gradients in `before_step`), on the CPU."
@@ -463,3 +464,27 @@ def test_sharpness_reads_unscaled_gradients():
         fct.test_close(row['grad'], g, eps=1e-12)
         fct.test_close(row['update'], -0.1 * g, eps=1e-12)
         fct.test_close(row['dir_sharpness'], (row['update'] @ H @ row['update']).item(), eps=1e-14)
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_values_under_to_fp16(device):
+    "With `learn.to_fp16()` (CUDA autocast + loss scaling; on the CPU fastai disables both) the spectrum is the float32 Hessian and the sharpness rows hold unscaled gradients."
+    import copy
+    _, x, y = tiny_data()
+    dls = tiny_dls32(device)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(device)
+    lf = lambda p, t: nn.functional.cross_entropy(p.float(), t)
+    px, py = x[:12].float().to(device), y[:12].to(device)
+    spec = HessianSpectrumCallback(at_epoch_end=True, data=(px, py), trace=False, tol=1e-6, max_matvecs=100, ncv=None)
+    sharp, spy = SharpnessCallback(keep_tensors=True), StepSpy()
+    learn = Learner(dls, model, loss_func=lf, opt_func=SGD, cbs=[spec, sharp, spy]).to_fp16(init_scale=2.**8)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # on the CPU: "CUDA is not available ... Disabling"
+        quiet_fit(learn, 1, 0.1)
+    ref = copy.deepcopy(model).double().cpu()
+    H, _ = dense(ref, lf, px.double().cpu(), py.cpu())
+    fct.test_close(spec.history[-1]['lambda_max'] / torch.linalg.eigvalsh(H)[-1].item(), 1., eps=1e-4)
+    assert len(sharp.history) == len(spy.before) > 0
+    for row, before, ((xb, yb),) in zip(sharp.history, spy.before, spy.batches):
+        _, g64 = dense(ref, lf, xb.double().cpu(), yb.cpu(), theta=before.double().cpu())
+        assert (row['grad'].double() - g64).norm() <= 1e-2 * g64.norm()  # unscaled (a scaled one is 256× larger)
