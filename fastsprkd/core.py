@@ -14,7 +14,8 @@ from torch import nn, Tensor
 from torch.func import functional_call, grad, jvp, vmap
 
 # %% auto #0
-__all__ = ['LinearOperator', 'DenseOperator', 'as_operator', 'preserved_state', 'preserved_rng', 'HessianOperator']
+__all__ = ['LinearOperator', 'DenseOperator', 'as_operator', 'preserved_state', 'preserved_rng', 'unwrap_model',
+           'HessianOperator']
 
 # %% ../nbs/02_core.ipynb #de543227
 class LinearOperator:
@@ -177,6 +178,32 @@ def _same_key(a, b):
     return a[0] == b[0] and len(a[1]) == len(b[1]) and all(
         x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y) for x, y in zip(a[1], b[1]))
 
+# %% ../nbs/02_core.ipynb #8d461050
+import torch.distributed as dist
+
+def unwrap_model(model:nn.Module) -> nn.Module:
+    "The module inside a `DistributedDataParallel` or `DataParallel` wrapper (`model` itself if it is not wrapped)."
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
+    return model
+
+def _inner_names(wrapper, inner, params):
+    "`params` with names given on the wrapper (`'module.fc.weight'`) turned into names of the wrapped model (`'fc.weight'`)."
+    prefix = next(n for n, m in wrapper.named_modules() if m is inner) + '.'
+    one = lambda o: o[len(prefix):] if isinstance(o, str) and o.startswith(prefix) else o
+    return one(params) if isinstance(params, (str, Tensor, nn.Module)) else [one(o) for o in params]
+
+def _resolve_group(process_group):
+    "The process group to all-reduce over, or None: 'auto' is the default group when torch.distributed is initialized."
+    if process_group is None or process_group is False: return None
+    initialized = dist.is_available() and dist.is_initialized()
+    if isinstance(process_group, str):
+        if process_group != 'auto': raise ValueError(f"process_group must be 'auto', None/False or a torch.distributed process group, got {process_group!r}")
+        return dist.group.WORLD if initialized else None
+    if not initialized:
+        raise RuntimeError("a process group was passed but torch.distributed is not initialized; call "
+                           "torch.distributed.init_process_group first (torchrun sets the environment), or pass process_group=None")
+    return process_group
+
 # %% ../nbs/02_core.ipynb #5f637fea
 class HessianOperator(LinearOperator):
     "Exact Hessian of the sample-weighted mean loss of `model` over `data` w.r.t. `params`, as a linear operator."
@@ -194,8 +221,16 @@ class HessianOperator(LinearOperator):
                  max_dense_bytes:int=2**31, # `to_dense` refuses larger matrices
                  check_determinism:bool=False, # compare two identical products once and raise if they differ
                  cache_graph:bool=True, # single-batch data: keep the gradient graph while the parameters are unchanged
+                 process_group='auto', # 'auto': all-reduce over the default group when torch.distributed is initialized; a group; or None/False
                 ):
         if mode not in ('auto', 'fwd', 'rev'): raise ValueError(f"mode must be 'auto', 'fwd' or 'rev', got {mode!r}")
+        inner = unwrap_model(model)  # products never go through DDP's gradient hooks
+        if inner is not model and params is not None: params = _inner_names(model, inner, params)
+        model = inner
+        self.process_group = _resolve_group(process_group)
+        if self.process_group is not None and dist.get_world_size(self.process_group) == 1: self.process_group = None
+        self.rank = dist.get_rank(self.process_group) if self.process_group is not None else 0
+        self.world_size = dist.get_world_size(self.process_group) if self.process_group is not None else 1
         self.model, self.loss_func, self.eval_mode, self.mode = model, loss_func, eval_mode, mode
         self.memory_budget, self.chunk_size, self.max_dense_bytes = memory_budget, chunk_size, max_dense_bytes
         self.names = _select_params(model, params)
@@ -210,8 +245,9 @@ class HessianOperator(LinearOperator):
         self.num_matvecs = 0
         self.data, data_n_inp = _prepare_data(data)
         self.n_inp = n_inp if n_inp is not None else data_n_inp
-        self._fwd_ok, self._auto, self._graph, self.cache_graph = True, {}, None, cache_graph
-        self.num_samples = self._validate()
+        self._fwd_ok, self._auto, self._graph, self.cache_graph, self._timed = True, {}, None, cache_graph, {}
+        if self.process_group is None: self.num_samples = self.local_num_samples = self._validate()
+        else: self.num_samples = self._global_num_samples()  # validates this rank's data inside the all-reduce
         if check_determinism: self.check_determinism()
 
     # ---- flat vectors <-> per-parameter tensors
@@ -274,8 +310,49 @@ class HessianOperator(LinearOperator):
                     loss = self._loss_fn(xb, yb, fixed)(*self._theta())
                     self._check_loss(loss, i)
                 total += self._batch_size(xb)
-        if total == 0: raise ValueError("data is empty: no batch (or only empty batches) to compute the Hessian on; pass at least one (x, y) batch")
+        if total == 0 and self.process_group is None:
+            raise ValueError("data is empty: no batch (or only empty batches) to compute the Hessian on; pass at least one (x, y) batch")
         return total
+
+    # ---- distributed: every quantity is this rank's share, summed over the ranks in one all-reduce
+    def _global_num_samples(self):
+        def local():
+            self.local_num_samples = self._validate()
+            return torch.tensor([float(self.local_num_samples)], dtype=torch.float64, device=self.device)
+        n = self._all_reduce(local, torch.zeros(1, dtype=torch.float64, device=self.device), 'validation pass')
+        n = int(round(n.item()))
+        if n == 0: raise ValueError(f"data is empty on all {self.world_size} ranks: no batch to compute the Hessian on; "
+                                    f"pass each rank its shard of (x, y) batches")
+        return n
+
+    def _all_reduce(self, compute, like:Tensor, what:str) -> Tensor:
+        """`compute()` (this rank's share, shaped like `like`) summed over the ranks in one all-reduce, which also carries
+        every rank's failure flag and `mode='auto'` timings; all ranks raise if one failed. Without a process group: `compute()`."""
+        if self.process_group is None: return compute()
+        err = None
+        try: out = compute()
+        except Exception as e: err, out = e, torch.zeros_like(like)
+        # trailer: one failure flag per rank, then (t_rev, t_fwd) of auto-mode timings for single and many vectors, fwd failures
+        R = self.world_size
+        tail = torch.zeros(R + 5, dtype=torch.float64)
+        tail[self.rank] = err is not None
+        for i, many in enumerate((False, True)):
+            if many in self._timed: tail[R + 2*i], tail[R + 2*i + 1] = self._timed[many]
+        tail[R + 4] = not self._fwd_ok
+        self._timed = {}
+        buf = torch.cat([out.reshape(-1), tail.to(device=out.device, dtype=out.dtype)])
+        dist.all_reduce(buf, group=self.process_group)
+        out, tail = buf[:out.numel()].view_as(out), buf[out.numel():].to('cpu', torch.float64)
+        failed = [r for r in range(R) if tail[r] > 0]
+        if err is not None: raise err
+        if failed: raise RuntimeError(f"rank {', '.join(map(str, failed))} of the process group failed while computing the {what} "
+                                      f"(see that rank's error); rank {self.rank} stops too")
+        # decisions that depend on this rank's data are made identically everywhere: the mode that is faster summed over the ranks
+        if tail[R + 4] > 0: self._fwd_ok = False
+        for i, many in enumerate((False, True)):
+            t_rev, t_fwd = float(tail[R + 2*i]), float(tail[R + 2*i + 1])
+            if t_rev > 0: self._auto[many] = 'fwd' if self._fwd_ok and t_fwd < t_rev else 'rev'
+        return out
 
     def _check_loss(self, loss, i):
         if not isinstance(loss, Tensor) or loss.dim() != 0:
@@ -289,34 +366,40 @@ class HessianOperator(LinearOperator):
             with self._ctx(), torch.no_grad():
                 fixed = self._fixed()
                 for i, (xb, yb) in enumerate(self._batches()): self._check_loss(self._loss_fn(xb, yb, fixed)(*self._theta()), i)
-            raise FloatingPointError(f"the {what} has non-finite entries although every batch's loss is finite; "
+            where = "every batch's loss is finite" if self.process_group is None else f"every loss on rank {self.rank}'s batches is finite"
+            raise FloatingPointError(f"the {what} has non-finite entries although {where}; "
                                      f"the model may overflow in {self.dtype}: try float64")
         return out
 
     # ---- public quantities
     def loss(self) -> Tensor:
-        "The sample-weighted mean loss over the data."
-        total = torch.zeros((), dtype=self.dtype, device=self.device)
-        with self._ctx(), torch.no_grad():
-            fixed = self._fixed()
-            for i, (xb, yb) in enumerate(self._batches()):
-                l = self._loss_fn(xb, yb, fixed)(*self._theta())
-                self._check_loss(l, i)
-                total = total + l * (self._batch_size(xb) / self.num_samples)
-        return total
+        "The sample-weighted mean loss over the data (of all ranks)."
+        def local():
+            total = torch.zeros((), dtype=self.dtype, device=self.device)
+            with self._ctx(), torch.no_grad():
+                fixed = self._fixed()
+                for i, (xb, yb) in enumerate(self._batches()):
+                    l = self._loss_fn(xb, yb, fixed)(*self._theta())
+                    self._check_loss(l, i)
+                    total = total + l * (self._batch_size(xb) / self.num_samples)
+            return total
+        return self._all_reduce(local, torch.zeros((), dtype=self.dtype, device=self.device), 'loss')
 
     def gradient(self) -> Tensor:
-        "Flat gradient of the mean loss w.r.t. the selected parameters."
-        out = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
-        with self._ctx():
-            fixed = self._fixed()
-            for xb, yb in self._batches():
-                w = self._batch_size(xb) / self.num_samples
-                # plain autograd (not torch.func.grad): it also differentiates custom autograd.Functions without setup_context
-                ps = tuple(t.detach().requires_grad_() for t in self._theta())
-                with torch.enable_grad():
-                    g = torch.autograd.grad(self._loss_fn(xb, yb, fixed)(*ps), ps, allow_unused=True)
-                out += w * torch.cat([(torch.zeros_like(p) if t is None else t).reshape(-1) for t, p in zip(g, ps)])
+        "Flat gradient of the mean loss (over the data of all ranks) w.r.t. the selected parameters."
+        def local():
+            out = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
+            with self._ctx():
+                fixed = self._fixed()
+                for xb, yb in self._batches():
+                    w = self._batch_size(xb) / self.num_samples
+                    # plain autograd (not torch.func.grad): it also differentiates custom autograd.Functions without setup_context
+                    ps = tuple(t.detach().requires_grad_() for t in self._theta())
+                    with torch.enable_grad():
+                        g = torch.autograd.grad(self._loss_fn(xb, yb, fixed)(*ps), ps, allow_unused=True)
+                    out += w * torch.cat([(torch.zeros_like(p) if t is None else t).reshape(-1) for t, p in zip(g, ps)])
+            return out
+        out = self._all_reduce(local, torch.zeros(self.num_params, dtype=self.dtype, device=self.device), 'gradient')
         return self._check_result(out, 'gradient')
 
     def _activation_bytes(self, xb, fixed):
@@ -379,18 +462,21 @@ class HessianOperator(LinearOperator):
 
     def _matmat(self, V):
         K = V.shape[1]
-        out = torch.zeros_like(V)
-        with self._ctx():
-            fixed, theta, key = self._fixed(), self._theta(), self._cache_key()
-            if key is not None:  # a graph kept between calls shares no storage (nor version counter) with the model's tensors
-                fixed = {k: v if v is None else v.detach().clone() for k, v in fixed.items()}
-                theta = tuple(t.clone() for t in theta)
-            for xb, yb in self._batches():
-                w = self._batch_size(xb) / self.num_samples
-                f = self._loss_fn(xb, yb, fixed)
-                c = self._chunk(K, xb, fixed) if K > 1 else 1
-                for s in range(0, K, c):
-                    out[:, s:s+c] += w * self._hvp_batch(f, theta, V[:, s:s+c], key)
+        def local():
+            out = torch.zeros_like(V)
+            with self._ctx():
+                fixed, theta, key = self._fixed(), self._theta(), self._cache_key()
+                if key is not None:  # a graph kept between calls shares no storage (nor version counter) with the model's tensors
+                    fixed = {k: v if v is None else v.detach().clone() for k, v in fixed.items()}
+                    theta = tuple(t.clone() for t in theta)
+                for xb, yb in self._batches():
+                    w = self._batch_size(xb) / self.num_samples
+                    f = self._loss_fn(xb, yb, fixed)
+                    c = self._chunk(K, xb, fixed) if K > 1 else 1
+                    for s in range(0, K, c):
+                        out[:, s:s+c] += w * self._hvp_batch(f, theta, V[:, s:s+c], key)
+            return out
+        out = self._all_reduce(local, V, 'Hessian-vector product')
         return self._check_result(out, 'Hessian-vector product')
 
     def _time(self, fn, *args):
@@ -414,6 +500,8 @@ class HessianOperator(LinearOperator):
         try: _, t_fwd = self._time(self._hvp_batch_fwd, f, theta, V)
         except (NotImplementedError, RuntimeError): t_fwd, self._fwd_ok = math.inf, False
         self._auto[many] = 'fwd' if t_fwd < t_rev else 'rev'
+        # distributed: the choice is replaced by the one from the timings summed over the ranks, after the all-reduce
+        if self.process_group is not None: self._timed[many] = (t_rev, 0. if math.isinf(t_fwd) else t_fwd)
         return out
 
     def check_determinism(self, rtol:float=1e-6):
@@ -429,5 +517,6 @@ class HessianOperator(LinearOperator):
         return err
 
     def __repr__(self):
-        return (f"HessianOperator({self.num_params:,} parameters in {len(self.names)} tensors, {self.num_samples:,} samples, "
+        ranks = f" on {self.world_size} ranks" if self.process_group is not None else ""
+        return (f"HessianOperator({self.num_params:,} parameters in {len(self.names)} tensors, {self.num_samples:,} samples{ranks}, "
                 f"mode={self.mode!r}, {self.dtype}, {self.device})")

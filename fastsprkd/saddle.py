@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn, Tensor
 import safetensors.torch
+import torch.distributed as dist
 from fastcore.basics import patch
+from .core import unwrap_model
 
 # %% auto #0
 __all__ = ['BANK_FORMAT', 'BANK_VERSION', 'SaddleBankError', 'SaddlePoint', 'centre_crop', 'crop_params', 'inject', 'SaddleBank']
@@ -57,8 +59,8 @@ class SaddlePoint:
 
     @classmethod
     def from_model(cls, model:nn.Module, **kwargs):
-        "Snapshot of all parameters of `model`; `kwargs` are the other fields."
-        return cls({n: p for n, p in model.named_parameters()}, **kwargs)
+        "Snapshot of all parameters of `model` (unwrapped from `DistributedDataParallel`); `kwargs` are the other fields."
+        return cls({n: p for n, p in unwrap_model(model).named_parameters()}, **kwargs)
 
     @property
     def fingerprint(self) -> list:
@@ -90,7 +92,7 @@ def centre_crop(t:Tensor, # the tensor to crop
     return t[tuple(slice((T - S) // 2, (T - S) // 2 + S) for T, S in zip(t.shape, shape))]
 
 def _shapes_of(target) -> dict:
-    if isinstance(target, nn.Module): return {n: tuple(p.shape) for n, p in target.named_parameters()}
+    if isinstance(target, nn.Module): return {n: tuple(p.shape) for n, p in unwrap_model(target).named_parameters()}
     if isinstance(target, Mapping): return {n: tuple(s.shape if isinstance(s, Tensor) else s) for n, s in target.items()}
     raise TypeError(f"expected a model or a dict of shapes, got {type(target).__name__}")
 
@@ -117,7 +119,7 @@ def inject(model:nn.Module, # the model that receives the values (in place)
     "Copy (centre crops of) `params` into the parameters of `model`, cast to its device and dtype; returns `model`."
     cropped = crop_params(params, model)
     with torch.no_grad():
-        for n, p in model.named_parameters(): p.copy_(cropped[n].to(device=p.device, dtype=p.dtype))
+        for n, p in unwrap_model(model).named_parameters(): p.copy_(cropped[n].to(device=p.device, dtype=p.dtype))
     return model
 
 # %% ../nbs/11_saddle.ipynb #87fcb11b
@@ -216,11 +218,20 @@ def _fsync_dir(path:Path):
     except OSError: pass
     finally: os.close(fd)
 
+def _rank() -> int:
+    "This process's torch.distributed rank (before initialization the `RANK` variable, like fastai's `rank_distrib`); 0 if none."
+    if dist.is_available() and dist.is_initialized(): return dist.get_rank()
+    return int(os.environ.get('RANK', 0) or 0)
+
 # %% ../nbs/11_saddle.ipynb #8c408cf2
 @patch
-def save(self:SaddleBank, path) -> Path:
+def save(self:SaddleBank,
+         path, # the directory (created if needed)
+         rank0_only:bool=True, # in distributed training only rank 0 writes (like fastai's `Learner.save`); the others return `path`
+        ) -> Path:
     "Save to the directory `path` (created if needed): safetensors + JSON manifest, written atomically."
     path = Path(path)
+    if rank0_only and _rank() != 0: return path
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} is a file; a saddle bank is saved as a directory (manifest.json + tensors): choose another path")
     tensors = {f"{i}/{n}": t for i, p in enumerate(self.points) for n, t in p.params.items()}

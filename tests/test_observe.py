@@ -86,7 +86,7 @@ quiet_eigsh = pytest.mark.filterwarnings('ignore:HessianSpectrumCallback')
 @pytest.mark.parametrize('opt', list(OPTS))
 def test_training_is_bit_identical(opt):
     ref, losses, rng = train(OPTS[opt], [])
-    spec = HessianSpectrumCallback(every=3, n_probe=64, **CHEAP)
+    spec = HessianSpectrumCallback(every=3, at_epoch_end=True, n_probe=64, **CHEAP)
     sharp = SharpnessCallback()
     got, losses2, rng2 = train(OPTS[opt], [spec, sharp])
     fct.test_eq([r['step'] for r in spec.history], [3, 4, 6, 8])  # 4 steps per epoch; at each epoch end too
@@ -101,7 +101,7 @@ def test_bit_identical_with_clip_and_accumulation(device):
     extra = lambda: [GradientClip(0.1), GradientAccumulation(64)]
     fp16 = device == 'cuda'  # MixedPrecision needs CUDA
     ref, _, _ = train(Adam, [], device, extra(), fp16)
-    got, _, _ = train(Adam, [HessianSpectrumCallback(every=2, n_probe=64, **CHEAP), SharpnessCallback()],
+    got, _, _ = train(Adam, [HessianSpectrumCallback(every=2, at_epoch_end=True, n_probe=64, **CHEAP), SharpnessCallback()],
                       device, extra(), fp16)
     for k in ref: assert torch.equal(ref[k], got[k]), k
 
@@ -111,7 +111,7 @@ def test_spectrum_matches_dense(device):
     dls, x, y = tiny_data(device)
     lf = ce64
     n = 43
-    cb = HessianSpectrumCallback(k=4, n_probe=20, tol=1e-10, max_matvecs=200, trace_matvecs=3 * n, mode='rev')  # Hutch++ with 3n products is exact
+    cb = HessianSpectrumCallback(k=4, n_probe=20, tol=1e-10, max_matvecs=200, trace_matvecs=3 * n, mode='rev', at_epoch_end=True)  # Hutch++ with 3n products is exact
     learn = Learner(dls, tiny_mlp(device), loss_func=lf, opt_func=SGD, cbs=cb)
     quiet_fit(learn, 2, 0.5)
     fct.test_eq(len(cb.history), 2)
@@ -202,7 +202,7 @@ def test_columns_appear_and_disappear():
     learn = Learner(dls, tiny_mlp(), loss_func=CrossEntropyLossFlat(), metrics=accuracy)
     quiet_fit(learn, 1, 1e-2)
     plain = list(learn.recorder.metric_names)
-    spec, sharp = HessianSpectrumCallback(n_probe=16), SharpnessCallback()
+    spec, sharp = HessianSpectrumCallback(n_probe=16, at_epoch_end=True), SharpnessCallback()
     quiet_fit(learn, 2, 1e-2, cbs=[spec, sharp])
     names = list(learn.recorder.metric_names)
     for c in COLS: fct.test_eq(names.count(c), 1)
@@ -271,3 +271,220 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match='every'): SharpnessCallback(every=0)
     with pytest.raises(ValueError, match='which'): HessianSpectrumCallback(which='XX')
     with pytest.raises(ValueError, match='empty'): HessianSpectrumCallback().plot()
+
+# ---------------------------------------------------------------- defaults: the time-budget schedule
+class FakeClock:
+    "A clock that only moves when told: training batches and measurements advance it by fixed amounts."
+    def __init__(self): self.t = 0.
+    def __call__(self): return self.t
+
+class Tick(Callback):
+    "Each training batch takes 1 fake second."
+    def __init__(self, clock): self.clock = clock
+    def before_batch(self):
+        if self.training: self.clock.t += 1.
+
+class CostlySpectrum(HessianSpectrumCallback):
+    "Each measurement takes `cost` fake seconds."
+    def __init__(self, cost, **kwargs): super().__init__(**kwargs); self.cost = cost
+    def _operator(self):
+        self.clock.t += self.cost
+        return super()._operator()
+
+def test_default_schedule_is_a_time_budget():
+    cb = HessianSpectrumCallback()
+    fct.test_eq((cb.budget, cb.every, cb.at_epoch_end), (0.1, None, False))
+    fct.test_eq(HessianSpectrumCallback(every=5).budget, None)  # a fixed schedule replaces the budget...
+    fct.test_eq(HessianSpectrumCallback(every=5, budget=0.2).budget, 0.2)  # ...unless both are asked for
+    with pytest.raises(ValueError, match='budget'): HessianSpectrumCallback(budget=-1)
+
+def test_budget_schedule_with_a_fake_clock():
+    dls, _, _ = tiny_data(bs=8)  # 4 steps per epoch
+    clock = FakeClock()
+    cb = CostlySpectrum(3., budget=1., clock=clock, n_probe=8, trace=False, max_matvecs=10)
+    learn = Learner(dls, tiny_mlp(), loss_func=ce64, opt_func=SGD, cbs=[cb, Tick(clock)])
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        quiet_fit(learn, 3, 0.1)
+        # fit 0: no cost known yet, so the first measurement is the forced one at the end of epoch 0 (step 4, clock 4→7);
+        # then one when spent + 3 ≤ 1.0 × (clock − spent) (the fit's budget) and 3 ≤ 1.0 × the other time since the last
+        # measurement: not at step 6 (whole fit: 6 ≤ 6, but only 2 s since the last), at step 7 (clock 10), step 10 (clock 16)
+        fct.test_eq([r['step'] for r in cb.history], [4, 7, 10])
+        fct.test_eq([r['seconds'] for r in cb.history], [3.] * 3)
+        fct.test_eq(cb._spent, 9.)
+        # fit 1: the budget restarts and the cost is known: step 15 (3 s of the fit ≥ 0 + 3), step 18 (9 s − 3 ≥ 3 + 3)
+        quiet_fit(learn, 2, 0.1)
+    fct.test_eq([r['step'] for r in cb.history if r['fit'] == 1], [15, 18])
+    # a budget below the cost of a measurement: only the forced one per fit, at the end of its first epoch
+    clock2 = FakeClock()
+    cb2 = CostlySpectrum(3., budget=0.1, clock=clock2, n_probe=8, trace=False, max_matvecs=10)
+    learn2 = Learner(dls, tiny_mlp(), loss_func=ce64, opt_func=SGD, cbs=[cb2, Tick(clock2)])
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        quiet_fit(learn2, 3, 0.1); quiet_fit(learn2, 2, 0.1)
+    fct.test_eq([r['step'] for r in cb2.history], [4, 16])
+
+@quiet_eigsh
+@pytest.mark.parametrize('opt', list(OPTS))
+def test_bit_identical_with_the_defaults(opt):
+    ref, losses, rng = train(OPTS[opt], [])
+    spec, sharp = HessianSpectrumCallback(), SharpnessCallback()
+    got, losses2, rng2 = train(OPTS[opt], [spec, sharp])
+    assert len(spec.history) >= 1 and spec.history[0]['step'] == 4  # at least the forced measurement after the first epoch
+    for k in ref: assert torch.equal(ref[k], got[k]), k
+    fct.test_eq([float(l) for l in losses], [float(l) for l in losses2])
+    assert torch.equal(rng[0], rng2[0]) and rng[1] == rng2[1] and np.array_equal(rng[2], rng2[2])
+
+# ---------------------------------------------------------------- issue 9: parameter sets, precision, BatchNorm
+def head_splitter(m): return [list(m[0].parameters()), list(m[2].parameters())]
+
+class UnfreezeAt(Callback):
+    "Unfreezes the learner after `n` optimizer steps of the fit, inside the fit."
+    order = 0
+    def __init__(self, n): self.n = n
+    def before_fit(self): self.count = 0
+    def after_step(self):
+        self.count += 1
+        if self.count == self.n: self.learn.unfreeze()
+
+def test_parameter_set_changes():
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    dls, x, y = tiny_data()
+    model = tiny_mlp()
+    exact = dict(tol=1e-10, max_matvecs=200, ncv=None)
+    spec = HessianSpectrumCallback(at_epoch_end=True, data=(x[:12], y[:12]), k=2, trace=True, trace_matvecs=3 * 43, **exact)
+    sharp = SharpnessCallback()
+    learn = Learner(dls, model, loss_func=ce64, opt_func=SGD, splitter=head_splitter, cbs=[spec, sharp])
+    learn.freeze()  # the body (model[0]) is frozen: curvature w.r.t. the head only
+    quiet_fit(learn, 1, 0.1)
+    head = ['2.weight', '2.bias']
+    H, _ = dense(model, ce64, x[:12], y[:12], names=head)
+    ev = torch.linalg.eigvalsh(H)
+    row = spec.history[-1]
+    fct.test_eq(row['n_params'], 18)
+    fct.test_close([row['lambda_min'], row['lambda_max'], row['trace']], [ev[0].item(), ev[-1].item(), H.trace().item()], eps=1e-8)
+    learn.unfreeze()
+    quiet_fit(learn, 1, 0.1)
+    H, _ = dense(model, ce64, x[:12], y[:12])
+    ev = torch.linalg.eigvalsh(H)
+    row2 = spec.history[-1]
+    fct.test_eq(row2['n_params'], 43)
+    fct.test_close([row2['lambda_min'], row2['lambda_max'], row2['trace']], [ev[0].item(), ev[-1].item(), H.trace().item()], eps=1e-8)
+    assert row['params_id'] != row2['params_id']
+    fct.test_eq([r['n_params'] for r in sharp.history], [18, 18, 43, 43])
+    fct.test_eq(len({r['params_id'] for r in sharp.history}), 2)
+    # a change inside a fit (unfrozen after its first step): the operator is rebuilt, the rows say so, the plot marks it
+    learn.freeze()
+    spec2 = HessianSpectrumCallback(every=1, data=(x[:12], y[:12]), trace=False, **exact)
+    quiet_fit(learn, 1, 0.1, cbs=[spec2, UnfreezeAt(1)])
+    fct.test_eq([r['n_params'] for r in spec2.history], [43, 43])  # unfrozen before the first measurement (both after_step)
+    learn.freeze()
+    spec3 = HessianSpectrumCallback(every=1, data=(x[:12], y[:12]), trace=False, **exact)
+    quiet_fit(learn, 2, 0.1, cbs=[spec3, UnfreezeAt(2)])
+    fct.test_eq([r['n_params'] for r in spec3.history], [18, 43, 43, 43])
+    H, _ = dense(model, ce64, x[:12], y[:12])
+    fct.test_close(spec3.history[-1]['lambda_max'], torch.linalg.eigvalsh(H)[-1].item(), eps=1e-8)
+    ax = spec3.plot()
+    marks = [l for l in ax.get_lines() if l.get_label() == 'parameter set changed']
+    fct.test_eq(len(marks), 1)
+    fct.test_eq(list(marks[0].get_xdata()), [2, 2])
+    plt.close('all')
+
+class BatchStatsNorm(nn.Module):
+    "BatchNorm1d with the batch's own statistics, written out (torch.func.hessian of native batch_norm is not symmetric)."
+    def __init__(self, n, eps=1e-5): super().__init__(); self.weight, self.bias, self.eps = nn.Parameter(torch.ones(n)), nn.Parameter(torch.zeros(n)), eps
+    def forward(self, x):
+        mu, var = x.mean(0), x.var(0, unbiased=False)
+        return (x - mu) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+def bn_mlp(norm=None):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), norm or nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.3), nn.Linear(6, 3)).double()
+
+def test_batchnorm_eval_and_train_bn():
+    dls, x, y = tiny_data()
+    px, py = x[:12], y[:12]
+    kw = dict(at_epoch_end=True, data=(px, py), trace=False, tol=1e-10, max_matvecs=200, ncv=None)
+    ev_cb, bn_cb = HessianSpectrumCallback(**kw), HessianSpectrumCallback(train_bn=True, **kw)
+    model = bn_mlp()
+    learn = Learner(dls, model, loss_func=ce64, opt_func=SGD, cbs=[ev_cb, bn_cb])
+    quiet_fit(learn, 1, 0.1)
+    model.eval()  # the default: running statistics, no Dropout
+    H, _ = dense(model, ce64, px, py)
+    ev = torch.linalg.eigvalsh(H)
+    fct.test_close([ev_cb.history[-1]['lambda_min'], ev_cb.history[-1]['lambda_max']], [ev[0].item(), ev[-1].item()], eps=1e-8)
+    # train_bn: BatchNorm with the probe batch's own statistics (a copy without running statistics), Dropout off
+    ref = bn_mlp(BatchStatsNorm(6))
+    ref.load_state_dict({k: v for k, v in model.state_dict().items() if 'running' not in k and 'num_batches' not in k})
+    ref.eval()
+    H, _ = dense(ref, ce64, px, py)
+    ev2 = torch.linalg.eigvalsh(H)
+    fct.test_close([bn_cb.history[-1]['lambda_min'], bn_cb.history[-1]['lambda_max']], [ev2[0].item(), ev2[-1].item()], eps=1e-8)
+    assert abs(ev2[-1] - ev[-1]) > 1e-3  # the two modes are different Hessians
+
+def test_no_autocast_inside_measurements():
+    "A measurement started inside an autocast region (bf16 on the CPU) is still computed in float32."
+    _, x, y = tiny_data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    lf = lambda p, t: nn.functional.cross_entropy(p, t)
+    cb = HessianSpectrumCallback(every=2, data=(x[:12].float(), y[:12]), trace=True, tol=1e-6, max_matvecs=100, ncv=None)
+    learn = Learner(tiny_dls32(), model, loss_func=lf, opt_func=SGD, cbs=cb)
+    quiet_fit(learn, 1, 0.1)
+    plain = cb.measure()
+    with torch.autocast('cpu', dtype=torch.bfloat16): mixed = cb.measure()
+    fct.test_close(mixed['eigenvalues'], plain['eigenvalues'], eps=1e-5)
+    fct.test_close(mixed['trace'], plain['trace'], eps=1e-4)
+    H, _ = dense(model.double(), lambda p, t: nn.functional.cross_entropy(p, t), x[:12], y[:12])
+    fct.test_close(plain['lambda_max'], torch.linalg.eigvalsh(H)[-1].item(), eps=1e-4)
+
+def tiny_dls32(device='cpu'):
+    "`tiny_data`'s problem in float32."
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 4, generator=g, dtype=torch.float64).float()
+    y = torch.randint(0, 3, (48,), generator=g)
+    return tensor_dls(x, y, torch.arange(32), torch.arange(32, 48), bs=16, device=device, num_workers=0)
+
+class FakeScaler(Callback):
+    "Loss scaling as `MixedPrecision` does it (scale the backward pass, unscale the gradients in `before_step`), on the CPU."
+    order = MixedPrecision.order
+    def before_backward(self): self.learn.loss_grad = self.loss_grad * 1024.
+    def before_step(self):
+        for p in self.learn.model.parameters():
+            if p.grad is not None: p.grad.div_(1024.)
+
+def test_sharpness_reads_unscaled_gradients():
+    dls, x, y = tiny_data()
+    cb, spy = SharpnessCallback(keep_tensors=True), StepSpy()
+    learn = Learner(dls, tiny_mlp(), loss_func=ce64, opt_func=SGD, cbs=[FakeScaler(), cb, spy])
+    quiet_fit(learn, 1, 0.1)
+    for row, before, ((xb, yb),) in zip(cb.history, spy.before, spy.batches):
+        H, g = dense(learn.model, ce64, xb, yb, theta=before)
+        fct.test_close(row['grad'], g, eps=1e-12)
+        fct.test_close(row['update'], -0.1 * g, eps=1e-12)
+        fct.test_close(row['dir_sharpness'], (row['update'] @ H @ row['update']).item(), eps=1e-14)
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_values_under_to_fp16(device):
+    "With `learn.to_fp16()` (CUDA autocast + loss scaling; on the CPU fastai disables both) the spectrum is the float32 Hessian and the sharpness rows hold unscaled gradients."
+    import copy
+    _, x, y = tiny_data()
+    dls = tiny_dls32(device)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(device)
+    lf = lambda p, t: nn.functional.cross_entropy(p.float(), t)
+    px, py = x[:12].float().to(device), y[:12].to(device)
+    spec = HessianSpectrumCallback(at_epoch_end=True, data=(px, py), trace=False, tol=1e-6, max_matvecs=100, ncv=None)
+    sharp, spy = SharpnessCallback(keep_tensors=True), StepSpy()
+    learn = Learner(dls, model, loss_func=lf, opt_func=SGD, cbs=[spec, sharp, spy]).to_fp16(init_scale=2.**8)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # on the CPU: "CUDA is not available ... Disabling"
+        quiet_fit(learn, 1, 0.1)
+    ref = copy.deepcopy(model).double().cpu()
+    H, _ = dense(ref, lf, px.double().cpu(), py.cpu())
+    fct.test_close(spec.history[-1]['lambda_max'] / torch.linalg.eigvalsh(H)[-1].item(), 1., eps=1e-4)
+    assert len(sharp.history) == len(spy.before) > 0
+    for row, before, ((xb, yb),) in zip(sharp.history, spy.before, spy.batches):
+        _, g64 = dense(ref, lf, xb.double().cpu(), yb.cpu(), theta=before.double().cpu())
+        assert (row['grad'].double() - g64).norm() <= 1e-2 * g64.norm()  # unscaled (a scaled one is 256× larger)

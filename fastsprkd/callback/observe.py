@@ -6,7 +6,7 @@ Docs: https://github.com/fastsprkd/fastsprkd/tree/main/nbs/observe.html.md"""
 
 # %% ../../nbs/10_observe.ipynb #941be14e
 from __future__ import annotations
-import math, random, time, warnings
+import hashlib, math, random, time, warnings
 from contextlib import contextmanager, nullcontext
 from functools import partial
 import numpy as np
@@ -43,7 +43,7 @@ def _set_split_idx(dl, i):
     return old
 
 def _probe_batches(dls, # the `Learner`'s `DataLoaders` (their training set is sampled)
-                   n_probe:int=256, # number of training items
+                   n_probe:int=128, # number of training items
                    seed:int=0, # seed of the local generator that picks them
                    bs:int|None=None, # items per probe batch (default: all in one batch)
                   ) -> list:
@@ -139,8 +139,25 @@ class _Observer(Callback):
                     lr=self._hyper('lr'))
 
     def _select(self, model) -> list:
-        "Names of the parameters observed: `self.params` (tensors, modules or names) or all that require grad."
+        "Names of the parameters observed: `self.params` (tensors, modules or names) or all that require grad *now*."
         return _select_params(model, self.params)
+
+# %% ../../nbs/10_observe.ipynb #3a718f91
+def _params_id(names) -> str:
+    "A short stable id of a parameter set: the first 8 hex digits of the SHA-1 of the names."
+    return hashlib.sha1('\n'.join(names).encode()).hexdigest()[:8]
+
+def _no_autocast(device):
+    "A context in which autocast is off on `device`, so that Hessians are computed in the parameters' dtype."
+    try: return torch.autocast(device_type=torch.device(device).type, enabled=False)
+    except RuntimeError: return nullcontext()  # a device type without autocast support
+
+def _mark_param_changes(ax, rows):
+    "Vertical lines at the steps where the rows' parameter set (`params_id`) changes; returns those steps."
+    steps = [b['step'] for a, b in zip(rows, rows[1:]) if a.get('params_id') != b.get('params_id')]
+    for i, s in enumerate(steps):
+        ax.axvline(s, color='C3', ls=':', lw=1, label='parameter set changed' if i == 0 else None)
+    return steps
 
 # %% ../../nbs/10_observe.ipynb #ee9e7e92
 def _stability_threshold(hypers:dict) -> float|None:
@@ -158,30 +175,43 @@ class HessianSpectrumCallback(_Observer):
     "Record the extreme Hessian eigenvalues (and the trace) of the training loss on a fixed probe set during training."
     order = Recorder.order - 1
     def __init__(self,
-                 every:int|None=None, # measure every `every` optimizer steps (None: only at epoch ends)
+                 every:int|None=None, # measure every `every` optimizer steps (a fixed schedule)
                  k:int=2, # number of eigenvalues (with 'BE': k//2 from the bottom, the rest from the top)
                  which:str='BE', # 'BE' both ends, 'LA' largest, 'SA' smallest, 'LM' largest magnitude
                  trace:bool=True, # also estimate the trace (Hutch++)
                  data=None, # probe data: a batch (x, y), a list of batches or a DataLoader (default: `n_probe` training items)
-                 n_probe:int=256, # size of the default probe set
+                 n_probe:int=128, # size of the default probe set
                  probe_bs:int|None=None, # items per probe batch (default: one batch; lower it if memory is short)
-                 at_epoch_end:bool=True, # measure at the end of every training epoch
-                 tol:float=1e-3, # relative residual tolerance of the eigenpairs (`eigsh`)
-                 max_matvecs:int=100, # budget of Hessian-vector products per eigenvalue computation
-                 trace_matvecs:int=30, # Hessian-vector products per trace estimate
+                 at_epoch_end:bool|None=None, # measure at the end of every training epoch (a fixed schedule)
+                 tol:float=1e-2, # relative residual tolerance of the eigenpairs (‖Hv−λv‖ ≤ tol·‖H‖)
+                 max_matvecs:int=40, # budget of Hessian-vector products per eigenvalue computation
+                 trace_matvecs:int=12, # Hessian-vector products per trace estimate
                  seed:int=0, # seed of the probe subset, the Lanczos start vector and the trace probes
-                 params=None, # parameters (tensors, modules or names) the Hessian is taken w.r.t. (default: all that require grad)
-                 warm_start:bool=True, # start Lanczos from the previous eigenvectors
+                 params=None, # parameters (tensors, modules or names) the Hessian is taken w.r.t. (default: those requiring grad at each measurement)
+                 warm_start:bool=True, # start Lanczos from the previous eigenvectors (of the same parameter set)
                  mode:str='rev', # Hessian-vector products: 'rev' (double backward, works for every model), 'fwd' or 'auto' (times both once per fit)
                  progress:bool=False, # show a progress bar per computation (never under `learn.no_bar()`)
+                 budget:float|None=None, # time-budget schedule: measurements may take this fraction of the rest of the fit (default 0.1 when neither `every` nor `at_epoch_end` is given)
+                 ncv:int|None=10, # Lanczos basis size before a restart (None: `eigsh`'s default)
+                 train_bn:bool=False, # evaluate BatchNorm with the probe batch's statistics (train mode, fixed batch) instead of eval mode
+                 clock=time.perf_counter, # the timer of the budget schedule (seconds; tests pass a fake clock)
                 ):
         super().__init__()
-        if every is None and not at_epoch_end: raise ValueError("nothing to measure: set `every` (steps) and/or at_epoch_end=True")
-        if every is not None and (not isinstance(every, int) or every < 1): raise ValueError(f"every must be a positive integer or None, got {every!r}")
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+            raise ValueError(f"every must be a positive integer or None, got {every!r}")
+        if budget is None and every is None and at_epoch_end is None: budget = 0.1  # the default schedule
+        if budget is not None and not (isinstance(budget, (int, float)) and 0 < budget):
+            raise ValueError(f"budget must be a positive fraction of the training time (e.g. 0.1) or None, got {budget!r}")
+        if every is None and not at_epoch_end and budget is None:
+            raise ValueError("nothing to measure: set `every` (steps), at_epoch_end=True and/or a time `budget`")
         if which not in ('LA', 'SA', 'LM', 'BE'): raise ValueError(f"which must be one of 'LA', 'SA', 'LM', 'BE', got {which!r}")
         if k < 1 or (which == 'BE' and k < 2): raise ValueError(f"k={k} is too small: which='BE' needs k ≥ 2 (one eigenvalue from each end)")
-        store_attr('every,k,which,trace,data,n_probe,probe_bs,at_epoch_end,tol,max_matvecs,trace_matvecs,seed,params,warm_start,mode,progress')
-        self.probe, self._v0, self._op, self._last_step = None, None, None, None
+        if ncv is not None and ncv <= k: raise ValueError(f"ncv={ncv} must exceed k={k}")
+        at_epoch_end = bool(at_epoch_end)
+        store_attr('every,k,which,trace,data,n_probe,probe_bs,at_epoch_end,tol,max_matvecs,trace_matvecs,seed,params,warm_start,mode,progress,'
+                   'budget,ncv,train_bn,clock')
+        self.probe, self._v0, self._v0_id, self._op, self._last_step, self._last_cost = None, None, None, None, None, None
+        self._t_fit, self._spent, self._others_at_last = None, 0., 0.
 
     def _column_names(self):
         return [c for c, on in (('lambda_max', self.which in ('LA', 'BE')), ('lambda_min', self.which in ('SA', 'BE')),
@@ -193,14 +223,26 @@ class HessianSpectrumCallback(_Observer):
     def before_fit(self):
         super().before_fit()
         self._op, self._last_step = None, None
+        self._t_fit, self._spent, self._others_at_last = self.clock(), 0., 0.
+
+    # ---- the schedule
+    def _budget_allows(self) -> bool:
+        "Whether one more measurement (expected to last as long as the previous one) keeps the fit, and the time since the last one, within budget."
+        if self.budget is None or self._last_cost is None: return False
+        others = self.clock() - self._t_fit - self._spent  # wall time of the rest of the fit so far
+        return (self._spent + self._last_cost <= self.budget * others  # the whole fit
+                and self._last_cost <= self.budget * (others - self._others_at_last))  # and since the last one: evenly spread
 
     def after_step(self):
         self._n_steps += 1
-        if self.every is not None and self._n_steps % self.every == 0: self.measure()
+        if (self.every is not None and self._n_steps % self.every == 0) or self._budget_allows(): self.measure()
 
     def after_train(self):
-        if self.at_epoch_end and self._last_step != self._n_steps: self.measure()
+        if self._last_step == self._n_steps: return
+        first = self.budget is not None and len(self.history) == self._fit_start  # nothing shown yet in this fit
+        if self.at_epoch_end or first: self.measure()
 
+    # ---- the operator
     def _probe(self, device):
         if self.probe is None:
             self.probe = _as_probe(self.data) if self.data is not None else _probe_batches(self.dls, self.n_probe, self.seed, self.probe_bs)
@@ -208,23 +250,39 @@ class HessianSpectrumCallback(_Observer):
         return self.probe
 
     def _operator(self):
-        if self._op is None:
-            model = self.learn.model
+        "The operator for the parameters trainable now (rebuilt, without warm start, when the set has changed)."
+        model = self.learn.model
+        names = self._select(model)
+        if self._op is None or self._op.model is not model or self._op.names != names:
             device = next(model.parameters()).device
             n_inp = getattr(self.dls, 'n_inp', None) if self.data is None else None
-            self._op = HessianOperator(model, self.learn.loss_func, self._probe(device), self._select(model), n_inp=n_inp, mode=self.mode)
+            self._op = HessianOperator(model, self.learn.loss_func, self._probe(device), names, n_inp=n_inp, mode=self.mode,
+                                       eval_mode=not self.train_bn)
+            self._op_id = _params_id(names)
         return self._op
+
+    @contextmanager
+    def _modes(self, model):
+        "Eval mode, or eval mode with train-mode BatchNorm (`train_bn`); restored on exit."
+        if not self.train_bn: yield; return
+        with preserved_state(model, values=False):
+            model.eval()
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm): m.train()
+            yield
 
     def measure(self) -> dict:
         "Compute the eigenvalues (and trace) for the current parameters now, and append a row to `history`."
-        t0 = time.perf_counter()
+        t0 = self.clock()
         show = self.progress and hasattr(self.learn, 'progress')
-        with _preserved_rng():
+        model = self.learn.model
+        with _preserved_rng(), _no_autocast(next(model.parameters()).device), self._modes(model):
             op = self._operator()
             before = op.num_matvecs
-            v0 = self._v0 if self.warm_start and self._v0 is not None and self._v0.shape[0] == op.num_params else None
-            r = eigsh(op, self.k, self.which, tol=self.tol, max_matvecs=self.max_matvecs, seed=self.seed, v0=v0, progress=show)
-            self._v0 = r.eigenvectors.sum(1)
+            v0 = self._v0 if self.warm_start and self._v0 is not None and self._v0_id == self._op_id else None  # same parameter set
+            r = eigsh(op, self.k, self.which, tol=self.tol, max_matvecs=max(self.max_matvecs, self.ncv or 0), ncv=self.ncv,
+                      seed=self.seed, v0=v0, progress=show)
+            self._v0, self._v0_id = r.eigenvectors.sum(1), self._op_id
             tr = trace_estimate(op, method='hutch++', num_matvecs=self.trace_matvecs, seed=self.seed) if self.trace else None
         ev = [float(e) for e in r.eigenvalues]
         row = self._base_row()
@@ -233,12 +291,17 @@ class HessianSpectrumCallback(_Observer):
                    lambda_min=min(ev) if self.which in ('SA', 'BE') else None,
                    eigenvalues=ev, converged=bool(r.converged.all()),
                    trace=None if tr is None else float(tr.estimate), trace_stderr=None if tr is None else float(tr.stderr),
-                   num_matvecs=op.num_matvecs - before, seconds=time.perf_counter() - t0)
+                   n_params=op.num_params, params_id=self._op_id, num_matvecs=op.num_matvecs - before)
         if not row['converged']:
             warnings.warn(f"HessianSpectrumCallback: the eigenvalues did not converge to tol={self.tol} within "
                           f"max_matvecs={self.max_matvecs} products; raise max_matvecs or tol")
-        self.history.append(row)
         self._last_step = self._n_steps
+        row['seconds'] = dt = self.clock() - t0
+        self._last_cost = dt
+        if self._t_fit is not None:
+            self._spent += dt
+            self._others_at_last = self.clock() - self._t_fit - self._spent
+        self.history.append(row)
         return row
 
     def plot(self,
@@ -246,7 +309,7 @@ class HessianSpectrumCallback(_Observer):
              show_threshold:bool=True, # mark the edge of stability 2(1+β)/lr for SGD
              show_trace:bool=False, # also draw the trace, on a second y axis
             ):
-        "Eigenvalue trajectories against the optimizer step."
+        "Eigenvalue trajectories against the optimizer step; dotted red lines where the parameter set changed."
         if ax is None: _, ax = plt.subplots(figsize=(6, 4))
         h = [r for r in self.history]
         if not h: raise ValueError("nothing to plot: the history is empty (train with the callback first)")
@@ -261,6 +324,7 @@ class HessianSpectrumCallback(_Observer):
             plain = all(not r['mom'] for r in h)
             ax.plot(steps, [math.nan if t is None else t for t in thr], 'k--', lw=1,
                     label=f"{'2/lr' if plain else '2(1+β)/lr'} (edge of stability)")
+        _mark_param_changes(ax, h)
         ax.axhline(0, color='0.5', lw=0.5)
         ax.set_xlabel('optimizer step'); ax.set_ylabel('Hessian eigenvalue')
         if show_trace and h[0]['trace'] is not None:
@@ -272,6 +336,16 @@ class HessianSpectrumCallback(_Observer):
 
 # %% ../../nbs/10_observe.ipynb #ac4c8fd0
 def _flat(ts) -> Tensor: return torch.cat([t.detach().reshape(-1) for t in ts])
+
+class _StepHessian(HessianOperator):
+    "The Hessian on the batches of one optimizer step at given parameter values, built for one product."
+    def __init__(self, model, loss_func, batches, names, theta, **kwargs):
+        self._given_theta = tuple(theta)
+        super().__init__(model, loss_func, batches, names, cache_graph=False, **kwargs)
+    # the training step has just evaluated this loss: no validation forward pass, only the sample count
+    def _validate(self): return sum(self._batch_size(xb) for xb, _ in self._batches())
+    # the parameters *before* the step, without writing them into the model
+    def _theta(self): return self._given_theta
 
 class SharpnessCallback(_Observer):
     "Record the gradient correlation ⟨g, Δθ⟩ and directional sharpness Δθᵀ H Δθ of the optimizer's steps."
@@ -297,6 +371,7 @@ class SharpnessCallback(_Observer):
     def before_fit(self):
         super().before_fit()
         self._batches, self._pending, self._skip_batch, self._epoch_start = [], None, False, len(self.history)
+        self._names, self._names_id = None, None
 
     def before_epoch(self): self._epoch_start = len(self.history)
 
@@ -313,6 +388,7 @@ class SharpnessCallback(_Observer):
         names = self._select(model)
         ps = [named[n] for n in names]
         self._pending = (names, _flat(ps), _flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in ps]))  # copies
+        if names != self._names: self._names, self._names_id = names, _params_id(names)
 
     def after_cancel_step(self): self._batches, self._pending = [], None
 
@@ -329,11 +405,10 @@ class SharpnessCallback(_Observer):
         after = _flat(ps)
         update = (after.double() - before.double())  # the exact difference of the stored values
         data = [xb + yb for xb, yb in batches]
-        with _preserved_rng(), preserved_state(model):
-            with torch.no_grad():
-                for p, v in zip(ps, before.split([p.numel() for p in ps])): p.copy_(v.view_as(p))
-            op = HessianOperator(model, self.learn.loss_func, data, names, eval_mode=self.eval_mode, mode=self.mode,
-                                 n_inp=len(batches[0][0]))
+        theta = [v.view_as(p) for p, v in zip(ps, before.split([p.numel() for p in ps]))]
+        with _preserved_rng(), _no_autocast(after.device):
+            op = _StepHessian(model, self.learn.loss_func, data, names, theta, eval_mode=self.eval_mode, mode=self.mode,
+                              n_inp=len(batches[0][0]))
             dhd = float(directional_sharpness(op, update.to(op.dtype)))
         gc = float(gradient_correlation(g.double(), update))
         gn, un = float(g.double().norm()), float(update.norm())
@@ -342,6 +417,7 @@ class SharpnessCallback(_Observer):
                    grad_corr_normalized=gc / (gn * un) if gn * un > 0 else math.nan,
                    dir_sharpness_normalized=dhd / un**2 if un > 0 else math.nan,
                    grad_norm=gn, update_norm=un, taylor_change=gc + dhd / 2, num_batches=len(batches),
+                   n_params=op.num_params, params_id=self._names_id,
                    num_matvecs=op.num_matvecs, seconds=time.perf_counter() - t0)
         if self.keep_tensors: row.update(grad=g.cpu(), update=update.to(g.dtype).cpu())
         self.history.append(row)
@@ -364,6 +440,7 @@ class SharpnessCallback(_Observer):
         if default:
             ax.plot(steps, [r['taylor_change'] for r in h], 'k', lw=1, alpha=0.6, label=labels['taylor_change'])
             ax.set_ylabel('change of the loss (second-order terms)')
+        _mark_param_changes(ax, h)
         ax.axhline(0, color='0.5', lw=0.5)
         ax.set_xlabel('optimizer step'); ax.legend(loc='best')
         return ax

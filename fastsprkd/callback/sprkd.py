@@ -20,7 +20,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientClip
 from fastai.learner import Learner
 from fastai.torch_core import to_device
-from ..core import HessianOperator
+from ..core import HessianOperator, unwrap_model
 from ..eigen import eigsh
 from ..saddle import SaddlePoint, SaddleBank, crop_params
 
@@ -39,6 +39,7 @@ def probe_batches(dl, # a fastai `DataLoader` (e.g. `dls.train`) over an indexed
                   seed:int=0, # seed of the subset
                   bs:int|None=None, # items per batch (default: the loader's batch size)
                   device=None, # device of the batches (default: the loader's)
+                  shard:bool|None=None, # keep this torch.distributed rank's share (items r, r+R, …) of the subset; None: when initialized
                  ) -> list:
     "A fixed seeded subset of `n` items of `dl`'s dataset as a list of `(x, y)` batches, with `dl`'s transforms."
     if not hasattr(dl, 'do_item') or not hasattr(dl, 'dataset'):
@@ -46,6 +47,8 @@ def probe_batches(dl, # a fastai `DataLoader` (e.g. `dls.train`) over an indexed
     N = len(dl.dataset)
     if N == 0: raise ValueError("the DataLoader's dataset is empty: there is nothing to build a probe set from")
     idxs = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:min(n, N)].sort().values.tolist()
+    if shard or shard is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        idxs = idxs[torch.distributed.get_rank()::torch.distributed.get_world_size()]  # the operator sums the ranks' shares
     bs = bs or dl.bs or len(idxs)
     device = device if device is not None else dl.device
     out = []
@@ -201,7 +204,7 @@ def negative_curvature_step(model:nn.Module, # the model to move (in place, if t
                            ) -> EigenStep:
     "One line-searched step along the most negative Hessian eigenvector, kept only if the loss on `data` decreases."
     if op is None: op = HessianOperator(model, loss_func, data, eval_mode=True)
-    elif op.model is not model: raise ValueError("`op` is an operator of another model")
+    elif op.model is not unwrap_model(model): raise ValueError("`op` is an operator of another model")
     start = op.num_matvecs
     res = eigsh(op, 1, 'SA', tol=tol, max_matvecs=max_matvecs, seed=seed)
     lam, v = float(res.eigenvalues[0]), res.eigenvectors[:, 0]
@@ -281,7 +284,7 @@ class SaddleRecruitCallback(Callback):
         if self._target is None:
             self.bank.check_compatible(self.model)
             target = crop_params(self.bank.target(self.generosity), self.model)
-            self._target = {n: target[n].to(device=p.device, dtype=p.dtype) for n, p in self.model.named_parameters()}
+            self._target = {n: target[n].to(device=p.device, dtype=p.dtype) for n, p in unwrap_model(self.model).named_parameters()}
         self._op = None  # built when first needed in each fit, on the model's device at that time
 
     def after_fit(self): self._op = None
@@ -306,7 +309,7 @@ class SaddleRecruitCallback(Callback):
         return float(self._operator().loss())
     def distance(self) -> float:
         "Largest absolute difference between a parameter entry and its target (L∞ over all tensors)."
-        ps = dict(self.model.named_parameters())
+        ps = dict(unwrap_model(self.model).named_parameters())
         d = [(ps[n].detach() - t).abs().max().float() for n, t in self._target.items() if t.numel()]
         return float(torch.stack(d).max()) if d else 0.
 
@@ -333,7 +336,7 @@ class SaddleRecruitCallback(Callback):
             self._goto('train', t); self._jumped()
             return False
         w = 1. - 2. ** (-self.n_approach / self.approach_halflife) / 2.
-        ps = dict(self.model.named_parameters())
+        ps = dict(unwrap_model(self.model).named_parameters())
         with torch.no_grad():
             for n, tg in self._target.items(): ps[n].lerp_(tg, w)
         self.n_approach += 1
