@@ -63,6 +63,8 @@ def test_demo_writes_everything(tmp_path, capsys):
     for kind in STUDENTS:
         for m in METRICS: assert _finite(data['metrics'][kind][m]), (kind, m)
     fct.test_eq(data['saddle_capture']['tests'], 1)
+    fct.test_eq(len(data['teacher_spectrum']), 1)  # λ_max, λ_min at the one epoch end
+    assert _finite(data['teacher_spectrum'][0]['lambda_max'])
     fct.test_eq(data['metrics']['teacher']['saddle_points'], data['saddle_capture']['captured'])
     csv_rows = (out/'metrics.csv').read_text().splitlines()
     fct.test_eq(csv_rows[0], 'model,metric,value')
