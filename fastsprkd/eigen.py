@@ -195,7 +195,7 @@ def eigsh(op, # a symmetric linear operator (e.g. `HessianOperator`) or a dense 
           ncv:int|None=None, # Krylov basis size before a restart (default: max(2k+1, k+16), at most n)
           seed:int=0, # seed of the random start vector
           v0:Tensor|None=None, # start vector instead of a random one
-          verify:bool=True, # once converged, check from a fresh random vector that no wanted eigenvalue was missed
+          verify:bool|None=None, # check from fresh random vectors that no wanted eigenvalue was missed (None: when an end asks for ≥ 2 pairs)
           progress:bool=False, # show a fastprogress bar of the products used
          ) -> EigResult:
     "k eigenpairs of a symmetric operator by thick-restart Lanczos with full reorthogonalization."
@@ -217,6 +217,7 @@ def eigsh(op, # a symmetric linear operator (e.g. `HessianOperator`) or a dense 
     r, used = _thick_restart_lanczos(op, k, which, tol, ncv, max_matvecs, _start_vector(n, dtype, device, seed, v0),
                                      torch.zeros(n, 0, dtype=dtype, device=device), anorm, gen, tick)
     vals, vecs, res, anorm = r.theta, r.vectors, r.residuals, r.anorm
+    if verify is None: verify = max(c for _, c in _groups(which, k)) >= 2
     if verify and r.done and not r.full:
         # one Krylov space holds one direction of each eigenspace: a repeated eigenvalue's other copies (and any
         # eigenvector the start vector missed) are found from fresh random vectors in the complement of the found ones

@@ -135,13 +135,17 @@ def test_eigsh_stops_inside_a_cycle(random_sym):
     r = eigsh(A, 1, 'LA', v0=V[:, -1], verify=False)
     fct.test_eq(r.num_matvecs, 1)
     check_eigsh(A, r, ev, 1, 'LA', tol=1e-6)
-    # with the check, a few more products confirm nothing larger was missed; still far below one cycle (ncv=17) plus a cold run
-    r2 = eigsh(A, 1, 'LA', v0=V[:, -1])
+    fct.test_eq(eigsh(A, 1, 'LA', v0=V[:, -1]).num_matvecs, 1)   # one pair per end: no check by default
+    # with the check, more products confirm nothing larger was missed
+    r2 = eigsh(A, 1, 'LA', v0=V[:, -1], verify=True)
     check_eigsh(A, r2, ev, 1, 'LA', tol=1e-6)
-    assert 1 < r2.num_matvecs < eigsh(A, 1, 'LA').num_matvecs
-    # a warm start near the *second* eigenvector converges to it first; the check finds the top one
-    r3 = eigsh(A, 1, 'LA', v0=V[:, -2])
+    assert 1 < r2.num_matvecs
+    # a warm start that *is* the second eigenvector converges to it; the check finds the top one
+    assert eigsh(A, 1, 'LA', v0=V[:, -2]).eigenvalues[0] == pytest.approx(float(ev[-2]), rel=1e-8)
+    r3 = eigsh(A, 1, 'LA', v0=V[:, -2], verify=True)
     check_eigsh(A, r3, ev, 1, 'LA', tol=1e-6)
+    # two pairs at one end: checked by default
+    fct.test_ne(eigsh(A, 2, 'LA', v0=V[:, -1]).num_matvecs, eigsh(A, 2, 'LA', v0=V[:, -1], verify=False).num_matvecs)
     # the stop comes mid-cycle: fewer products than a multiple of the basis size
     M = sym(torch.cat([torch.linspace(0, 1, 100), torch.tensor([10., 20.])]).tolist(), seed=5)
     r4 = eigsh(M, 2, 'LA', verify=False, ncv=40)
