@@ -565,8 +565,8 @@ def _tangent_bytes(op, names):
     try:
         with op._ctx(), torch.no_grad():
             fixed = op._fixed()
-            xb, yb = next(op._batches())
-            functional_call(op.model, ({**fixed, **dict(zip(op.names, op._theta()))},), xb, strict=False)
+            b = next(op._batches(), None)  # None: this rank holds no data (distributed), nothing to size
+            if b is not None: functional_call(op.model, ({**fixed, **dict(zip(op.names, op._theta()))},), b[0], strict=False)
     finally:
         for h in hs: h.remove()
     first = next((i for i, (own, _) in enumerate(outs) if own), 0)
