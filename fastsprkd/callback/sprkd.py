@@ -118,6 +118,7 @@ class SaddleCaptureCallback(Callback):
                  meta:dict|None=None, # metadata stored with every point (e.g. {'teacher': 0})
                  params=None, # parameters (tensors, modules or names) of the Hessian; default: those trainable (requires_grad) at each test
                  eval_mode:bool=True, # probe Hessian in eval mode (deterministic BatchNorm/Dropout); False: the model's modes at the test
+                 mode:str='auto', # Hessian-vector products: 'auto' (times both once per operator), 'rev' or 'fwd' (see `HessianOperator`)
                 ):
         if not isinstance(every, int) or every < 1: raise ValueError(f"every must be a positive integer, got {every!r}")
         if k < 2: raise ValueError(f"k must be at least 2 (one eigenvalue from each end of the spectrum), got {k}")
@@ -135,7 +136,7 @@ class SaddleCaptureCallback(Callback):
             self._probe = self.probe if self.probe is not None else probe_batches(self.dls.train, self.n_probe, self.seed, bs=self.n_probe)
         names = _select_params(self.model, self.params)  # the trainable set changes at fine_tune's unfreeze
         if self._op is None or self._op.names != names or self._op.model is not self.model:
-            self._op = HessianOperator(self.model, self.learn.loss_func, self._probe, names, eval_mode=self.eval_mode)
+            self._op = HessianOperator(self.model, self.learn.loss_func, self._probe, names, eval_mode=self.eval_mode, mode=self.mode)
             self._names = tuple(names)  # one shared tuple per parameter set: rows refer to it without copying
         return self._op
 
@@ -286,6 +287,7 @@ class SaddleRecruitCallback(Callback):
                  params=None, # student parameters recruited (tensors, modules or names); default: those trainable (requires_grad) in each fit
                  match:str='strict', # bank points whose Hessian was taken w.r.t. other parameters: 'strict' refuses, 'intersection' recruits only the common ones
                  eval_mode:bool=True, # probe Hessian and losses in eval mode (deterministic BatchNorm/Dropout); False: the model's modes
+                 mode:str='auto', # Hessian-vector products: 'auto', 'rev' or 'fwd' (see `HessianOperator`)
                 ):
         if match not in ('strict', 'intersection'): raise ValueError(f"match must be 'strict' or 'intersection', got {match!r}")
         if isinstance(bank_or_path, (str, Path)): bank_or_path = SaddleBank.load(bank_or_path)
@@ -318,7 +320,8 @@ class SaddleRecruitCallback(Callback):
         if self._probe is None:
             self._probe = self.probe if self.probe is not None else probe_batches(self.dls.train, self.n_probe, self.seed, bs=self.n_probe)
         if self._op is None:
-            self._op = HessianOperator(self.model, self.learn.loss_func, self._probe, list(self.recruited), eval_mode=self.eval_mode)
+            self._op = HessianOperator(self.model, self.learn.loss_func, self._probe, list(self.recruited), eval_mode=self.eval_mode,
+                                       mode=self.mode)
         return self._op
     def _recruited_names(self) -> tuple:
         "Student parameters moved in this fit; while approaching, checked against the parameters of the bank points' Hessians."
