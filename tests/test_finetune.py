@@ -2,7 +2,7 @@
 on the bundled digits (3 channels, upsampled to 32×32), `fine_tune(1, freeze_epochs=1)`: one frozen epoch (head and
 BatchNorm trainable), unfreeze, one epoch with everything trainable. Kept small (48 images, 3 steps an epoch, probe
 sets of 8 images, a few Hessian-vector products per measurement) so the file runs in about a minute on one thread."""
-import math, random, warnings
+import hashlib, math, random, warnings
 import numpy as np
 import pytest, torch
 from torch import nn
@@ -58,22 +58,25 @@ def names():
 def _finite(*xs): return all(x is not None and math.isfinite(x) for x in xs)
 
 
-# the other observer helper adds a per-row record of the parameter set; these are the keys it may use
-_SET_KEYS = ('params', 'param_names', 'hessian_params')
+def _params_id(names) -> str:
+    "The rows' `params_id` of a parameter set: first 8 hex digits of the SHA-1 of the names."
+    return hashlib.sha1('\n'.join(names).encode()).hexdigest()[:8]
 
 
-def _row_set(row):
-    "The parameter-set record of an observer row: the names (a tuple/list), or None where the row has no such field."
-    for k in _SET_KEYS:
-        if k in row and isinstance(row[k], (tuple, list)): return tuple(row[k])
-    return None
+def _check_set_records(rows, sets, model):
+    "Each row's parameter-set record (`n_params`, `params_id`) names the set it was measured w.r.t."
+    if 'params_id' not in rows[0]: return False  # an observe.py without parameter-set records
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    fct.test_eq([r['n_params'] for r in rows], [sum(sizes[n] for n in s) for s in sets])
+    fct.test_eq([r['params_id'] for r in rows], [_params_id(s) for s in sets])
+    return True
 
 
 @pytest.fixture(scope='module')
 def observed(names):
     "A teacher fine-tuned with both observers and the saddle capture, and the same fine_tune without any callback."
     base = fine_tune(resnet_learner())
-    cbs = [HessianSpectrumCallback(n_probe=N_PROBE, trace=False),  # at the end of each training epoch: one frozen, one not
+    cbs = [HessianSpectrumCallback(n_probe=N_PROBE, trace=False, at_epoch_end=True),  # one frozen epoch, one unfrozen
            SharpnessCallback(every=3),  # steps 0 (frozen) and 3 (unfrozen)
            SaddleCaptureCallback(every=2, n_probe=N_PROBE, max_matvecs=5, criterion='scale_free', tau=0., mode='rev')]  # 2, 4
     obs = fine_tune(resnet_learner(cbs))
@@ -94,9 +97,7 @@ def test_spectrum_under_fine_tune(observed, names):
     for r in hs.history:
         assert _finite(r['lambda_min'], r['lambda_max']) and r['lambda_min'] <= r['lambda_max'], r
         assert r['num_matvecs'] > 0
-    sets = [_row_set(r) for r in hs.history]
-    if sets[0] is not None:  # the rows say which parameters each measurement is w.r.t.
-        fct.test_eq(sets, [names['frozen'], names['all']])
+    _check_set_records(hs.history, [names['frozen'], names['all']], observed[1].model)
 
 
 def test_sharpness_under_fine_tune(observed, names):
@@ -105,17 +106,15 @@ def test_sharpness_under_fine_tune(observed, names):
     for r in sh.history:
         assert _finite(r['grad_corr'], r['dir_sharpness'], r['grad_norm'], r['update_norm']), r
         assert r['update_norm'] > 0 and r['grad_corr'] < 0  # an Adam step goes downhill
-    sets = [_row_set(r) for r in sh.history]
-    if sets[0] is not None: fct.test_eq(sets, [names['frozen'], names['all']])
+    _check_set_records(sh.history, [names['frozen'], names['all']], observed[1].model)
 
 
 def test_capture_follows_the_trainable_set(observed, names):
     cap = observed[1].saddle_capture
     fct.test_eq([r['step'] for r in cap.history], [2, 4])
     fct.test_eq([r['hessian_params'] for r in cap.history], [names['frozen'], names['all']])
-    model = observed[1].model
-    sizes = {n: p.numel() for n, p in model.named_parameters()}
-    fct.test_eq([r['num_params'] for r in cap.history], [sum(sizes[n] for n in r['hessian_params']) for r in cap.history])
+    assert _check_set_records(cap.history, [names['frozen'], names['all']], observed[1].model)
+    sizes = {n: p.numel() for n, p in observed[1].model.named_parameters()}
     for r in cap.history: assert all(math.isfinite(e) for e in r['eigenvalues']) and _finite(r['grad_norm'], r['loss']), r
     # a randomly initialized ResNet has negative curvature: every test banks its point, which records its Hessian's parameters
     fct.test_eq(len(cap.bank), 2)
@@ -166,6 +165,7 @@ def test_recruit_under_fine_tune_and_fp16(observed, names):
     fct.test_eq([r['step'] for r in h], list(range(6)))  # one row per step
     fct.test_eq([r['event'] for r in h[:3]], ['approach', 'approach', 'approach_limit'])
     fct.test_eq([r['recruited'] for r in h], [names['frozen']] * 3 + [names['all']] * 3)  # the set changes at unfreeze
+    fct.test_eq([r['params_id'] for r in h], [_params_id(names['frozen'])] * 3 + [_params_id(names['all'])] * 3)
     assert watch.rows[0], "a frozen parameter was moved in the frozen epoch"
     assert all(_finite(r['loss'], r['grad_norm']) for r in h)
     # after the unfreeze, the perturbation covers all 11.7M parameters, and its check reverts or keeps it

@@ -6,7 +6,7 @@ Docs: https://github.com/fastsprkd/fastsprkd/tree/main/nbs/sprkd.html.md"""
 
 # %% ../../nbs/12_sprkd.ipynb #c1bb01fc
 from __future__ import annotations
-import math, random, warnings
+import hashlib, math, random, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +85,10 @@ def _loss_scale(learn) -> float:
     s = getattr(learn, 'scaler', None)
     return float(s.get_scale()) if s is not None and hasattr(s, 'get_scale') and s.is_enabled() else 1.
 
+def _params_id(names) -> str:
+    "A short stable id of a parameter set (first 8 hex digits of the SHA-1 of the names), as the observer callbacks' `params_id`."
+    return hashlib.sha1('\n'.join(names).encode()).hexdigest()[:8]
+
 @contextmanager
 def _no_autocast(model):
     "Autocast off on the model's device: curvature is computed in the parameters' dtype, never in autocast's fp16/bf16."
@@ -138,6 +142,7 @@ class SaddleCaptureCallback(Callback):
         if self._op is None or self._op.names != names or self._op.model is not self.model:
             self._op = HessianOperator(self.model, self.learn.loss_func, self._probe, names, eval_mode=self.eval_mode, mode=self.mode)
             self._names = tuple(names)  # one shared tuple per parameter set: rows refer to it without copying
+            self._names_id = _params_id(names)
         return self._op
 
     def after_backward(self):
@@ -165,10 +170,11 @@ class SaddleCaptureCallback(Callback):
             self.bank.append(SaddlePoint.from_model(self.model, eigenvalues=ev, loss=loss, grad_norm=gn, step=step, epoch=epoch,
                                                     meta={**self.meta, 'criterion': self.criterion,
                                                           'converged': res.converged.tolist(), 'num_matvecs': res.num_matvecs,
-                                                          'hessian_params': list(self._names), 'dtype': str(op.dtype)}))
+                                                          'hessian_params': list(self._names), 'params_id': self._names_id,
+                                                          'dtype': str(op.dtype)}))
         row = dict(step=step, epoch=epoch, eigenvalues=ev, grad_norm=gn, loss=loss, captured=ok,
                    converged=res.converged.tolist(), num_matvecs=res.num_matvecs,
-                   hessian_params=self._names, num_params=op.num_params)
+                   hessian_params=self._names, n_params=op.num_params, params_id=self._names_id)
         self.history.append(row)
         return row
 
@@ -311,6 +317,7 @@ class SaddleRecruitCallback(Callback):
             target = crop_params(self.bank.target(self.generosity), self.model)
             self._target = {n: target[n].to(device=p.device, dtype=p.dtype) for n, p in self.model.named_parameters()}
         self.recruited = self._recruited_names()
+        self._recruited_id = _params_id(self.recruited)
         self._op = None  # built when first needed in each fit, on the model's device at that time
 
     def after_fit(self): self._op = None
@@ -375,7 +382,8 @@ class SaddleRecruitCallback(Callback):
         self.n_steps += 1
         gn = _grad_norm(self._params())
         row = dict(step=t, epoch=self.epoch, phase=self.phase, event='step', grad_norm=gn, loss=float(self.learn.loss.detach()),
-                   distance=None, eigenvalue=None, alpha=None, probe_loss=None, probe_loss_after=None, recruited=self.recruited)
+                   distance=None, eigenvalue=None, alpha=None, probe_loss=None, probe_loss_after=None, recruited=self.recruited,
+                   params_id=self._recruited_id)
         self.history.append(row)
         with _no_autocast(self.model): cancel = getattr(self, f"_{self.phase}")(t, gn, row)
         row['phase'] = self.phase
