@@ -316,8 +316,7 @@ class SaddleRecruitCallback(Callback):
             self.bank.check_compatible(self.model)
             target = crop_params(self.bank.target(self.generosity), self.model)
             self._target = {n: target[n].to(device=p.device, dtype=p.dtype) for n, p in self.model.named_parameters()}
-        self.recruited = self._recruited_names()
-        self._recruited_id = _params_id(self.recruited)
+        self._refresh()
         self._op = None  # built when first needed in each fit, on the model's device at that time
 
     def after_fit(self): self._op = None
@@ -330,9 +329,15 @@ class SaddleRecruitCallback(Callback):
             self._op = HessianOperator(self.model, self.learn.loss_func, self._probe, list(self.recruited), eval_mode=self.eval_mode,
                                        mode=self.mode)
         return self._op
+    def _trainable(self) -> tuple: return tuple(_select_params(self.model, self.params))
+    def _refresh(self):
+        "Recompute the recruited parameters (and drop the operator) for the current trainable set."
+        self._trainable_now = self._trainable()
+        self.recruited = self._recruited_names()
+        self._recruited_id, self._op = _params_id(self.recruited), None
     def _recruited_names(self) -> tuple:
         "Student parameters moved in this fit; while approaching, checked against the parameters of the bank points' Hessians."
-        names = _select_params(self.model, self.params)
+        names = self._trainable_now
         if self.phase != 'approach': return tuple(names)  # the bank is used only to approach
         sets = [(p, p.meta.get('hessian_params', list(p.params))) for p in self.bank.select(self.generosity)]
         if self.match == 'intersection':
@@ -360,7 +365,7 @@ class SaddleRecruitCallback(Callback):
         return None if self._target is None else {n: self._target[n] for n in (self.recruited or self._target)}
     def _params(self):
         ps = dict(self.model.named_parameters())
-        return [ps[n] for n in self.recruited]
+        return [ps[n] for n in (self.recruited or ps)]
     def _goto(self, phase, step):
         if phase == self.phase: return
         if phase not in _TRANSITIONS[self.phase]: raise RuntimeError(f"invalid SPRKD transition {self.phase} → {phase}")
@@ -373,13 +378,14 @@ class SaddleRecruitCallback(Callback):
     def distance(self) -> float:
         "Largest absolute difference between a parameter entry and its target (L∞ over all tensors)."
         ps = dict(self.model.named_parameters())
-        d = [(ps[n].detach() - self._target[n]).abs().max().float() for n in self.recruited if ps[n].numel()]
+        d = [(ps[n].detach() - self._target[n]).abs().max().float() for n in (self.recruited or self._target) if ps[n].numel()]
         return float(torch.stack(d).max()) if d else 0.
 
     # ---- the state machine
     def before_step(self):
         t = self.n_steps
         self.n_steps += 1
+        if self._trainable() != self._trainable_now: self._refresh()  # unfrozen (or frozen) inside the fit
         gn = _grad_norm(self._params())
         row = dict(step=t, epoch=self.epoch, phase=self.phase, event='step', grad_norm=gn, loss=float(self.learn.loss.detach()),
                    distance=None, eigenvalue=None, alpha=None, probe_loss=None, probe_loss_after=None, recruited=self.recruited,
