@@ -376,7 +376,7 @@ class SaddleRecruitCallback(Callback):
     def _probe_loss(self) -> float:
         return float(self._operator().loss())
     def distance(self) -> float:
-        "Largest absolute difference between a parameter entry and its target (L∞ over all tensors)."
+        "Largest absolute difference between a recruited parameter entry and its target (L∞ over the recruited tensors)."
         ps = dict(self.model.named_parameters())
         d = [(ps[n].detach() - self._target[n]).abs().max().float() for n in (self.recruited or self._target) if ps[n].numel()]
         return float(torch.stack(d).max()) if d else 0.
