@@ -34,13 +34,26 @@ from ..core import preserved_rng as _rng_preserved
 from ..core import _plain
 
 # %% ../../nbs/12_sprkd.ipynb #84d323b6
+@contextmanager
+def _validation_tfms(dl):
+    "`dl`'s item and batch pipelines (and its dataset's) at split_idx 1, as for validation: no training-only augmentation."
+    old = {}
+    for nm in ('after_item', 'before_batch', 'after_batch'):
+        f = getattr(dl, nm, None)
+        if hasattr(f, 'split_idx'): old[nm], f.split_idx = f.split_idx, 1
+    ds = dl.dataset
+    try:
+        with (ds.set_split_idx(1) if hasattr(ds, 'set_split_idx') else contextmanager(lambda: (yield))()): yield
+    finally:
+        for nm, v in old.items(): getattr(dl, nm).split_idx = v
+
 def probe_batches(dl, # a fastai `DataLoader` (e.g. `dls.train`) over an indexed dataset
                   n:int=256, # number of items (all of them if the dataset is smaller)
                   seed:int=0, # seed of the subset
                   bs:int|None=None, # items per batch (default: the loader's batch size)
                   device=None, # device of the batches (default: the loader's)
                  ) -> list:
-    "A fixed seeded subset of `n` items of `dl`'s dataset as a list of `(x, y)` batches, with `dl`'s transforms."
+    "A fixed seeded subset of `n` items of `dl`'s dataset as a list of `(x, y)` batches, with `dl`'s validation-time transforms."
     if not hasattr(dl, 'do_item') or not hasattr(dl, 'dataset'):
         raise TypeError(f"expected a fastai DataLoader, got {type(dl).__name__}; pass your own probe batches instead")
     N = len(dl.dataset)
@@ -49,7 +62,7 @@ def probe_batches(dl, # a fastai `DataLoader` (e.g. `dls.train`) over an indexed
     bs = bs or dl.bs or len(idxs)
     device = device if device is not None else dl.device
     out = []
-    with _rng_preserved():
+    with _rng_preserved(), _validation_tfms(dl):
         items = [it for it in (dl.do_item(i) for i in idxs) if it is not None]
         for s in range(0, len(items), bs):
             b = dl.do_batch(items[s:s+bs])
