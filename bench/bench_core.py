@@ -1,13 +1,16 @@
 """Benchmarks of the Hessian core (issue 3), each next to a peer measured in the same run.
 
-    .venv/bin/python bench/bench_core.py [hvp|matmat|eigsh|dense|all]
+    .venv/bin/python bench/bench_core.py [hvp|matmat|memory|eigsh|dense|all]
 
 hvp:    HVP / gradient time on one batch, both modes (cached graph and not), vs plain torch.func and PyHessian.
 matmat: matmat with K=16 vs 16 matvec calls, over 4 batches (no graph cache).
-eigsh:  top-5 eigenvalues, eigsh vs PyHessian's hessian.eigenvalues(top_n=5) at its defaults.
-dense:  dense Hessian of the seed CNN over 1,500 images vs the original per-entry loop (timed on a subset of rows, scaled).
+memory: peak memory of one HVP vs one gradient, and of matmat K=16 under memory budgets (fresh subprocesses, Linux
+        VmHWM after resetting it through /proc/self/clear_refs: the resident-set growth the call causes).
+eigsh:  top-5 eigenvalues, eigsh vs PyHessian's hessian.eigenvalues(top_n=5) at its defaults (`eigsh [tol]`, default 1e-3).
+dense:  dense Hessian of the seed CNN over 1,500 images vs the original per-entry loop (timed on a subset of rows, scaled)
+        and vs the previous column-by-column products (timed on a subset of columns, scaled).
 """
-import sys, time
+import sys, time, json, os, re, subprocess, statistics
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp
@@ -80,19 +83,32 @@ def bench_matmat(K=16):
     return rows
 
 
-def bench_eigsh(k=5):
+def bench_eigsh(k=5, tol=1e-3):
+    import copy, importlib
+    from pyhessian import hessian
+    PH = importlib.import_module('pyhessian.hessian')
     rows = []
     for name, model, x, y, lf in bench_models():
         model.eval()
-        op = HessianOperator(model, lf, (x, y))
-        ref = eigsh(op, k=k, which='LA', tol=1e-8, max_matvecs=400).eigenvalues
-        op2 = HessianOperator(model, lf, (x, y))
-        t0 = time.perf_counter(); r = eigsh(op2, k=k, which='LA', tol=1e-4); t_ours = time.perf_counter() - t0
-        err_ours = ((r.eigenvalues - ref).abs() / ref.abs()).max().item()
-        from pyhessian import hessian
+        # float64 reference from an independent start vector, converged far below the compared tolerance
+        m64 = copy.deepcopy(model).double()
+        op64 = HessianOperator(m64, lf, (x.double(), y))
+        ref = eigsh(op64, k=k, which='LA', tol=1e-10, seed=123, max_matvecs=2000).eigenvalues
+        rel = lambda vals: ((vals.double() - ref).abs() / ref.abs()).max().item()
+        row = dict(model=name)
+        for verify in (True, False):
+            op = HessianOperator(model, lf, (x, y))
+            op.matvec(torch.randn(op.num_params))  # 'auto' picks its mode on this first product: not counted
+            before = op.num_matvecs
+            t0 = time.perf_counter(); r = eigsh(op, k=k, which='LA', tol=tol, verify=verify); t = time.perf_counter() - t0
+            r64 = eigsh(op64, k=k, which='LA', tol=tol, verify=verify)
+            tag = 'eigsh' if verify else 'eigsh verify=False'
+            row.update({f'{tag} HVPs': op.num_matvecs - before, f'{tag} s': f"{t:.2f}",
+                        f'{tag} max rel err f32 / f64': f"{rel(r.eigenvalues):.1e} / {rel(r64.eigenvalues):.1e}"})
+            if verify: t_ours, n_ours = t, op.num_matvecs - before
+            else: n_nover = op.num_matvecs - before
         h = hessian(model, lf, data=(x, y), cuda=False)
         calls = [0]
-        import importlib; PH = importlib.import_module('pyhessian.hessian')
         orig = PH.hessian_vector_product
         def counted(*a, **kw): calls[0] += 1; return orig(*a, **kw)
         PH.hessian_vector_product = counted
@@ -100,21 +116,29 @@ def bench_eigsh(k=5):
             torch.manual_seed(0)
             t0 = time.perf_counter(); vals, _ = h.eigenvalues(top_n=k); t_ph = time.perf_counter() - t0
         finally: PH.hessian_vector_product = orig
-        vals = torch.tensor(sorted(vals), dtype=ref.dtype)
-        err_ph = ((vals - ref).abs() / ref.abs()).max().item()
-        row = dict(model=name, **{'eigsh HVPs': r.num_matvecs, 'eigsh s': f"{t_ours:.2f}", 'eigsh max rel err': f"{err_ours:.1e}",
-                                  'PyHessian HVPs': calls[0], 'PyHessian s': f"{t_ph:.2f}", 'PyHessian max rel err': f"{err_ph:.1e}",
-                                  'HVP ratio': f"{r.num_matvecs/calls[0]:.2f}", 'time ratio': f"{t_ph/t_ours:.2f}x"})
+        row.update({'PyHessian HVPs': calls[0], 'PyHessian s': f"{t_ph:.2f}",
+                    'PyHessian max rel err': f"{rel(torch.tensor(sorted(vals))):.1e}",
+                    'HVP ratio (verify / not)': f"{n_ours/calls[0]:.2f} / {n_nover/calls[0]:.2f}",
+                    'time ratio PyHessian/eigsh': f"{t_ph/t_ours:.2f}x"})
         rows.append(row); print(row, flush=True)
     print(table(rows, list(rows[0])))
     return rows
 
 
-def bench_dense(rows_timed=40):
+def bench_dense(rows_timed=20, cols_timed=72, repeat=3):
     name, model, x, y, lf = bench_models()[0]
     model.eval()
     op = HessianOperator(model, lf, (x, y))
-    t0 = time.perf_counter(); H = op.to_dense(); t_ours = time.perf_counter() - t0
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter(); H = op.to_dense(); ts.append(time.perf_counter() - t0)
+    t_ours = statistics.median(ts)
+    # the previous method: products with the basis vectors (vmap'd forward-over-reverse over the whole network)
+    E = torch.eye(op.num_params)[:, :cols_timed]
+    op_cols = HessianOperator(model, lf, (x, y), mode='fwd')
+    op_cols.matmat(E[:, :2])  # warm-up (first-call costs), not timed
+    t0 = time.perf_counter(); C = op_cols.matmat(E); t_cols = (time.perf_counter() - t0) / cols_timed * op.num_params
+    err_cols = ((C - H[:, :cols_timed]).abs().max() / H.abs().max()).item()
     # the original notebook: gradient with create_graph, then one backward per entry of the gradient
     ps = list(model.parameters())
     t0 = time.perf_counter()
@@ -125,16 +149,94 @@ def bench_dense(rows_timed=40):
         rows.append(torch.cat([t.reshape(-1) for t in gi]))
     t_loop = (time.perf_counter() - t0) / rows_timed * op.num_params
     err = (torch.stack(rows) - H[:rows_timed]).abs().max().item() / H.abs().max().item()
-    r = dict(model=name, **{'to_dense (s)': f"{t_ours:.1f}", 'mode': op._auto.get(True),
+    r = dict(model=name, **{f'to_dense (s, median of {repeat})': f"{t_ours:.2f}",
                             f'per-entry loop (s, {rows_timed} rows timed, scaled to {op.num_params})': f"{t_loop:.1f}",
-                            'speedup': f"{t_loop/t_ours:.1f}x", 'max rel diff': f"{err:.1e}"})
+                            'speedup vs loop': f"{t_loop/t_ours:.0f}x",
+                            f'column products (s, {cols_timed} cols timed, scaled)': f"{t_cols:.1f}",
+                            'speedup vs columns': f"{t_cols/t_ours:.1f}x",
+                            'max rel diff (loop rows, columns)': f"{err:.1e}, {err_cols:.1e}"})
     print(r); print(table([r], list(r)))
     return [r]
 
 
+def _mem_kb():
+    st = open('/proc/self/status').read()
+    return {k: int(re.search(k + r':\s+(\d+)', st).group(1)) for k in ('VmRSS', 'VmHWM')}
+
+def _mem_child(model_idx, what, budget=None):
+    """Run in a fresh process: set up, run `what` once on 8 samples (loads lazily imported code and one-time state, which
+    are not the call's memory), reset the peak RSS, run `what` once on the data, print the peak growth in MiB."""
+    name, model, x, y, lf = bench_models()[int(model_idx)]
+    model.eval()
+    _mem_setup(model, lf, x[:8], y[:8], what, budget)[0]()
+    fn, what = _mem_setup(model, lf, x, y, what, budget)
+    open('/proc/self/clear_refs', 'w').write('5')
+    before = _mem_kb()['VmRSS']
+    out = fn()
+    peak = _mem_kb()['VmHWM']
+    chunk = max(1, min(16, int(budget) // fn.op._per_vec_bytes)) if what == 'matmat' else None
+    print(json.dumps(dict(what=what, peak_mib=(peak - before) / 1024, chunk=chunk)))
+
+def _mem_setup(model, lf, x, y, what, budget):
+    if what == 'grad':
+        ps = list(model.parameters())
+        fn = lambda: torch.autograd.grad(lf(model(x), y), ps)
+    elif what in ('hvp_fwd', 'hvp_rev'):
+        op = HessianOperator(model, lf, (x, y), mode=what[4:], cache_graph=False)
+        v = torch.randn(op.num_params)
+        fn = lambda: op.matvec(v)
+    elif what == 'pyhessian_hvp':
+        from pyhessian.utils import hessian_vector_product
+        ps = list(model.parameters())
+        v = [torch.randn_like(p) for p in ps]
+        def fn():
+            gs = torch.autograd.grad(lf(model(x), y), ps, create_graph=True)
+            return hessian_vector_product(gs, ps, v)
+    else:  # matmat with K=16 under a memory budget (or one matvec: 'matvec'), over 4 batches
+        batches = [(xb, yb) for xb, yb in zip(x.chunk(4), y.chunk(4))]
+        op = HessianOperator(model, lf, batches, mode='fwd', memory_budget=int(budget or 2**30))
+        V = torch.randn(op.num_params, 16)
+        fn = (lambda: op.matmat(V)) if what == 'matmat' else (lambda: op.matvec(V[:, 0]))
+        fn.op = op
+    return fn, what
+
+def _mem(model_idx, what, budget=None, repeat=1):
+    "Median over `repeat` fresh processes."
+    vals = []
+    for _ in range(repeat):
+        cmd = [sys.executable, __file__, '_mem', str(model_idx), what] + ([str(budget)] if budget else [])
+        out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        vals.append(out['peak_mib'])
+    return (statistics.median(vals), out['chunk']) if what == 'matmat' else statistics.median(vals)
+
+def bench_memory():
+    rows = []
+    for i, (name, model, x, y, lf) in enumerate(bench_models()):
+        g = _mem(i, 'grad')
+        r = dict(model=name, **{'grad MiB': f"{g:.1f}"})
+        for what in ('hvp_fwd', 'hvp_rev', 'pyhessian_hvp'):
+            m = _mem(i, what)
+            r[f'{what} MiB (ratio)'] = f"{m:.1f} ({m/g:.2f}x)"
+        rows.append(r); print(r, flush=True)
+    print(table(rows, list(rows[0])))
+    rows2 = []
+    name = bench_models()[0][0]
+    base = _mem(0, 'matvec')
+    for budget in (2**24, 2**26, 2**28):
+        m, chunk = _mem(0, 'matmat', budget)
+        r = dict(model=name + ', 4 batches', **{'memory_budget MiB': f"{budget / 2**20:.0f}", 'vectors per chunk': chunk,
+                                'one matvec peak MiB': f"{base:.1f}", 'matmat K=16 peak MiB': f"{m:.1f}",
+                                'matmat − matvec MiB': f"{m - base:.1f}", 'within budget': 'yes' if m - base <= budget / 2**20 else 'no'})
+        rows2.append(r); print(r, flush=True)
+    print(table(rows2, list(rows2[0])))
+    return rows + rows2
+
+
 if __name__ == '__main__':
     which = sys.argv[1] if len(sys.argv) > 1 else 'all'
+    if which == '_mem': _mem_child(*sys.argv[2:]); sys.exit()
     print(machine())
-    fns = dict(hvp=bench_hvp, matmat=bench_matmat, eigsh=bench_eigsh, dense=bench_dense)
+    fns = dict(hvp=bench_hvp, matmat=bench_matmat, memory=bench_memory, dense=bench_dense,
+               eigsh=lambda: bench_eigsh(tol=float(sys.argv[2]) if len(sys.argv) > 2 else 1e-3))
     for k, fn in fns.items():
         if which in (k, 'all'): print(f"results in {save(k, fn())}")

@@ -3,7 +3,8 @@ import subprocess, sys, os
 
 here = os.path.dirname(os.path.abspath(__file__))
 scripts = [['bench_core.py', 'hvp'], ['bench_core.py', 'matmat'], ['bench_core.py', 'eigsh'], ['bench_core.py', 'dense'],
-           ['bench_estimators.py', 'all'], ['bench_callbacks.py', 'all', '5'], ['bench_sprkd.py', '--repeat', '3']]
+           ['bench_estimators.py', 'all'], ['bench_callbacks.py', 'all', '5'], ['bench_sprkd.py', '--repeat', '3'],
+           ['bench_resnet.py', 'all']]
 rc = 0
 for s in scripts:
     print(f"\n=== {' '.join(s)}", flush=True)

@@ -86,6 +86,106 @@ def _wanted(theta, k, which):
     return list(range(lo)) + list(range(m - (k - lo), m))
 
 # %% ../nbs/03_eigen.ipynb #3452a31c
+def _groups(which, k):
+    "The ends a selection draws from, as (sign, count): the score of λ is sign·λ, or |λ| when sign is 0 ('LM')."
+    if which == 'LA': return [(1, k)]
+    if which == 'SA': return [(-1, k)]
+    if which == 'LM': return [(0, k)]
+    return [g for g in ((-1, k // 2), (1, k - k // 2)) if g[1] > 0]
+
+def _score(vals, sign): return vals.abs() if sign == 0 else sign * vals
+
+def _candidates(found, theta, which, margin):
+    "Indices of Ritz values `theta` more wanted, by more than `margin`, than the least wanted of the `found` eigenvalues of their end."
+    groups, lo, out = _groups(which, found.shape[0]), 0, []
+    for sign, c in groups:
+        fg = found[lo:lo + c] if len(groups) > 1 else found
+        lo += c
+        s = _score(theta, sign)
+        better = [int(i) for i in torch.argsort(s, descending=True) if s[i] > _score(fg, sign).min() + margin and int(i) not in out]
+        out += better[:c]
+    return sorted(out)
+
+def _frontier(theta, which, k):
+    "Indices of the most wanted Ritz value of each end (both extremes for 'LM', whose largest magnitude may sit at either)."
+    m = theta.shape[0]
+    ends = {'LA': [m - 1], 'SA': [0], 'LM': [0, m - 1]}.get(which, [0, m - 1] if k // 2 else [m - 1])
+    return sorted(set(ends))
+
+# %% ../nbs/03_eigen.ipynb #9b1e7d3c
+@dataclass
+class _Run:
+    theta:Tensor # Ritz values returned (ascending)
+    vectors:Tensor # their Ritz vectors
+    residuals:Tensor # their residual norms ‖A y − θ y‖
+    done:bool # stopping rule met (False: the budget ran out)
+    full:bool # the basis spanned the whole space left to it: the Ritz pairs are exact
+    anorm:Tensor # estimate of ‖A‖ (largest |Ritz value| seen)
+
+def _thick_restart_lanczos(op, k, which, tol, ncv, budget, q0, X, anorm, gen, tick=None, found=None):
+    """Thick-restart Lanczos with full reorthogonalization on the orthogonal complement of the orthonormal columns of `X`.
+    Without `found`: the k wanted Ritz pairs, stopping as soon as they converge (checked after every product).
+    With `found` (the eigenvalues of `X`): a check for missed eigenvalues — the Ritz pairs more wanted than some found
+    eigenvalue, stopping once they and the most wanted Ritz pair of each end have converged."""
+    n, L = op.num_params, X.shape[1]
+    m = min(ncv, n - L)
+    kk = min(k, m)
+    dtype, device = op.dtype, op.device
+    tiny = torch.finfo(dtype).tiny
+    Q = torch.zeros(n, L + m + 1, dtype=dtype, device=device)
+    Q[:, :L] = X
+    H = torch.zeros(m, m, dtype=dtype, device=device)
+    C = torch.zeros(L, m, dtype=dtype, device=device)  # Xᵀ A Q: the coupling to the locked vectors
+    q0, _ = _orthogonalize(q0, X)
+    Q[:, L] = q0 / q0.norm().clamp_min(tiny)
+    j, used, state = 0, 0, None
+    while True:
+        for i in range(j, m):
+            if used >= budget: break
+            w = op.matvec(Q[:, L + i]); used += 1
+            w, h = _orthogonalize(w, Q[:, :L + i + 1])
+            C[:, i] = h[:L]; H[:i+1, i] = h[L:]; H[i, :i+1] = h[L:]
+            beta = w.norm()
+            # Ritz pairs of the basis so far: A Q = Q H + w e_iᵀ (+ X C, the part of A Q along the locked vectors)
+            theta, S = torch.linalg.eigh(H[:i+1, :i+1])
+            res = ((beta * S[i, :]) ** 2 + (C[:, :i+1] @ S).pow(2).sum(0)).sqrt()
+            anorm = torch.maximum(anorm, theta.abs().max())
+            conv = res <= tol * anorm
+            full = L + i + 1 == n
+            if found is None:
+                sel = _wanted(theta, min(kk, i + 1), which)
+                done = i + 1 >= kk and bool(conv[sel].all())
+            else:
+                sel = _candidates(found, theta, which, tol * anorm)
+                done = bool(conv[sorted(set(sel) | set(_frontier(theta, which, found.shape[0])))].all())
+            state = (i, theta, S, res, sel, done or full)
+            if tick is not None: tick()
+            if done or full: break
+            if beta <= 1e-12 * H[:i+1, :i+1].abs().max().clamp_min(tiny):
+                # invariant subspace found: go on with a fresh random vector orthogonal to the basis
+                w = torch.randn(n, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+                w, _ = _orthogonalize(w, Q[:, :L + i + 1])
+                beta = w.norm()
+            Q[:, L + i + 1] = w / beta.clamp_min(tiny)
+        else:
+            if used < budget:
+                # thick restart: keep the wanted Ritz vectors and as many more near them; the residual vector goes on
+                i, theta, S, res = state[:4]
+                p = min(m - 1, max(kk + (m - kk) // 2, kk + 1))
+                keep = _restart_set(theta, _wanted(theta, kk, which), p, which)
+                Q[:, L:L + p] = Q[:, L:L + m] @ S[:, keep]
+                Q[:, L + p] = Q[:, L + m]
+                Q[:, L + p + 1:] = 0
+                C[:, :p] = C @ S[:, keep]; C[:, p:] = 0
+                H.zero_()
+                H[:p, :p] = torch.diag(theta[keep])  # row/column p (the arrowhead) come from projecting A q_p
+                j = p
+                continue
+        break
+    i, theta, S, res, sel, ok = state
+    return _Run(theta[sel], Q[:, L:L + i + 1] @ S[:, sel], res[sel], ok, L + i + 1 == n, anorm), used
+
+# %% ../nbs/03_eigen.ipynb #5c0e8a21
 def eigsh(op, # a symmetric linear operator (e.g. `HessianOperator`) or a dense symmetric tensor
           k:int=1, # number of eigenpairs
           which:str='LA', # 'LA' largest, 'SA' smallest, 'LM' largest magnitude, 'BE' both ends
@@ -95,6 +195,7 @@ def eigsh(op, # a symmetric linear operator (e.g. `HessianOperator`) or a dense 
           ncv:int|None=None, # Krylov basis size before a restart (default: max(2k+1, k+16), at most n)
           seed:int=0, # seed of the random start vector
           v0:Tensor|None=None, # start vector instead of a random one
+          verify:bool|None=None, # check from fresh random vectors that no wanted eigenvalue was missed (None: when an end asks for ≥ 2 pairs)
           progress:bool=False, # show a fastprogress bar of the products used
          ) -> EigResult:
     "k eigenpairs of a symmetric operator by thick-restart Lanczos with full reorthogonalization."
@@ -105,53 +206,51 @@ def eigsh(op, # a symmetric linear operator (e.g. `HessianOperator`) or a dense 
     ncv = min(n, ncv or max(2 * k + 1, k + 16))
     if ncv <= k and ncv < n: raise ValueError(f"ncv={ncv} must exceed k={k}")
     max_matvecs = max_matvecs or max(20 * ncv, 200, n)
+    if max_matvecs < 1: raise ValueError(f"max_matvecs must be ≥ 1, got {max_matvecs}")
     dtype, device = op.dtype, op.device
     start = op.num_matvecs
-    Q = torch.zeros(n, ncv + 1, dtype=dtype, device=device)
-    H = torch.zeros(ncv, ncv, dtype=dtype, device=device)
-    Q[:, 0] = _start_vector(n, dtype, device, seed, v0)
-    j, used, gen = 0, 0, torch.Generator().manual_seed(seed + 1)
+    gen = torch.Generator().manual_seed(seed + 1)
     bar = progress_bar(range(max_matvecs), leave=False) if progress else None
     if bar is not None: bar.update(0)
-    while True:
-        # extend the factorization A Q[:, :ncv] = Q[:, :ncv] H + r e_ncvᵀ
-        beta = Q.new_zeros(())
-        for i in range(j, ncv):
-            w = op.matvec(Q[:, i]); used += 1
-            w, h = _orthogonalize(w, Q[:, :i+1])
-            H[:i+1, i] = h; H[i, :i+1] = h
-            beta = w.norm()
-            scale = H[:i+1, :i+1].abs().max().clamp_min(torch.finfo(dtype).tiny)
-            if beta <= 1e-12 * scale and i + 1 < ncv:
-                # invariant subspace found: continue with a fresh random vector orthogonal to the basis
-                w = torch.randn(n, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-                w, _ = _orthogonalize(w, Q[:, :i+1])
-                Q[:, i+1] = w / w.norm()
-                beta = Q.new_zeros(())
-                continue
-            Q[:, i+1] = w / beta.clamp_min(torch.finfo(dtype).tiny)
-        if bar is not None: bar.update(min(used, max_matvecs))
-        theta, S = torch.linalg.eigh(H)
-        res = (beta * S[-1, :]).abs()
-        anorm = theta.abs().max().clamp_min(torch.finfo(dtype).tiny)
-        idx = _wanted(theta, k, which)
-        conv = res[idx] <= tol * anorm
-        if bool(conv.all()) or used >= max_matvecs or ncv == n:
-            break
-        # thick restart: keep the wanted Ritz vectors and as many more near them
-        p = min(ncv - 1, max(k + (ncv - k) // 2, k + 1))
-        keep = _restart_set(theta, idx, p, which)
-        Y = Q[:, :ncv] @ S[:, keep]
-        Q[:, :p] = Y
-        Q[:, p] = Q[:, ncv]
-        Q[:, p+1:] = 0
-        H.zero_()
-        H[:p, :p] = torch.diag(theta[keep])  # row/column p (the arrowhead) come from projecting A q_p
-        j = p
-    vals, vecs = theta[idx], Q[:, :ncv] @ S[:, idx]
-    res_true = res[idx]
+    tick = (lambda: bar.update(min(op.num_matvecs - start, max_matvecs))) if bar is not None else None
+    anorm = torch.zeros((), dtype=dtype, device=device)
+    r, used = _thick_restart_lanczos(op, k, which, tol, ncv, max_matvecs, _start_vector(n, dtype, device, seed, v0),
+                                     torch.zeros(n, 0, dtype=dtype, device=device), anorm, gen, tick)
+    vals, vecs, res, anorm = r.theta, r.vectors, r.residuals, r.anorm
+    if verify is None: verify = max(c for _, c in _groups(which, k)) >= 2
+    if verify and r.done and not r.full:
+        # one Krylov space holds one direction of each eigenspace: a repeated eigenvalue's other copies (and any
+        # eigenvector the start vector missed) are found from fresh random vectors in the complement of the found ones
+        for _ in range(2 * k + 2):
+            if used >= max_matvecs or vecs.shape[1] >= n: break
+            q0 = torch.randn(n, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+            c, u = _thick_restart_lanczos(op, k, which, tol, ncv, max_matvecs - used, q0, vecs, anorm, gen, tick, found=vals)
+            used += u
+            anorm = c.anorm
+            if not c.theta.shape[0]: break  # nothing missed
+            vals, vecs, res = _merge(vals, vecs, res, c, which)
+            if not c.done: break  # budget spent
+    order = torch.argsort(vals)
+    vals, vecs, res = vals[order], vecs[:, order], res[order]
     if bar is not None: bar.on_iter_end()
-    return EigResult(vals, vecs, res_true, conv, op.num_matvecs - start)
+    return EigResult(vals, vecs, res, res <= tol * anorm, op.num_matvecs - start)
+
+# %% ../nbs/03_eigen.ipynb #7d4f1a62
+def _merge(vals, vecs, res, c, which):
+    "The k most wanted of the found pairs and the newly found ones `c` (orthogonal to them), per end."
+    k = vals.shape[0]
+    order = torch.argsort(vals)
+    vals, vecs, res = vals[order], vecs[:, order], res[order]
+    allv, allV, allr = torch.cat([vals, c.theta]), torch.cat([vecs, c.vectors], 1), torch.cat([res, c.residuals])
+    groups, lo, pick = _groups(which, k), 0, []
+    for sign, cnt in groups:
+        own = list(range(lo, lo + cnt)) if len(groups) > 1 else list(range(k))
+        lo += cnt
+        pool = own + [k + i for i in range(c.theta.shape[0]) if k + i not in pick]
+        s = _score(allv[pool], sign)
+        pick += [pool[int(i)] for i in torch.argsort(s, descending=True, stable=True)[:cnt]]
+    pick = [pick[int(i)] for i in torch.argsort(allv[pick])]
+    return allv[pick], allV[:, pick], allr[pick]
 
 # %% ../nbs/03_eigen.ipynb #3abdec19
 def _restart_set(theta, idx, p, which):

@@ -101,22 +101,17 @@ def test_eigsh_tolerance_is_honoured(random_sym, tol):
     r = eigsh(A, 3, 'LA', tol=tol)
     check_eigsh(A, r, ev, 3, 'LA', tol=tol, val_tol=max(1e-8, tol))
 
-# Single-vector Lanczos only sees one direction of each eigenspace (plus rounding noise): without a check for missed
-# copies (e.g. a deflated restart from a fresh random vector once converged, or a block start) it returns a repeated
-# eigenvalue once and reports the next distinct ones as converged. Bug in eigsh (fastsprkd/eigen.py) found by these tests.
-MISSES_COPIES = pytest.mark.xfail(strict=True, reason="eigsh misses copies of a repeated eigenvalue (single-vector Lanczos)")
-
 @pytest.mark.parametrize('which,k,evals,expect', [
     # top eigenvalue 5 three times: 'LA' k=3 must return all three copies
-    pytest.param('LA', 3, [5., 5., 5., 4., 3.] + torch.linspace(-2, 2, 55).tolist(), [5., 5., 5.], marks=MISSES_COPIES),
-    pytest.param('LA', 5, [5., 5., 5., 4., 3.] + torch.linspace(-2, 2, 55).tolist(), [3., 4., 5., 5., 5.], marks=MISSES_COPIES),
-    pytest.param('LM', 3, [5., 5., 5., 4., 3.] + torch.linspace(-2, 2, 55).tolist(), [5., 5., 5.], marks=MISSES_COPIES),
+    ('LA', 3, [5., 5., 5., 4., 3.] + torch.linspace(-2, 2, 55).tolist(), [5., 5., 5.]),
+    ('LA', 5, [5., 5., 5., 4., 3.] + torch.linspace(-2, 2, 55).tolist(), [3., 4., 5., 5., 5.]),
+    ('LM', 3, [5., 5., 5., 4., 3.] + torch.linspace(-2, 2, 55).tolist(), [5., 5., 5.]),
     # a doubly repeated negative end and a doubly repeated positive end
     ('SA', 2, [-7., -7.] + torch.linspace(-1, 1, 40).tolist() + [6., 6.], [-7., -7.]),
     ('BE', 4, [-7., -7.] + torch.linspace(-1, 1, 40).tolist() + [6., 6.], [-7., -7., 6., 6.]),
     ('LM', 4, [-7., -7.] + torch.linspace(-1, 1, 40).tolist() + [6., 6.], [-7., -7., 6., 6.]),
     # a fully degenerate cluster at the bottom
-    pytest.param('SA', 4, [-3.] * 6 + torch.linspace(0, 2, 30).tolist(), [-3.] * 4, marks=MISSES_COPIES),
+    ('SA', 4, [-3.] * 6 + torch.linspace(0, 2, 30).tolist(), [-3.] * 4),
 ])
 def test_eigsh_repeated_eigenvalues(which, k, evals, expect):
     A = sym(evals, seed=2)
@@ -125,6 +120,36 @@ def test_eigsh_repeated_eigenvalues(which, k, evals, expect):
     assert (wanted(ev, k, which) - close_expect).abs().max() < 1e-12
     r = eigsh(A, k, which)
     check_eigsh(A, r, ev, k, which, tol=1e-6)
+
+def test_eigsh_repeated_missed_without_verify():
+    "The check is what finds the copies: without it, single-vector Lanczos reports the next distinct eigenvalues."
+    A = sym([5., 5., 5., 4., 3.] + torch.linspace(-2, 2, 55).tolist(), seed=2)
+    r = eigsh(A, 3, 'LA', verify=False)
+    assert torch.allclose(r.eigenvalues, torch.tensor([3., 4., 5.], dtype=F64), atol=1e-9)
+    assert bool(r.converged.all())            # each pair is a true eigenpair, just not the wanted ones
+
+def test_eigsh_stops_inside_a_cycle(random_sym):
+    "Convergence is checked after every product: an eigenvector as warm start converges after one product."
+    A, ev = random_sym
+    V = torch.linalg.eigh(A).eigenvectors
+    r = eigsh(A, 1, 'LA', v0=V[:, -1], verify=False)
+    fct.test_eq(r.num_matvecs, 1)
+    check_eigsh(A, r, ev, 1, 'LA', tol=1e-6)
+    fct.test_eq(eigsh(A, 1, 'LA', v0=V[:, -1]).num_matvecs, 1)   # one pair per end: no check by default
+    # with the check, more products confirm nothing larger was missed
+    r2 = eigsh(A, 1, 'LA', v0=V[:, -1], verify=True)
+    check_eigsh(A, r2, ev, 1, 'LA', tol=1e-6)
+    assert 1 < r2.num_matvecs
+    # a warm start that *is* the second eigenvector converges to it; the check finds the top one
+    assert eigsh(A, 1, 'LA', v0=V[:, -2]).eigenvalues[0] == pytest.approx(float(ev[-2]), rel=1e-8)
+    r3 = eigsh(A, 1, 'LA', v0=V[:, -2], verify=True)
+    check_eigsh(A, r3, ev, 1, 'LA', tol=1e-6)
+    # two pairs at one end: checked by default
+    fct.test_ne(eigsh(A, 2, 'LA', v0=V[:, -1]).num_matvecs, eigsh(A, 2, 'LA', v0=V[:, -1], verify=False).num_matvecs)
+    # the stop comes mid-cycle: fewer products than a multiple of the basis size
+    M = sym(torch.cat([torch.linspace(0, 1, 100), torch.tensor([10., 20.])]).tolist(), seed=5)
+    r4 = eigsh(M, 2, 'LA', verify=False, ncv=40)
+    assert r4.num_matvecs < 40, r4.num_matvecs
 
 @pytest.mark.parametrize('n', [1, 2, 3, 6])
 @pytest.mark.parametrize('which', WHICH)
@@ -165,7 +190,7 @@ def test_eigsh_max_matvecs_budget(random_sym):
     "A budget too small to converge stops there and says so in `converged` (residuals stay honest)."
     A, ev = random_sym
     r = eigsh(A, 3, 'SA', max_matvecs=25, tol=1e-12)
-    assert r.num_matvecs <= 25 + 19          # at most one Krylov sweep past the budget
+    fct.test_eq(r.num_matvecs, 25)           # the budget is never exceeded (checked after every product)
     assert not bool(r.converged.all())
     V = r.eigenvectors
     true_res = (A @ V - V * r.eigenvalues).norm(dim=0)

@@ -6,7 +6,7 @@ Docs: https://github.com/fastsprkd/fastsprkd/tree/main/nbs/sprkd.html.md"""
 
 # %% ../../nbs/12_sprkd.ipynb #c1bb01fc
 from __future__ import annotations
-import math, random, warnings
+import hashlib, math, random, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +20,9 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientClip
 from fastai.learner import Learner
 from fastai.torch_core import to_device
-from ..core import HessianOperator, unwrap_model
+from ..core import HessianOperator, _select_params, unwrap_model
 from ..eigen import eigsh
-from ..saddle import SaddlePoint, SaddleBank, crop_params
+from ..saddle import SaddlePoint, SaddleBank, SaddleBankError, crop_params
 
 # %% auto #0
 __all__ = ['probe_batches', 'saddle_criterion', 'SaddleCaptureCallback', 'EigenStep', 'negative_curvature_step',
@@ -34,6 +34,19 @@ from ..core import preserved_rng as _rng_preserved
 from ..core import _plain
 
 # %% ../../nbs/12_sprkd.ipynb #84d323b6
+@contextmanager
+def _validation_tfms(dl):
+    "`dl`'s item and batch pipelines (and its dataset's) at split_idx 1, as for validation: no training-only augmentation."
+    old = {}
+    for nm in ('after_item', 'before_batch', 'after_batch'):
+        f = getattr(dl, nm, None)
+        if hasattr(f, 'split_idx'): old[nm], f.split_idx = f.split_idx, 1
+    ds = dl.dataset
+    try:
+        with (ds.set_split_idx(1) if hasattr(ds, 'set_split_idx') else contextmanager(lambda: (yield))()): yield
+    finally:
+        for nm, v in old.items(): getattr(dl, nm).split_idx = v
+
 def probe_batches(dl, # a fastai `DataLoader` (e.g. `dls.train`) over an indexed dataset
                   n:int=256, # number of items (all of them if the dataset is smaller)
                   seed:int=0, # seed of the subset
@@ -41,7 +54,7 @@ def probe_batches(dl, # a fastai `DataLoader` (e.g. `dls.train`) over an indexed
                   device=None, # device of the batches (default: the loader's)
                   shard:bool|None=None, # keep this torch.distributed rank's share (items r, r+R, …) of the subset; None: when initialized
                  ) -> list:
-    "A fixed seeded subset of `n` items of `dl`'s dataset as a list of `(x, y)` batches, with `dl`'s transforms."
+    "A fixed seeded subset of `n` items of `dl`'s dataset as a list of `(x, y)` batches, with `dl`'s validation-time transforms."
     if not hasattr(dl, 'do_item') or not hasattr(dl, 'dataset'):
         raise TypeError(f"expected a fastai DataLoader, got {type(dl).__name__}; pass your own probe batches instead")
     N = len(dl.dataset)
@@ -52,7 +65,7 @@ def probe_batches(dl, # a fastai `DataLoader` (e.g. `dls.train`) over an indexed
     bs = bs or dl.bs or len(idxs)
     device = device if device is not None else dl.device
     out = []
-    with _rng_preserved():
+    with _rng_preserved(), _validation_tfms(dl):
         items = [it for it in (dl.do_item(i) for i in idxs) if it is not None]
         for s in range(0, len(items), bs):
             b = dl.do_batch(items[s:s+bs])
@@ -76,9 +89,10 @@ def saddle_criterion(eigenvalues, # eigenvalues found (any order)
     raise ValueError(f"criterion must be 'ratio' or 'scale_free', got {criterion!r}")
 
 # %% ../../nbs/12_sprkd.ipynb #9307a569
-def _grad_norm(model) -> float:
-    "Euclidean norm of all gradients present on `model`'s parameters."
-    gs = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+def _grad_norm(params) -> float:
+    "Euclidean norm of all gradients present on `params` (a model: all its parameters)."
+    if isinstance(params, nn.Module): params = params.parameters()
+    gs = [p.grad.detach() for p in params if p.grad is not None]
     if not gs: return math.nan
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in gs])))
 
@@ -86,6 +100,17 @@ def _loss_scale(learn) -> float:
     "The `GradScaler` scale under `MixedPrecision` (fp16), else 1."
     s = getattr(learn, 'scaler', None)
     return float(s.get_scale()) if s is not None and hasattr(s, 'get_scale') and s.is_enabled() else 1.
+
+def _params_id(names) -> str:
+    "A short stable id of a parameter set (first 8 hex digits of the SHA-1 of the names), as the observer callbacks' `params_id`."
+    return hashlib.sha1('\n'.join(names).encode()).hexdigest()[:8]
+
+@contextmanager
+def _no_autocast(model):
+    "Autocast off on the model's device: curvature is computed in the parameters' dtype, never in autocast's fp16/bf16."
+    p = next(model.parameters(), None)
+    dev = p.device.type if p is not None else 'cpu'
+    with torch.autocast(device_type=dev, enabled=False): yield
 
 def _is_off(cb) -> bool:
     "True during `lr_find` and `get_preds`, as in fastai's `TrackerCallback`."
@@ -111,6 +136,9 @@ class SaddleCaptureCallback(Callback):
                  ncv:int|None=None, # Lanczos basis size (default: `max_matvecs`, at least 2k+1)
                  seed:int=0, # seed of the probe subset and of the Lanczos start vectors
                  meta:dict|None=None, # metadata stored with every point (e.g. {'teacher': 0})
+                 params=None, # parameters (tensors, modules or names) of the Hessian; default: those trainable (requires_grad) at each test
+                 eval_mode:bool=True, # probe Hessian in eval mode (deterministic BatchNorm/Dropout); False: the model's modes at the test
+                 mode:str='auto', # Hessian-vector products: 'auto' (times both once per operator), 'rev' or 'fwd' (see `HessianOperator`)
                 ):
         if not isinstance(every, int) or every < 1: raise ValueError(f"every must be a positive integer, got {every!r}")
         if k < 2: raise ValueError(f"k must be at least 2 (one eigenvalue from each end of the spectrum), got {k}")
@@ -126,7 +154,11 @@ class SaddleCaptureCallback(Callback):
     def _operator(self):
         if self._probe is None:
             self._probe = self.probe if self.probe is not None else probe_batches(self.dls.train, self.n_probe, self.seed, bs=self.n_probe)
-        if self._op is None: self._op = HessianOperator(self.model, self.learn.loss_func, self._probe, eval_mode=True)
+        names = _select_params(unwrap_model(self.model), self.params)  # the trainable set changes at fine_tune's unfreeze
+        if self._op is None or self._op.names != names or self._op.model is not unwrap_model(self.model):
+            self._op = HessianOperator(self.model, self.learn.loss_func, self._probe, names, eval_mode=self.eval_mode, mode=self.mode)
+            self._names = tuple(names)  # one shared tuple per parameter set: rows refer to it without copying
+            self._names_id = _params_id(names)
         return self._op
 
     def after_backward(self):
@@ -137,13 +169,15 @@ class SaddleCaptureCallback(Callback):
 
     def capture(self, step:int|None=None) -> dict:
         "Test the current parameters now; store a `SaddlePoint` if they pass the criterion. Returns the history row."
-        gn = _grad_norm(self.model) / _loss_scale(self.learn)
-        op = self._operator()
-        ncv = min(op.num_params, self.ncv or max(2 * self.k + 1, self.max_matvecs))
-        res = eigsh(op, min(self.k, op.num_params), 'BE', tol=self.tol, max_matvecs=self.max_matvecs, ncv=ncv,
-                    seed=self.seed + len(self.history))
-        ev = res.eigenvalues.tolist()
-        loss = float(op.loss())
+        with _no_autocast(self.model):
+            op = self._operator()
+            # after_backward: under MixedPrecision the gradients are still multiplied by the loss scale
+            gn = _grad_norm(op.params) / _loss_scale(self.learn)
+            ncv = min(op.num_params, self.ncv or max(2 * self.k + 1, self.max_matvecs))
+            res = eigsh(op, min(self.k, op.num_params), 'BE', tol=self.tol, max_matvecs=self.max_matvecs, ncv=ncv,
+                        seed=self.seed + len(self.history))
+            ev = res.eigenvalues.tolist()
+            loss = float(op.loss())
         ok = saddle_criterion(ev, self.criterion, self.ratio, self.min_neg_sum, self.tau)
         if self.max_grad_norm is not None: ok = ok and gn <= self.max_grad_norm
         step = self.n_steps if step is None else step
@@ -151,9 +185,12 @@ class SaddleCaptureCallback(Callback):
         if ok:
             self.bank.append(SaddlePoint.from_model(self.model, eigenvalues=ev, loss=loss, grad_norm=gn, step=step, epoch=epoch,
                                                     meta={**self.meta, 'criterion': self.criterion,
-                                                          'converged': res.converged.tolist(), 'num_matvecs': res.num_matvecs}))
+                                                          'converged': res.converged.tolist(), 'num_matvecs': res.num_matvecs,
+                                                          'hessian_params': list(self._names), 'params_id': self._names_id,
+                                                          'dtype': str(op.dtype)}))
         row = dict(step=step, epoch=epoch, eigenvalues=ev, grad_norm=gn, loss=loss, captured=ok,
-                   converged=res.converged.tolist(), num_matvecs=res.num_matvecs)
+                   converged=res.converged.tolist(), num_matvecs=res.num_matvecs,
+                   hessian_params=self._names, n_params=op.num_params, params_id=self._names_id)
         self.history.append(row)
         return row
 
@@ -235,6 +272,10 @@ def _noise(n:int, kind:str, noise_var:float, gen:torch.Generator) -> Tensor:
     raise ValueError(f"noise must be 'gaussian' or 'ball', got {kind!r}")
 
 # %% ../../nbs/12_sprkd.ipynb #ce27ebe7
+def _few(names, n=6) -> str:
+    names = list(names)
+    return '[]' if not names else ', '.join(map(repr, names[:n])) + (f" and {len(names) - n} more" if len(names) > n else '')
+
 _TRANSITIONS = {'approach': {'train'}, 'train': {'escape', 'perturb'}, 'escape': {'train', 'perturb'}, 'perturb': {'train'}}
 
 class SaddleRecruitCallback(Callback):
@@ -265,7 +306,12 @@ class SaddleRecruitCallback(Callback):
                  tol:float=1e-3, # Lanczos tolerance of the escape eigenpair
                  max_matvecs:int|None=100, # Lanczos budget of the escape eigenpair
                  seed:int=0, # seed of the probe subset, the Lanczos start vectors and the noise
+                 params=None, # student parameters recruited (tensors, modules or names); default: those trainable (requires_grad) in each fit
+                 match:str='strict', # bank points whose Hessian was taken w.r.t. other parameters: 'strict' refuses, 'intersection' recruits only the common ones
+                 eval_mode:bool=True, # probe Hessian and losses in eval mode (deterministic BatchNorm/Dropout); False: the model's modes
+                 mode:str='auto', # Hessian-vector products: 'auto', 'rev' or 'fwd' (see `HessianOperator`)
                 ):
+        if match not in ('strict', 'intersection'): raise ValueError(f"match must be 'strict' or 'intersection', got {match!r}")
         if isinstance(bank_or_path, (str, Path)): bank_or_path = SaddleBank.load(bank_or_path)
         if not isinstance(bank_or_path, SaddleBank):
             raise TypeError(f"expected a SaddleBank or the path of a saved one, got {type(bank_or_path).__name__}")
@@ -276,6 +322,7 @@ class SaddleRecruitCallback(Callback):
         self.history, self.transitions, self.phase = [], [], 'approach'
         self.n_steps, self.n_approach, self.n_eigensteps = 0, 0, 0
         self.t_noise, self.next_escape, self._saved, self._target, self._probe, self._op = -math.inf, 0, None, None, None, None
+        self.recruited = None  # names of the parameters the student moves in the current fit
         self._gen = torch.Generator().manual_seed(seed)
 
     def before_fit(self):
@@ -285,6 +332,7 @@ class SaddleRecruitCallback(Callback):
             self.bank.check_compatible(self.model)
             target = crop_params(self.bank.target(self.generosity), self.model)
             self._target = {n: target[n].to(device=p.device, dtype=p.dtype) for n, p in unwrap_model(self.model).named_parameters()}
+        self._refresh()
         self._op = None  # built when first needed in each fit, on the model's device at that time
 
     def after_fit(self): self._op = None
@@ -293,11 +341,47 @@ class SaddleRecruitCallback(Callback):
     def _operator(self):
         if self._probe is None:
             self._probe = self.probe if self.probe is not None else probe_batches(self.dls.train, self.n_probe, self.seed, bs=self.n_probe)
-        if self._op is None: self._op = HessianOperator(self.model, self.learn.loss_func, self._probe, eval_mode=True)
+        if self._op is None:
+            self._op = HessianOperator(self.model, self.learn.loss_func, self._probe, list(self.recruited), eval_mode=self.eval_mode,
+                                       mode=self.mode)
         return self._op
+    def _trainable(self) -> tuple: return tuple(_select_params(unwrap_model(self.model), self.params))
+    def _refresh(self):
+        "Recompute the recruited parameters (and drop the operator) for the current trainable set."
+        self._trainable_now = self._trainable()
+        self.recruited = self._recruited_names()
+        self._recruited_id, self._op = _params_id(self.recruited), None
+    def _recruited_names(self) -> tuple:
+        "Student parameters moved in this fit; while approaching, checked against the parameters of the bank points' Hessians."
+        names = self._trainable_now
+        if self.phase != 'approach': return tuple(names)  # the bank is used only to approach
+        sets = [(p, p.meta.get('hessian_params', list(p.params))) for p in self.bank.select(self.generosity)]
+        if self.match == 'intersection':
+            common = tuple(n for n in names if all(n in h for _, h in sets))
+            if not common:
+                raise SaddleBankError(f"match='intersection': no parameter is both recruited by the student ({_few(names)}) and in the "
+                                      f"Hessian parameters of the bank's {len(sets)} selected points; unfreeze the student's layers "
+                                      f"the teacher was trained with")
+            return common
+        want = set(names)
+        for p, h in sets:
+            if set(h) != want:
+                extra, missing = [n for n in names if n not in h], [n for n in h if n not in want]
+                raise SaddleBankError(
+                    f"the bank's point of step {p.step} (epoch {p.epoch}) was judged a saddle with the Hessian w.r.t. other parameters "
+                    f"than the student recruits. Trainable in the student but not in that Hessian: {_few(extra)}; in that Hessian but "
+                    f"frozen (or not selected) in the student: {_few(missing)}. Fix: freeze the student as the teacher was at "
+                    f"capture (learn.freeze() for points of fine_tune's frozen epochs, learn.unfreeze() otherwise), keep only the "
+                    f"matching points (SaddleBank(q for q in bank if q.meta.get('hessian_params') == names)), or pass "
+                    f"match='intersection' to recruit only the parameters in both")
+        return tuple(names)
     @property
-    def target(self) -> dict: return self._target
-    def _params(self): return [p for p in self.model.parameters()]
+    def target(self) -> dict:
+        "The approach target of the recruited parameters (name -> tensor on the student's device)."
+        return None if self._target is None else {n: self._target[n] for n in (self.recruited or self._target)}
+    def _params(self):
+        ps = dict(unwrap_model(self.model).named_parameters())
+        return [ps[n] for n in (self.recruited or ps)]
     def _goto(self, phase, step):
         if phase == self.phase: return
         if phase not in _TRANSITIONS[self.phase]: raise RuntimeError(f"invalid SPRKD transition {self.phase} → {phase}")
@@ -308,20 +392,22 @@ class SaddleRecruitCallback(Callback):
     def _probe_loss(self) -> float:
         return float(self._operator().loss())
     def distance(self) -> float:
-        "Largest absolute difference between a parameter entry and its target (L∞ over all tensors)."
+        "Largest absolute difference between a recruited parameter entry and its target (L∞ over the recruited tensors)."
         ps = dict(unwrap_model(self.model).named_parameters())
-        d = [(ps[n].detach() - t).abs().max().float() for n, t in self._target.items() if t.numel()]
+        d = [(ps[n].detach() - self._target[n]).abs().max().float() for n in (self.recruited or self._target) if ps[n].numel()]
         return float(torch.stack(d).max()) if d else 0.
 
     # ---- the state machine
     def before_step(self):
         t = self.n_steps
         self.n_steps += 1
-        gn = _grad_norm(self.model)
+        if self._trainable() != self._trainable_now: self._refresh()  # unfrozen (or frozen) inside the fit
+        gn = _grad_norm(self._params())
         row = dict(step=t, epoch=self.epoch, phase=self.phase, event='step', grad_norm=gn, loss=float(self.learn.loss.detach()),
-                   distance=None, eigenvalue=None, alpha=None, probe_loss=None, probe_loss_after=None)
+                   distance=None, eigenvalue=None, alpha=None, probe_loss=None, probe_loss_after=None, recruited=self.recruited,
+                   params_id=self._recruited_id)
         self.history.append(row)
-        cancel = getattr(self, f"_{self.phase}")(t, gn, row)
+        with _no_autocast(self.model): cancel = getattr(self, f"_{self.phase}")(t, gn, row)
         row['phase'] = self.phase
         if cancel: raise CancelStepException()
 
@@ -338,7 +424,7 @@ class SaddleRecruitCallback(Callback):
         w = 1. - 2. ** (-self.n_approach / self.approach_halflife) / 2.
         ps = dict(unwrap_model(self.model).named_parameters())
         with torch.no_grad():
-            for n, tg in self._target.items(): ps[n].lerp_(tg, w)
+            for n in self.recruited: ps[n].lerp_(self._target[n], w)
         self.n_approach += 1
         row['event'] = 'approach'
         return True
@@ -432,10 +518,12 @@ class DistillationCallback(Callback):
     "Hinton knowledge distillation from `teacher`: α·T²·KL(teacher ‖ student) + (1 − α)·loss on training batches."
     order, run_valid = 0, False
     def __init__(self,
-                 teacher:nn.Module, # the teacher network (same inputs, same classes)
+                 teacher:nn.Module, # the teacher network (same inputs, same classes), or a `Learner` (its model is used)
                  T:float=4., # temperature
                  alpha:float=0.9, # weight of the distillation term
                 ):
+        if isinstance(teacher, Learner): teacher = teacher.model
+        if not isinstance(teacher, nn.Module): raise TypeError(f"teacher must be an nn.Module or a Learner, got {type(teacher).__name__}")
         if not 0 <= alpha <= 1: raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if T <= 0: raise ValueError(f"T must be positive, got {T}")
         store_attr()

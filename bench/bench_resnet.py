@@ -1,0 +1,136 @@
+"""ResNet-18 on 3×32×32 images (issue 9): HVP cost, top-5 eigenpairs and peak memory, next to PyHessian in the same run.
+
+    .venv/bin/python bench/bench_resnet.py [hvp|eigsh|memory|all] [--bs 128] [--threads 2] [--repeat 3]
+
+hvp:    time of one HVP (fwd, rev with the gradient graph kept, rev rebuilt) / time of one gradient, and PyHessian's
+        `hessian_vector_product` (its graph kept) on the same model and batch; medians of `--repeat`.
+eigsh:  top-5 eigenvalues: `eigsh(k=5, which='LA', tol=1e-3)` vs PyHessian `hessian.eigenvalues(top_n=5, tol=1e-3)`
+        (its `maxIter` capped by `--ph-maxiter`, see the output), wall time and products, same model and batch.
+memory: peak resident memory (getrusage ru_maxrss) of a fresh process that builds the model, the batch and a
+        `HessianOperator` and runs one matvec or one matmat, for each mode.
+Model: torchvision `resnet18(weights=None, num_classes=10)` in eval mode (BatchNorm running statistics, as
+PyHessian does), float32, CPU; data: the bundled digits, 3 channels, upsampled to 32×32.
+"""
+import argparse, json, os, resource, subprocess, sys, time
+import torch
+from torch import nn
+
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, here)
+from common import median_time, save, table, machine
+
+
+def setup(bs):
+    import torchvision
+    from fastsprkd.data import _digits_arrays
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    x, y = _digits_arrays()
+    x = nn.functional.interpolate(x[:bs], size=(32, 32), mode='bilinear', align_corners=False).expand(-1, 3, -1, -1).contiguous()
+    return model, x, y[:bs], nn.CrossEntropyLoss()
+
+
+def bench_hvp(bs, repeat):
+    from fastsprkd.core import HessianOperator
+    from pyhessian import hessian
+    from pyhessian.utils import hessian_vector_product
+    model, x, y, lf = setup(bs)
+    ps = list(model.parameters())
+    tg = median_time(lambda: torch.autograd.grad(lf(model(x), y), ps), repeat=repeat)
+    row = dict(model=f'ResNet-18 ({sum(p.numel() for p in ps):,} params), batch {bs}, 3x32x32', grad_s=f"{tg:.3f}")
+    for label, mode, cache in [('fwd', 'fwd', False), ('rev+cache', 'rev', True), ('rev', 'rev', False)]:
+        op = HessianOperator(model, lf, (x, y), mode=mode, cache_graph=cache)
+        v = torch.randn(op.num_params)
+        t = median_time(lambda: op.matvec(v), repeat=repeat)
+        row[label] = f"{t/tg:.2f}x ({t:.2f} s)"
+        del op
+    h = hessian(model, lf, data=(x, y), cuda=False)
+    v = [torch.randn_like(p) for p in h.params]
+    t = median_time(lambda: hessian_vector_product(h.gradsH, h.params, v), repeat=repeat)
+    row['PyHessian hv (graph kept)'] = f"{t/tg:.2f}x ({t:.2f} s)"
+    print(row, flush=True)
+    return [row]
+
+
+def bench_eigsh(bs, ph_maxiter, k=5):
+    from fastsprkd.core import HessianOperator
+    from fastsprkd.eigen import eigsh
+    from pyhessian import hessian
+    import importlib
+    model, x, y, lf = setup(bs)
+    op = HessianOperator(model, lf, (x, y), mode='rev')  # graph kept between products (single batch), like PyHessian's
+    t0 = time.perf_counter(); r = eigsh(op, k=k, which='LA', tol=1e-3, max_matvecs=200, seed=0); t_ours = time.perf_counter() - t0
+    ours = sorted(r.eigenvalues.tolist())
+    rss_eigsh = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak so far: model, batch, operator and Lanczos
+    PH = importlib.import_module('pyhessian.hessian')
+    orig, calls = PH.hessian_vector_product, [0]
+    def counted(*a, **kw): calls[0] += 1; return orig(*a, **kw)
+    PH.hessian_vector_product = counted
+    try:
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        h = hessian(model, lf, data=(x, y), cuda=False)  # its gradient graph: part of its cost
+        vals, _ = h.eigenvalues(maxIter=ph_maxiter, tol=1e-3, top_n=k)
+        t_ph = time.perf_counter() - t0
+    finally: PH.hessian_vector_product = orig
+    vals = sorted(vals)
+    rel = max(abs(a - b) / abs(a) for a, b in zip(ours, vals))
+    row = {'eigsh HVPs': r.num_matvecs, 'eigsh s': f"{t_ours:.1f}", 'eigsh converged': f"{int(r.converged.sum())}/{k}",
+           'eigsh max rel residual': f"{float(r.residuals.max()):.1e}", 'peak RSS after eigsh (MiB)': round(rss_eigsh),
+           'PyHessian HVPs': calls[0], f'PyHessian s (maxIter={ph_maxiter})': f"{t_ph:.1f}",
+           'max rel diff of the values': f"{rel:.1e}", 'time ratio': f"{t_ph/t_ours:.2f}x",
+           'eigsh values': ', '.join(f"{e:.4g}" for e in ours), 'PyHessian values': ', '.join(f"{e:.4g}" for e in vals)}
+    print(row, flush=True)
+    return [row]
+
+
+def _mem_child(kind, mode, bs, K):
+    "Runs in a fresh process: peak RSS before and after one product."
+    from fastsprkd.core import HessianOperator
+    model, x, y, lf = setup(bs)
+    op = HessianOperator(model, lf, (x, y), mode=mode)
+    V = torch.randn(op.num_params, K)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    if kind == 'matvec': op.matvec(V[:, 0])
+    else: op.matmat(V)
+    dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    per_vec = getattr(op, '_per_vec_bytes', None)  # set by the first matmat: the estimated bytes of one vector's tangents
+    chunk = max(1, min(K, op.memory_budget // per_vec)) if per_vec else None
+    print(json.dumps(dict(kind=kind, mode=mode, K=K if kind == 'matmat' else 1, bs=bs, rss_before_mib=round(base),
+                          peak_rss_mib=round(peak), product_s=round(dt, 2), fwd_chunk=chunk,
+                          memory_budget_mib=op.memory_budget // 2**20)))
+
+
+def bench_memory(bs, threads):
+    rows = []
+    for kind, mode, K in [('matvec', 'rev', 1), ('matvec', 'fwd', 1), ('matmat', 'rev', 8), ('matmat', 'fwd', 8)]:
+        out = subprocess.run([sys.executable, __file__, '_mem', kind, mode, str(bs), str(K), '--threads', str(threads)],
+                             capture_output=True, text=True, cwd=here)
+        if out.returncode: raise RuntimeError(out.stderr[-2000:])
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row); print(row, flush=True)
+    return rows
+
+
+if __name__ == '__main__':
+    if len(sys.argv) > 1 and sys.argv[1] == '_mem':
+        torch.set_num_threads(int(sys.argv[sys.argv.index('--threads') + 1]))
+        _mem_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        sys.exit(0)
+    ap = argparse.ArgumentParser()
+    ap.add_argument('what', nargs='?', default='all', choices=['hvp', 'eigsh', 'memory', 'all'])
+    ap.add_argument('--bs', type=int, default=128)
+    ap.add_argument('--threads', type=int, default=2)
+    ap.add_argument('--repeat', type=int, default=3)
+    ap.add_argument('--ph-maxiter', type=int, default=20)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    res = {}
+    if a.what in ('memory', 'all'): res['memory'] = bench_memory(a.bs, a.threads)
+    if a.what in ('hvp', 'all'): res['hvp'] = bench_hvp(a.bs, a.repeat)
+    if a.what in ('eigsh', 'all'): res['eigsh'] = bench_eigsh(a.bs, a.ph_maxiter)
+    for k, rows in res.items():
+        print(f"\n{k}\n" + table(rows, list(rows[0])))
+    print(save(f'resnet_{a.what}', {k: v for k, v in res.items()}))
