@@ -7,6 +7,7 @@ Docs: https://github.com/fastsprkd/fastsprkd/tree/main/nbs/cli.html.md"""
 # %% ../nbs/90_cli.ipynb #3ca4a364
 from __future__ import annotations
 import argparse, shlex, sys, time
+from contextlib import contextmanager
 from pathlib import Path
 from .saddle import SaddleBankError
 from .experiment import (StoryConfig, DATASETS, LABELS, METRIC_LABELS, OutputDirError, check_output_dir, load_data,
@@ -88,13 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/90_cli.ipynb #a39bc3de
+@contextmanager
+def _interrupt_on_sigterm():
+    "While active, SIGTERM raises KeyboardInterrupt (main thread only), so a killed run removes its temporary output too."
+    import signal, threading
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        def handler(signum, frame): raise KeyboardInterrupt(f"signal {signum}")
+        try: old = signal.signal(signal.SIGTERM, handler)
+        except (ValueError, OSError): old = None
+    try: yield
+    finally:
+        if old is not None: signal.signal(signal.SIGTERM, old)
+
 def main(argv=None) -> int:
     "Entry point of the `fastsprkd` console script."
     argv = sys.argv[1:] if argv is None else list(argv)
     p = build_parser()
     args = p.parse_args(argv)
     command = ' '.join(shlex.quote(a) for a in ['fastsprkd'] + argv)
-    try: return args.func(args, command)
+    try:
+        with _interrupt_on_sigterm(): return args.func(args, command)
     except _UsageError as e:
         print(f"fastsprkd {args.command}: error: {e}", file=sys.stderr); return 1
     except OutputDirError as e:
