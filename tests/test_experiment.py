@@ -157,3 +157,17 @@ def test_sprkd_student_recruits_from_a_teacher_bank():
     assert arrived['distance'] <= learn.recruit.epsilon
     with pytest.raises(ValueError, match='needs the teacher'): ex.train_student('sprkd', cfg, 0, progress=False)
     with pytest.raises(ValueError, match="unknown student 'x'"): ex.train_student('x', cfg, 0, progress=False)
+
+@pytest.mark.skipif(sys.platform == 'win32', reason="POSIX signals")
+def test_sigterm_mid_run_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import signal
+    before = signal.getsignal(signal.SIGTERM)
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError('SIGTERM should have interrupted the run')
+    monkeypatch.setattr(ex, 'run_story', killed)
+    code, _, err = _run(capsys, ['demo', '--out', str(tmp_path/'demo')] + TINY)
+    fct.test_eq(code, 130)
+    assert 'interrupted; nothing was written' in err
+    fct.test_eq(list(tmp_path.iterdir()), [])
+    assert signal.getsignal(signal.SIGTERM) is before  # the CLI restores the handler
