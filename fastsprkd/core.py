@@ -111,6 +111,21 @@ def preserved_rng():
         random.setstate(py); np.random.set_state(npy); torch.set_rng_state(cpu)
         if cuda is not None: torch.cuda.set_rng_state_all(cuda)
 
+# %% ../nbs/02_core.ipynb #a4c1e7d2
+def _params_id(names) -> str:
+    "A short stable id of a parameter set: the first 8 hex digits of the SHA-1 of the names (the callbacks' `params_id`)."
+    import hashlib
+    return hashlib.sha1('\n'.join(names).encode()).hexdigest()[:8]
+
+def _no_autocast(where):
+    "A context with autocast off on a device (or a model's device): curvature in the parameters' dtype, never in fp16/bf16."
+    from contextlib import nullcontext
+    if isinstance(where, nn.Module):
+        p = next(where.parameters(), None)
+        where = p.device if p is not None else 'cpu'
+    try: return torch.autocast(device_type=torch.device(where).type, enabled=False)
+    except RuntimeError: return nullcontext()  # a device type without autocast support
+
 # %% ../nbs/02_core.ipynb #658e5372
 def _is_batch(data) -> bool:
     return isinstance(data, (tuple, list)) and len(data) > 0 and all(isinstance(o, Tensor) for o in data)

@@ -6,7 +6,7 @@ Docs: https://github.com/fastsprkd/fastsprkd/tree/main/nbs/observe.html.md"""
 
 # %% ../../nbs/10_observe.ipynb #941be14e
 from __future__ import annotations
-import hashlib, math, random, time, warnings
+import math, random, time, warnings
 from contextlib import contextmanager, nullcontext
 from functools import partial
 import numpy as np
@@ -20,7 +20,7 @@ from fastai.learner import Learner, Recorder, ValueMetric
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientClip
 from fastai.data.load import DataLoader as FastaiDataLoader
-from ..core import HessianOperator, preserved_state, _select_params
+from ..core import HessianOperator, preserved_state, _select_params, _params_id, _no_autocast
 from ..eigen import eigsh
 from ..estimators import trace as trace_estimate
 from ..analysis import gradient_correlation, directional_sharpness
@@ -143,15 +143,6 @@ class _Observer(Callback):
         return _select_params(model, self.params)
 
 # %% ../../nbs/10_observe.ipynb #3a718f91
-def _params_id(names) -> str:
-    "A short stable id of a parameter set: the first 8 hex digits of the SHA-1 of the names."
-    return hashlib.sha1('\n'.join(names).encode()).hexdigest()[:8]
-
-def _no_autocast(device):
-    "A context in which autocast is off on `device`, so that Hessians are computed in the parameters' dtype."
-    try: return torch.autocast(device_type=torch.device(device).type, enabled=False)
-    except RuntimeError: return nullcontext()  # a device type without autocast support
-
 def _mark_param_changes(ax, rows):
     "Vertical lines at the steps where the rows' parameter set (`params_id`) changes; returns those steps."
     steps = [b['step'] for a, b in zip(rows, rows[1:]) if a.get('params_id') != b.get('params_id')]

@@ -6,7 +6,7 @@ Docs: https://github.com/fastsprkd/fastsprkd/tree/main/nbs/sprkd.html.md"""
 
 # %% ../../nbs/12_sprkd.ipynb #c1bb01fc
 from __future__ import annotations
-import hashlib, math, random, warnings
+import math, random, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientClip
 from fastai.learner import Learner
 from fastai.torch_core import to_device
-from ..core import HessianOperator, _select_params, unwrap_model
+from ..core import HessianOperator, _select_params, unwrap_model, _params_id, _no_autocast
 from ..eigen import eigsh
 from ..saddle import SaddlePoint, SaddleBank, SaddleBankError, crop_params
 
@@ -100,17 +100,6 @@ def _loss_scale(learn) -> float:
     "The `GradScaler` scale under `MixedPrecision` (fp16), else 1."
     s = getattr(learn, 'scaler', None)
     return float(s.get_scale()) if s is not None and hasattr(s, 'get_scale') and s.is_enabled() else 1.
-
-def _params_id(names) -> str:
-    "A short stable id of a parameter set (first 8 hex digits of the SHA-1 of the names), as the observer callbacks' `params_id`."
-    return hashlib.sha1('\n'.join(names).encode()).hexdigest()[:8]
-
-@contextmanager
-def _no_autocast(model):
-    "Autocast off on the model's device: curvature is computed in the parameters' dtype, never in autocast's fp16/bf16."
-    p = next(model.parameters(), None)
-    dev = p.device.type if p is not None else 'cpu'
-    with torch.autocast(device_type=dev, enabled=False): yield
 
 def _is_off(cb) -> bool:
     "True during `lr_find` and `get_preds`, as in fastai's `TrackerCallback`."
