@@ -122,9 +122,11 @@ class _Run:
     full:bool # the basis spanned the whole space left to it: the Ritz pairs are exact
     anorm:Tensor # estimate of ‖A‖ (largest |Ritz value| seen)
 
-def _thick_restart_lanczos(op, k, which, tol, ncv, budget, q0, X, anorm, gen, tick=None, found=None):
+def _thick_restart_lanczos(op, k, which, tol, ncv, budget, q0, X, anorm, gen, tick=None, found=None, warm=False):
     """Thick-restart Lanczos with full reorthogonalization on the orthogonal complement of the orthonormal columns of `X`.
-    Without `found`: the k wanted Ritz pairs, stopping as soon as they converge (checked after every product).
+    Without `found`: the k wanted Ritz pairs, stopping as soon as they converge (checked after every product; from a random
+    start not before the first basis is full: a small residual only says *some* eigenvalue is near, and a few steps from a
+    random vector often converge to the bulk of the spectrum before the extreme eigenvalues appear; `warm`: a given start).
     With `found` (the eigenvalues of `X`): a check for missed eigenvalues — the Ritz pairs more wanted than some found
     eigenvalue, stopping once they and the most wanted Ritz pair of each end have converged."""
     n, L = op.num_params, X.shape[1]
@@ -160,6 +162,7 @@ def _thick_restart_lanczos(op, k, which, tol, ncv, budget, q0, X, anorm, gen, ti
                 done = bool(conv[sorted(set(sel) | set(_frontier(theta, which, found.shape[0])))].all())
             state = (i, theta, S, res, sel, done or full)
             if tick is not None: tick()
+            if done and not warm and j == 0 and i + 1 < m: done = False  # random start: finish the first basis
             if done or full: break
             if beta <= 1e-12 * H[:i+1, :i+1].abs().max().clamp_min(tiny):
                 # invariant subspace found: go on with a fresh random vector orthogonal to the basis
@@ -215,7 +218,7 @@ def eigsh(op, # a symmetric linear operator (e.g. `HessianOperator`) or a dense 
     tick = (lambda: bar.update(min(op.num_matvecs - start, max_matvecs))) if bar is not None else None
     anorm = torch.zeros((), dtype=dtype, device=device)
     r, used = _thick_restart_lanczos(op, k, which, tol, ncv, max_matvecs, _start_vector(n, dtype, device, seed, v0),
-                                     torch.zeros(n, 0, dtype=dtype, device=device), anorm, gen, tick)
+                                     torch.zeros(n, 0, dtype=dtype, device=device), anorm, gen, tick, warm=v0 is not None)
     vals, vecs, res, anorm = r.theta, r.vectors, r.residuals, r.anorm
     if verify is None: verify = max(c for _, c in _groups(which, k)) >= 2
     if verify and r.done and not r.full:

@@ -148,8 +148,24 @@ def test_eigsh_stops_inside_a_cycle(random_sym):
     fct.test_ne(eigsh(A, 2, 'LA', v0=V[:, -1]).num_matvecs, eigsh(A, 2, 'LA', v0=V[:, -1], verify=False).num_matvecs)
     # the stop comes mid-cycle: fewer products than a multiple of the basis size
     M = sym(torch.cat([torch.linspace(0, 1, 100), torch.tensor([10., 20.])]).tolist(), seed=5)
-    r4 = eigsh(M, 2, 'LA', verify=False, ncv=40)
+    r4 = eigsh(M, 2, 'LA', verify=False, ncv=40, v0=torch.ones(102, dtype=F64))  # a given start may stop before the basis is full
     assert r4.num_matvecs < 40, r4.num_matvecs
+    assert eigsh(M, 2, 'LA', verify=False, ncv=40).num_matvecs == 40  # a random start fills its first basis
+
+def test_eigsh_cold_start_does_not_stop_in_the_bulk():
+    """From a random start a few steps can give a converged-looking Ritz value from the bulk of a spectrum clustered
+    near 0 before the extreme eigenvalue appears (the SaddleCaptureCallback settings: BE k=2, tol 1e-2, 16 products).
+    A random start therefore fills its first basis before accepting convergence."""
+    n, bad = 300, 0
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        ev = torch.cat([torch.tensor([7., 4., 2.], dtype=F64), torch.rand(n - 5, generator=g, dtype=F64) * 0.02 - 0.01,
+                        torch.tensor([-0.158, -0.12], dtype=F64)])
+        Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+        r = eigsh((Q * ev) @ Q.T, 2, 'BE', tol=1e-2, max_matvecs=16, ncv=16, seed=seed)
+        assert r.num_matvecs == 16
+        bad += abs(float(r.eigenvalues[0]) + 0.158) > 1e-2 * 7
+    fct.test_eq(bad, 0)  # stopping at the first converged-looking step (4-6 products) returned a bulk value for 2 of these 12 seeds
 
 @pytest.mark.parametrize('n', [1, 2, 3, 6])
 @pytest.mark.parametrize('which', WHICH)
