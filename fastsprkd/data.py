@@ -42,9 +42,10 @@ def tensor_dls(x:torch.Tensor, # inputs, one row per item
                valid_idx:torch.Tensor, # indices of the validation items
                bs:int=64, # batch size
                device=None, # device of the batches (default: fastai's default device)
-               **kwargs, # passed to `DataLoaders.from_dsets`
+               **kwargs, # passed to `DataLoaders.from_dsets` (e.g. `num_workers`: 0 by default, the tensors are in memory)
               ) -> DataLoaders:
     "fastai `DataLoaders` over in-memory tensors."
+    kwargs.setdefault('num_workers', 0)  # worker processes only add start-up cost (and orphans on a kill) for in-memory data
     train_ds = TensorDataset(x[train_idx], y[train_idx])
     valid_ds = TensorDataset(x[valid_idx], y[valid_idx])
     return DataLoaders.from_dsets(train_ds, valid_ds, bs=bs, device=device, **kwargs)

@@ -23,6 +23,9 @@ def test_digits_options():
     fct.test_eq(xb.shape, (16, 3, 32, 32))
     assert len(dls.train_ds) == 100
     fct.test_fail(lambda: digits_dls(valid_pct=1.5), contains='valid_pct')
+    # in-memory tensors: no worker processes unless asked for
+    fct.test_eq([dl.num_workers for dl in dls.loaders], [0, 0])
+    fct.test_eq(digits_dls(num_workers=1, device='cpu').train.num_workers, 1)
 
 
 def test_mnist_missing_files_names_the_path(tmp_path):
