@@ -24,8 +24,8 @@ def test_digits_options():
     assert len(dls.train_ds) == 100
     fct.test_fail(lambda: digits_dls(valid_pct=1.5), contains='valid_pct')
     # in-memory tensors: no worker processes unless asked for
-    fct.test_eq([dl.num_workers for dl in dls.loaders], [0, 0])
-    fct.test_eq(digits_dls(num_workers=1, device='cpu').train.num_workers, 1)
+    fct.test_eq([dl.fake_l.num_workers for dl in dls.loaders], [0, 0])
+    fct.test_eq(digits_dls(num_workers=1, device="cpu").train.fake_l.num_workers, 1)
 
 
 def test_mnist_missing_files_names_the_path(tmp_path):
