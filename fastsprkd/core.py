@@ -79,12 +79,13 @@ def as_operator(op) -> LinearOperator:
 @contextmanager
 def preserved_state(model:nn.Module, # the model to restore
                     values:bool=True, # restore parameter and buffer values
+                    copy_grads:bool=True, # snapshot `.grad` by copy; False restores the same `.grad` tensors (for code that never writes them in place)
                    ):
     "Restore modes, `.grad`, `requires_grad` and (optionally) parameter and buffer values of `model` on exit."
     modes = [(m, m.training) for m in model.modules()]
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
-    grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    grads = [None if p.grad is None else p.grad.detach().clone() if copy_grads else p.grad for p in params]
     saved = [t.detach().clone() for t in params] if values else None
     buffers = [(b, b.detach().clone()) for b in model.buffers()] if values else []
     try: yield model
@@ -310,8 +311,9 @@ class HessianOperator(LinearOperator):
 
     @contextmanager
     def _ctx(self):
-        # the operator never writes parameters; buffers change only in train mode (BatchNorm statistics)
-        with preserved_state(self.model, values=not self.eval_mode):
+        # the operator never writes parameters nor `.grad` (it differentiates detached copies with autograd.grad);
+        # buffers change only in train mode (BatchNorm statistics)
+        with preserved_state(self.model, values=not self.eval_mode, copy_grads=False):
             if self.eval_mode: self.model.eval()
             yield
 
@@ -377,7 +379,8 @@ class HessianOperator(LinearOperator):
         if not torch.isfinite(loss): raise FloatingPointError(f"the loss is {loss.item()} on batch {i}: fix the data or the model (NaN/inf loss)")
 
     def _check_result(self, out, what):
-        if not torch.isfinite(out).all():
+        # a sum is non-finite when an entry is (NaN and inf propagate); only then (or if the sum overflows) look at the entries
+        if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
             with self._ctx(), torch.no_grad():
                 fixed = self._fixed()
                 for i, (xb, yb) in enumerate(self._batches()): self._check_loss(self._loss_fn(xb, yb, fixed)(*self._theta()), i)
@@ -441,7 +444,7 @@ class HessianOperator(LinearOperator):
 
     def _rev_graph(self, f, theta, cache_key):
         "Leaf copies of the parameters and the graph of the gradient (kept between calls for single-batch data)."
-        if cache_key is not None and self._graph is not None and _same_key(self._graph[0], cache_key): return self._graph[1:]
+        if cache_key is not None and self._graph is not None: return self._graph[1:]  # `_matmat` checked it against the model
         self._graph = None
         if cache_key is not None: cache_key = (cache_key[0], [t.detach().clone() for t in cache_key[1]])  # values before the forward pass
         ps = tuple(t.detach().requires_grad_() for t in theta)
@@ -451,14 +454,29 @@ class HessianOperator(LinearOperator):
         return ps, g
 
     def _hvp_batch_rev(self, f, theta, V, cache_key=None):
-        "Reverse-over-reverse: one gradient graph, then one double-backward pass per column of V."
+        "Reverse-over-reverse: one gradient graph, then one double-backward pass vectorized over the columns of V (or one per column)."
         ps, g = self._rev_graph(f, theta, cache_key)
-        cols = []
+        K = V.shape[1]
+        out = torch.empty_like(V)
+        def put(cols, hv, batched):
+            for o, h in zip(out[:, cols].split(self.sizes), hv):
+                if h is None: o.zero_()  # the loss does not depend on this parameter
+                else: (o.T if batched else o).view(h.shape).copy_(h)  # a view of `out` split like `h`: no reshaped copy of h
         with torch.enable_grad():
-            for k in range(V.shape[1]):
+            if K > 1 and getattr(self, '_batched_rev_ok', True):
+                try:  # vmap over the backward pass: one sweep for the K columns
+                    V_ = [c.movedim(-1, 0) for c in self.unflatten(V)]
+                    put(slice(None), torch.autograd.grad(g, ps, grad_outputs=V_, allow_unused=True, retain_graph=True,
+                                                         is_grads_batched=True), True)
+                    return out
+                except (NotImplementedError, RuntimeError) as e:  # an operation without a batching rule: loop over the columns
+                    warnings.warn(f"vectorized reverse-over-reverse failed for this model ({type(e).__name__}: {str(e)[:200]}); "
+                                  f"using one double-backward pass per column instead")
+                    self._batched_rev_ok = False
+            for k in range(K):
                 hv = torch.autograd.grad(g, ps, grad_outputs=self.unflatten(V[:, k]), allow_unused=True, retain_graph=True)
-                cols.append(torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1) for h, p in zip(hv, ps)]))
-        return torch.stack(cols, 1)
+                put(k, hv, False)
+        return out
 
     def _hvp_batch_fwd(self, f, theta, V, cache_key=None):
         "Forward-over-reverse, vectorized over the K columns of V."
@@ -478,10 +496,13 @@ class HessianOperator(LinearOperator):
     def _matmat(self, V):
         K = V.shape[1]
         def local():
-            out = torch.zeros_like(V)
+            out = None
             with self._ctx():
                 fixed, theta, key = self._fixed(), self._theta(), self._cache_key()
-                if key is not None:  # a graph kept between calls shares no storage (nor version counter) with the model's tensors
+                mode = self.mode if self.mode != 'auto' else self._auto.get(K > 1)
+                if mode == 'fwd' and self._fwd_ok: key = None  # forward-over-reverse keeps no graph
+                if key is not None and (self._graph is None or not _same_key(self._graph[0], key)):
+                    self._graph = None  # rebuilt from copies: a graph kept between calls shares no storage (nor version counter) with the model's tensors
                     fixed = {k: v if v is None else v.detach().clone() for k, v in fixed.items()}
                     theta = tuple(t.clone() for t in theta)
                 for xb, yb in self._batches():
@@ -489,8 +510,13 @@ class HessianOperator(LinearOperator):
                     f = self._loss_fn(xb, yb, fixed)
                     c = self._chunk(K, xb, fixed) if K > 1 else 1
                     for s in range(0, K, c):
-                        out[:, s:s+c] += w * self._hvp_batch(f, theta, V[:, s:s+c], key)
-            return out
+                        r = self._hvp_batch(f, theta, V[:, s:s+c], key)  # a new tensor: scaled in place
+                        if w != 1: r.mul_(w)
+                        if out is None and r.shape[1] == K: out = r
+                        else:
+                            if out is None: out = torch.zeros_like(V)
+                            out[:, s:s+c] += r
+            return torch.zeros_like(V) if out is None else out
         out = self._all_reduce(local, V, 'Hessian-vector product')
         return self._check_result(out, 'Hessian-vector product')
 
