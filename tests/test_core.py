@@ -400,6 +400,26 @@ def test_matmat_chunks_and_counts(mode):
     close(op.matmat(V), H @ V)
 
 
+@pytest.mark.parametrize('strategy', [None, 'vmap', 'loop'])
+@pytest.mark.parametrize('kind', ['mlp', 'cnn'])
+def test_rev_matmat_strategies(kind, strategy):
+    "Reverse-over-reverse `matmat`, vmapped over the backward pass or one pass per column (None: timed), is exact: kept graph, chunks, batches, updates."
+    model, (x, y) = (mlp if kind == 'mlp' else cnn)(bn=True, drop=True).train(), make_data(kind)
+    H, _, _ = reference(model, CE, [(x, y)])
+    V = rand(H.shape[0], 6, seed=7)
+    for data, chunk in [((x, y), None), ((x, y), 4), ([(x[:7], y[:7]), (x[7:], y[7:])], None)]:
+        op = HessianOperator(model, CE, data, mode='rev', chunk_size=chunk)
+        op._rev_many = strategy
+        close(op.matmat(V), H @ V)
+        close(op.matmat(V), H @ V)  # graph kept (single batch) or rebuilt
+        assert op._rev_many in ('vmap', 'loop') and (strategy is None or op._rev_many == strategy)
+        close(op.matvec(V[:, 0]), H @ V[:, 0])
+        if chunk is None and isinstance(data, tuple): kept = op
+    for update in (_scale_inplace, _scale_dot_data):  # the kept graph is rebuilt after an update, also one through `.data`
+        update(model)
+        close(kept.matmat(V), reference(model, CE, [(x, y)])[0] @ V)
+
+
 # ---------------------------------------------------------------- forward-mode fallback
 class SquareNoJvp(torch.autograd.Function):
     "x², with a backward but no jvp (nor vmap) rule: forward-mode AD raises on it."
