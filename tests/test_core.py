@@ -608,6 +608,18 @@ def test_preserved_state_on_exception():
     assert_same_state(model, s)
 
 
+def test_preserved_state_keeps_grad_references():
+    "copy_grads=False restores the very `.grad` tensors (none copied), also when they were replaced or removed inside."
+    model = messy_model()
+    s, grads = snapshot(model), [p.grad for p in model.parameters()]
+    with pytest.raises(Boom):
+        with preserved_state(model, values=False, copy_grads=False):
+            for p in model.parameters(): p.grad = torch.zeros_like(p)
+            model.eval()
+            raise Boom()
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))
+    assert_same_state(model, s)
+
 # ---------------------------------------------------------------- bad input
 @pytest.fixture
 def small_op():
