@@ -418,6 +418,10 @@ def test_rev_matmat_strategies(kind, strategy):
     for update in (_scale_inplace, _scale_dot_data):  # the kept graph is rebuilt after an update, also one through `.data`
         update(model)
         close(kept.matmat(V), reference(model, CE, [(x, y)])[0] @ V)
+    model = (mlp if kind == 'mlp' else cnn)(bn=True).train()  # train-mode BatchNorm (batch statistics), eval_mode=False
+    op = HessianOperator(model, CE, (x, y), mode='rev', eval_mode=False)
+    op._rev_many = strategy
+    close(op.matmat(V), reference(model, CE, [(x, y)], eval_mode=False)[0] @ V)
 
 
 # ---------------------------------------------------------------- forward-mode fallback
