@@ -468,7 +468,7 @@ class HessianOperator(LinearOperator):
                     t0 = time.perf_counter(); out = self._hvp_batch_rev_vmap(f, theta, V); t_vmap = time.perf_counter() - t0
                 except (NotImplementedError, RuntimeError): self._rev_many = 'loop'  # e.g. a custom autograd.Function
                 else:
-                    self._rev_graph(f, theta, cache_key)  # graph built outside the timing, as the vmapped one is reused within a call
+                    if cache_key is not None: self._rev_graph(f, theta, cache_key)  # a kept graph serves later calls: built outside the timing
                     t0 = time.perf_counter(); self._hvp_batch_rev_loop(f, theta, V, cache_key); t_loop = time.perf_counter() - t0
                     self._rev_many = 'vmap' if t_vmap < t_loop else 'loop'
                     return out
