@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from collections.abc import Iterable, Mapping
 import torch
 from torch import nn, Tensor
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 
 # %% auto #0
 __all__ = ['LinearOperator', 'DenseOperator', 'as_operator', 'preserved_state', 'preserved_rng', 'unwrap_model',
@@ -79,12 +79,13 @@ def as_operator(op) -> LinearOperator:
 @contextmanager
 def preserved_state(model:nn.Module, # the model to restore
                     values:bool=True, # restore parameter and buffer values
+                    copy_grads:bool=True, # snapshot `.grad` by copy; False restores the same `.grad` tensors (for code that never writes them in place)
                    ):
     "Restore modes, `.grad`, `requires_grad` and (optionally) parameter and buffer values of `model` on exit."
     modes = [(m, m.training) for m in model.modules()]
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
-    grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    grads = [None if p.grad is None else p.grad.detach().clone() if copy_grads else p.grad for p in params]
     saved = [t.detach().clone() for t in params] if values else None
     buffers = [(b, b.detach().clone()) for b in model.buffers()] if values else []
     try: yield model
@@ -261,6 +262,7 @@ class HessianOperator(LinearOperator):
         self.data, data_n_inp = _prepare_data(data)
         self.n_inp = n_inp if n_inp is not None else data_n_inp
         self._fwd_ok, self._auto, self._graph, self.cache_graph, self._timed = True, {}, None, cache_graph, {}
+        self._rev_many, self._vjp = None, None  # reverse-over-reverse for several columns: 'vmap' or 'loop' (None: not timed yet)
         if self.process_group is None: self.num_samples = self.local_num_samples = self._validate()
         else: self.num_samples = self._global_num_samples()  # validates this rank's data inside the all-reduce
         if check_determinism: self.check_determinism()
@@ -310,8 +312,9 @@ class HessianOperator(LinearOperator):
 
     @contextmanager
     def _ctx(self):
-        # the operator never writes parameters; buffers change only in train mode (BatchNorm statistics)
-        with preserved_state(self.model, values=not self.eval_mode):
+        # the operator never writes parameters nor `.grad` (it differentiates detached copies with autograd.grad);
+        # buffers change only in train mode (BatchNorm statistics)
+        with preserved_state(self.model, values=not self.eval_mode, copy_grads=False):
             if self.eval_mode: self.model.eval()
             yield
 
@@ -377,7 +380,8 @@ class HessianOperator(LinearOperator):
         if not torch.isfinite(loss): raise FloatingPointError(f"the loss is {loss.item()} on batch {i}: fix the data or the model (NaN/inf loss)")
 
     def _check_result(self, out, what):
-        if not torch.isfinite(out).all():
+        # a sum is non-finite when an entry is (NaN and inf propagate); only then (or if the sum overflows) look at the entries
+        if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
             with self._ctx(), torch.no_grad():
                 fixed = self._fixed()
                 for i, (xb, yb) in enumerate(self._batches()): self._check_loss(self._loss_fn(xb, yb, fixed)(*self._theta()), i)
@@ -441,7 +445,7 @@ class HessianOperator(LinearOperator):
 
     def _rev_graph(self, f, theta, cache_key):
         "Leaf copies of the parameters and the graph of the gradient (kept between calls for single-batch data)."
-        if cache_key is not None and self._graph is not None and _same_key(self._graph[0], cache_key): return self._graph[1:]
+        if cache_key is not None and self._graph is not None: return self._graph[1:]  # `_matmat` checked it against the model
         self._graph = None
         if cache_key is not None: cache_key = (cache_key[0], [t.detach().clone() for t in cache_key[1]])  # values before the forward pass
         ps = tuple(t.detach().requires_grad_() for t in theta)
@@ -451,14 +455,43 @@ class HessianOperator(LinearOperator):
         return ps, g
 
     def _hvp_batch_rev(self, f, theta, V, cache_key=None):
-        "Reverse-over-reverse: one gradient graph, then one double-backward pass per column of V."
+        "Reverse-over-reverse: several columns vmapped over one backward pass, or one double-backward pass per column, whichever is faster."
+        if V.shape[1] > 1 and self._rev_many != 'loop':
+            if self._rev_many == 'vmap':
+                try: return self._hvp_batch_rev_vmap(f, theta, V)
+                except (NotImplementedError, RuntimeError) as e:
+                    warnings.warn(f"vectorized reverse-over-reverse failed for this model ({type(e).__name__}: {str(e)[:200]}); "
+                                  f"using one double-backward pass per column instead")
+                    self._rev_many = 'loop'
+            else:  # first product with several columns: time both on this chunk (vmapped backward passes are slower on some networks)
+                try:
+                    t0 = time.perf_counter(); out = self._hvp_batch_rev_vmap(f, theta, V); t_vmap = time.perf_counter() - t0
+                except (NotImplementedError, RuntimeError): self._rev_many = 'loop'  # e.g. a custom autograd.Function
+                else:
+                    if cache_key is not None: self._rev_graph(f, theta, cache_key)  # a kept graph serves later calls: built outside the timing
+                    t0 = time.perf_counter(); self._hvp_batch_rev_loop(f, theta, V, cache_key); t_loop = time.perf_counter() - t0
+                    self._rev_many = 'vmap' if t_vmap < t_loop else 'loop'
+                    return out
+        return self._hvp_batch_rev_loop(f, theta, V, cache_key)
+
+    def _hvp_batch_rev_loop(self, f, theta, V, cache_key=None):
+        "Reverse-over-reverse with autograd: one gradient graph, then one double-backward pass per column of V."
         ps, g = self._rev_graph(f, theta, cache_key)
-        cols = []
+        out = torch.empty_like(V)
         with torch.enable_grad():
             for k in range(V.shape[1]):
                 hv = torch.autograd.grad(g, ps, grad_outputs=self.unflatten(V[:, k]), allow_unused=True, retain_graph=True)
-                cols.append(torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1) for h, p in zip(hv, ps)]))
-        return torch.stack(cols, 1)
+                for o, h in zip(out[:, k].split(self.sizes), hv):
+                    if h is None: o.zero_()  # the loss does not depend on this parameter
+                    else: o.view(h.shape).copy_(h)  # a view of `out` shaped like `h`: no reshaped copy of h
+        return out
+
+    def _hvp_batch_rev_vmap(self, f, theta, V):
+        "Reverse-over-reverse with torch.func: `vjp` of the gradient (its graph built once per batch and call), vmapped over the columns of V."
+        if self._vjp is None or self._vjp[0] is not f: self._vjp = (f, vjp(grad(lambda ps: f(*ps)), theta)[1])
+        vjp_fn = self._vjp[1]
+        def one(v): return torch.cat([h.reshape(-1) for h in vjp_fn(tuple(self.unflatten(v)))[0]])
+        return vmap(one, in_dims=1, out_dims=1)(V)
 
     def _hvp_batch_fwd(self, f, theta, V, cache_key=None):
         "Forward-over-reverse, vectorized over the K columns of V."
@@ -478,19 +511,29 @@ class HessianOperator(LinearOperator):
     def _matmat(self, V):
         K = V.shape[1]
         def local():
-            out = torch.zeros_like(V)
+            out = None
             with self._ctx():
                 fixed, theta, key = self._fixed(), self._theta(), self._cache_key()
-                if key is not None:  # a graph kept between calls shares no storage (nor version counter) with the model's tensors
+                mode = self.mode if self.mode != 'auto' else self._auto.get(K > 1)
+                if mode == 'fwd' and self._fwd_ok: key = None  # forward-over-reverse keeps no graph
+                if key is not None and (self._graph is None or not _same_key(self._graph[0], key)):
+                    self._graph = None  # rebuilt from copies: a graph kept between calls shares no storage (nor version counter) with the model's tensors
                     fixed = {k: v if v is None else v.detach().clone() for k, v in fixed.items()}
                     theta = tuple(t.clone() for t in theta)
-                for xb, yb in self._batches():
-                    w = self._batch_size(xb) / self.num_samples
-                    f = self._loss_fn(xb, yb, fixed)
-                    c = self._chunk(K, xb, fixed) if K > 1 else 1
-                    for s in range(0, K, c):
-                        out[:, s:s+c] += w * self._hvp_batch(f, theta, V[:, s:s+c], key)
-            return out
+                try:
+                    for xb, yb in self._batches():
+                        w = self._batch_size(xb) / self.num_samples
+                        f = self._loss_fn(xb, yb, fixed)
+                        c = self._chunk(K, xb, fixed) if K > 1 else 1
+                        for s in range(0, K, c):
+                            r = self._hvp_batch(f, theta, V[:, s:s+c], key)  # a new tensor: scaled in place
+                            if w != 1: r.mul_(w)
+                            if out is None and r.shape[1] == K: out = r
+                            else:
+                                if out is None: out = torch.zeros_like(V)
+                                out[:, s:s+c] += r
+                finally: self._vjp = None  # the vmapped path's graph lives for one call
+            return torch.zeros_like(V) if out is None else out
         out = self._all_reduce(local, V, 'Hessian-vector product')
         return self._check_result(out, 'Hessian-vector product')
 
@@ -555,7 +598,7 @@ def _sub_operator(op, names):
     sub.names, sub.params = list(names), [named[n] for n in names]
     sub.shapes, sub.sizes = [p.shape for p in sub.params], [p.numel() for p in sub.params]
     sub.num_params, sub.num_matvecs = sum(sub.sizes), 0
-    sub._graph, sub._per_vec_bytes, sub._auto = None, None, {}
+    sub._graph, sub._per_vec_bytes, sub._auto, sub._vjp = None, None, {}, None
     return sub
 
 def _module_groups(op):
@@ -609,6 +652,7 @@ def to_dense(self:HessianOperator,
             if self.mode == 'auto': warnings.simplefilter('ignore')  # 'auto' falls back on 'rev' silently
             B = sub.matmat(E)  # rows of θ_j and the later parameters, columns of θ_j
         self._fwd_ok = self._fwd_ok and sub._fwd_ok
+        if self._rev_many is None: self._rev_many = sub._rev_many  # the next blocks reuse the timed choice
         H[off:, off:off+s] = B
         H[off:off+s, off:] = B.T
         H[off:off+s, off:off+s] = (B[:s] + B[:s].T) / 2

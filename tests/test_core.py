@@ -400,6 +400,30 @@ def test_matmat_chunks_and_counts(mode):
     close(op.matmat(V), H @ V)
 
 
+@pytest.mark.parametrize('strategy', [None, 'vmap', 'loop'])
+@pytest.mark.parametrize('kind', ['mlp', 'cnn'])
+def test_rev_matmat_strategies(kind, strategy):
+    "Reverse-over-reverse `matmat`, vmapped over the backward pass or one pass per column (None: timed), is exact: kept graph, chunks, batches, updates."
+    model, (x, y) = (mlp if kind == 'mlp' else cnn)(bn=True, drop=True).train(), make_data(kind)
+    H, _, _ = reference(model, CE, [(x, y)])
+    V = rand(H.shape[0], 6, seed=7)
+    for data, chunk in [((x, y), None), ((x, y), 4), ([(x[:7], y[:7]), (x[7:], y[7:])], None)]:
+        op = HessianOperator(model, CE, data, mode='rev', chunk_size=chunk)
+        op._rev_many = strategy
+        close(op.matmat(V), H @ V)
+        close(op.matmat(V), H @ V)  # graph kept (single batch) or rebuilt
+        assert op._rev_many in ('vmap', 'loop') and (strategy is None or op._rev_many == strategy)
+        close(op.matvec(V[:, 0]), H @ V[:, 0])
+        if chunk is None and isinstance(data, tuple): kept = op
+    for update in (_scale_inplace, _scale_dot_data):  # the kept graph is rebuilt after an update, also one through `.data`
+        update(model)
+        close(kept.matmat(V), reference(model, CE, [(x, y)])[0] @ V)
+    model = (mlp if kind == 'mlp' else cnn)(bn=True).train()  # train-mode BatchNorm (batch statistics), eval_mode=False
+    op = HessianOperator(model, CE, (x, y), mode='rev', eval_mode=False)
+    op._rev_many = strategy
+    close(op.matmat(V), reference(model, CE, [(x, y)], eval_mode=False)[0] @ V)
+
+
 # ---------------------------------------------------------------- forward-mode fallback
 class SquareNoJvp(torch.autograd.Function):
     "x², with a backward but no jvp (nor vmap) rule: forward-mode AD raises on it."
@@ -587,6 +611,18 @@ def test_preserved_state_on_exception():
             raise Boom()
     assert_same_state(model, s)
 
+
+def test_preserved_state_keeps_grad_references():
+    "copy_grads=False restores the very `.grad` tensors (none copied), also when they were replaced or removed inside."
+    model = messy_model()
+    s, grads = snapshot(model), [p.grad for p in model.parameters()]
+    with pytest.raises(Boom):
+        with preserved_state(model, values=False, copy_grads=False):
+            for p in model.parameters(): p.grad = torch.zeros_like(p)
+            model.eval()
+            raise Boom()
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))
+    assert_same_state(model, s)
 
 # ---------------------------------------------------------------- bad input
 @pytest.fixture
