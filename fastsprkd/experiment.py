@@ -92,9 +92,8 @@ class StoryConfig:
 # %% ../nbs/20_experiment.ipynb #86c7c7f1
 def load_data(cfg:StoryConfig) -> 'DataLoaders':
     "Fresh `DataLoaders` of `cfg.dataset` (MNIST only from files on disk; a clear error if they are missing)."
-    # num_workers=0: the data are in-memory tensors; worker processes would only add start-up cost
-    if cfg.dataset == 'digits': return digits_dls(bs=cfg.bs, n_train=cfg.n_train, num_workers=0)
-    return mnist_dls(cfg.data_dir, bs=cfg.bs, n_train=cfg.train_items, num_workers=0)
+    if cfg.dataset == 'digits': return digits_dls(bs=cfg.bs, n_train=cfg.n_train)  # in-memory: no worker processes
+    return mnist_dls(cfg.data_dir, bs=cfg.bs, n_train=cfg.train_items)
 
 def make_model(width:int, # channels of the first convolution
                side:int=8, # input image side (8 for digits, 28 for MNIST)
