@@ -6,9 +6,11 @@ Docs: https://github.com/fastsprkd/fastsprkd/tree/main/nbs/cli.html.md"""
 
 # %% ../nbs/90_cli.ipynb #3ca4a364
 from __future__ import annotations
-import argparse, shlex, sys, time
+import argparse, shlex, sys, time, warnings
 from contextlib import contextmanager
 from pathlib import Path
+# importing fastai/torchvision under torch ≥ 2.10 warns that `torch.jit.script` is deprecated: noise on every command
+warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
 from .saddle import SaddleBankError
 from .experiment import (StoryConfig, DATASETS, LABELS, METRIC_LABELS, OutputDirError, check_output_dir, load_data,
                                   run_demo, run_experiment)
