@@ -238,6 +238,8 @@ class HessianOperator(LinearOperator):
                  check_determinism:bool=False, # compare two identical products once and raise if they differ
                  cache_graph:bool=True, # single-batch data: keep the gradient graph while the parameters are unchanged
                  process_group='auto', # 'auto': all-reduce over the default group when torch.distributed is initialized; a group; or None/False
+                 at=None, # values of the selected parameters (tensors in `params` order) to take the Hessian at, instead of the model's own (never written into it)
+                 validate:bool=True, # one checking forward pass at construction (False: only count the samples, e.g. for a batch whose loss was just computed)
                 ):
         if mode not in ('auto', 'fwd', 'rev'): raise ValueError(f"mode must be 'auto', 'fwd' or 'rev', got {mode!r}")
         inner = unwrap_model(model)  # products never go through DDP's gradient hooks
@@ -259,6 +261,11 @@ class HessianOperator(LinearOperator):
         self.sizes = [p.numel() for p in self.params]
         self.num_params = sum(self.sizes)
         self.num_matvecs = 0
+        if at is not None:  # a flat vector or per-parameter tensors (a list or a dict by name), checked against the shapes
+            at = (at if isinstance(at, Tensor) else self.flatten(at)).detach().to(device=self.device, dtype=self.dtype)
+            at = tuple(self.unflatten(at))
+        self._at = at
+        self.validate = validate
         self.data, data_n_inp = _prepare_data(data)
         self.n_inp = n_inp if n_inp is not None else data_n_inp
         self._fwd_ok, self._auto, self._graph, self.cache_graph, self._timed = True, {}, None, cache_graph, {}
@@ -308,7 +315,7 @@ class HessianOperator(LinearOperator):
             # fastai losses return `TensorBase`, whose `__torch_function__` makes every product several times slower
             with torch._C.DisableTorchFunctionSubclass(): return _plain(self.loss_func(pred, *yb))
         return f
-    def _theta(self): return tuple(p.detach() for p in self.params)
+    def _theta(self): return self._at if self._at is not None else tuple(p.detach() for p in self.params)
 
     @contextmanager
     def _ctx(self):
@@ -321,6 +328,7 @@ class HessianOperator(LinearOperator):
     def _validate(self):
         "One plain forward pass over every batch: counts samples, checks the loss is a finite scalar."
         total = 0
+        if not self.validate: return sum(self._batch_size(xb) for xb, _ in self._batches())
         with self._ctx(), torch.no_grad():
             fixed = self._fixed()
             for i, (xb, yb) in enumerate(self._batches()):
@@ -503,7 +511,7 @@ class HessianOperator(LinearOperator):
     def _cache_key(self):
         "What the gradient graph depends on: the modules' modes and the parameters, buffers and batch (compared by value)."
         # not autograd's version counters: `p.data` updates (fastai's optimizers, `p.data = ...`) do not bump them
-        if not (isinstance(self.data, list) and len(self.data) == 1) or not self.cache_graph: return None
+        if not (isinstance(self.data, list) and len(self.data) == 1) or not self.cache_graph or self._at is not None: return None
         if any(m.training for m in self.model.modules()): return None  # train mode may be random (Dropout): no caching
         ts = [*self.model.parameters(), *self.model.buffers(), *(o for o in self.data[0] if isinstance(o, Tensor))]
         return [m.training for m in self.model.modules()], ts
@@ -538,8 +546,10 @@ class HessianOperator(LinearOperator):
         return self._check_result(out, 'Hessian-vector product')
 
     def _time(self, fn, *args):
-        t0 = time.perf_counter(); out = fn(*args)
-        return out, time.perf_counter() - t0
+        "Output of the first call of `fn(*args)` and the faster of two timings (the first may carry one-time costs)."
+        t0 = time.perf_counter(); out = fn(*args); t1 = time.perf_counter()
+        fn(*args)  # with a kept graph (single batch): the second call times a cached-graph product
+        return out, min(t1 - t0, time.perf_counter() - t1)
 
     def _hvp_batch(self, f, theta, V, key):
         many = V.shape[1] > 1
@@ -554,7 +564,6 @@ class HessianOperator(LinearOperator):
                 return self._hvp_batch_rev(f, theta, V, key)
         # 'auto', first product of this kind: time both modes on this batch and keep the faster
         out, t_rev = self._time(self._hvp_batch_rev, f, theta, V, key)
-        if key is not None: _, t_rev = self._time(self._hvp_batch_rev, f, theta, V, key)  # a cached-graph product
         try: _, t_fwd = self._time(self._hvp_batch_fwd, f, theta, V)
         except (NotImplementedError, RuntimeError): t_fwd, self._fwd_ok = math.inf, False
         self._auto[many] = 'fwd' if t_fwd < t_rev else 'rev'
@@ -582,13 +591,6 @@ class HessianOperator(LinearOperator):
 # %% ../nbs/02_core.ipynb #388e5330
 import copy
 from fastcore.basics import patch
-
-@patch
-def _time(self:HessianOperator, fn, *args):
-    "Output of the first call of `fn(*args)` and the faster of two timings (the first may carry one-time costs)."
-    t0 = time.perf_counter(); out = fn(*args); t1 = time.perf_counter()
-    fn(*args)
-    return out, min(t1 - t0, time.perf_counter() - t1)
 
 # %% ../nbs/02_core.ipynb #2ea3f71c
 def _sub_operator(op, names):

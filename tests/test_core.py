@@ -741,3 +741,35 @@ def test_matvec_symmetric_linear_and_modes_agree(hid, depth, n, seed, mode):
     close(op @ (2 * v - 3 * w), 2 * Hv - 3 * Hw, tol=1e-12)              # linearity
     close(other @ v, Hv, tol=1e-11)                                      # fwd == rev
     close(op.matmat(torch.stack([v, w], 1)), torch.stack([Hv, Hw], 1), tol=1e-12)
+
+
+def test_at_given_parameters_without_writing_them():
+    "`at=`: the Hessian at other parameter values (flat or per tensor), exact, with the model untouched; `validate=False`."
+    m = cnn()
+    x, y = make_data('cnn')
+    names = ['4.weight', '4.bias']
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    g = torch.Generator().manual_seed(3)
+    other = {n: before[n] + 0.3 * torch.randn(before[n].shape, generator=g, dtype=F64) for n in names}
+    m2 = copy.deepcopy(m)
+    with torch.no_grad():
+        for n in names: m2.get_parameter(n).copy_(other[n])
+    H_ref, g_ref, l_ref = reference(m2, CE, [(x, y)], names)
+    for at in (other, [other[n] for n in names], torch.cat([other[n].reshape(-1) for n in names])):
+        op = HessianOperator(m, CE, (x, y), names, at=at, validate=False)
+        assert torch.allclose(op.to_dense(), H_ref, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(op.gradient(), g_ref, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(op.loss(), l_ref, rtol=1e-12)
+        v = torch.randn(op.num_params, generator=g, dtype=F64)
+        assert torch.allclose(op.matvec(v), H_ref @ v, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(op.matvec(v), H_ref @ v, rtol=1e-10, atol=1e-12)  # again: no graph kept for the model's values
+    for n, p in m.named_parameters(): assert torch.equal(p, before[n])
+    # the model's own values are not the ones used
+    assert not torch.allclose(HessianOperator(m, CE, (x, y), names).to_dense(), H_ref)
+    fct.test_fail(lambda: HessianOperator(m, CE, (x, y), names, at=[other['4.weight']]), contains='one per parameter')
+    # validate=False skips the checking forward pass: a NaN loss is then only found by the products
+    xn = x.clone(); xn[0] = float('nan')
+    fct.test_fail(lambda: HessianOperator(m, CE, (xn, y), names), contains='NaN')
+    op = HessianOperator(m, CE, (xn, y), names, validate=False)
+    fct.test_eq(op.num_samples, len(x))
+    fct.test_fail(lambda: op.gradient(), contains='NaN')  # the non-finite gradient sends it back to the losses

@@ -328,16 +328,6 @@ class HessianSpectrumCallback(_Observer):
 # %% ../../nbs/10_observe.ipynb #ac4c8fd0
 def _flat(ts) -> Tensor: return torch.cat([t.detach().reshape(-1) for t in ts])
 
-class _StepHessian(HessianOperator):
-    "The Hessian on the batches of one optimizer step at given parameter values, built for one product."
-    def __init__(self, model, loss_func, batches, names, theta, **kwargs):
-        self._given_theta = tuple(theta)
-        super().__init__(model, loss_func, batches, names, cache_graph=False, **kwargs)
-    # the training step has just evaluated this loss: no validation forward pass, only the sample count
-    def _validate(self): return sum(self._batch_size(xb) for xb, _ in self._batches())
-    # the parameters *before* the step, without writing them into the model
-    def _theta(self): return self._given_theta
-
 class SharpnessCallback(_Observer):
     "Record the gradient correlation ⟨g, Δθ⟩ and directional sharpness Δθᵀ H Δθ of the optimizer's steps."
     order = GradientClip.order + 1  # after MixedPrecision (unscaling) and GradientClip
@@ -396,10 +386,11 @@ class SharpnessCallback(_Observer):
         after = _flat(ps)
         update = (after.double() - before.double())  # the exact difference of the stored values
         data = [xb + yb for xb, yb in batches]
-        theta = [v.view_as(p) for p, v in zip(ps, before.split([p.numel() for p in ps]))]
         with _preserved_rng(), _no_autocast(after.device):
-            op = _StepHessian(model, self.learn.loss_func, data, names, theta, eval_mode=self.eval_mode, mode=self.mode,
-                              n_inp=len(batches[0][0]))
+            # at the parameters *before* the step (never written into the model); the step has just evaluated this
+            # loss, so no checking forward pass
+            op = HessianOperator(model, self.learn.loss_func, data, names, at=before, validate=False, eval_mode=self.eval_mode,
+                                 mode=self.mode, n_inp=len(batches[0][0]))
             dhd = float(directional_sharpness(op, update.to(op.dtype)))
         gc = float(gradient_correlation(g.double(), update))
         gn, un = float(g.double().norm()), float(update.norm())
