@@ -7,14 +7,13 @@ Docs: https://github.com/fastsprkd/fastsprkd/tree/main/nbs/observe.html.md"""
 # %% ../../nbs/10_observe.ipynb #941be14e
 from __future__ import annotations
 import math, random, time, warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import partial
 import numpy as np
 import torch
 from torch import Tensor
 import matplotlib.pyplot as plt
 from fastcore.basics import patch, store_attr
-from fasttransform import Pipeline
 from fastai.torch_core import to_device
 from fastai.learner import Learner, Recorder, ValueMetric
 from fastai.callback.core import Callback
@@ -24,6 +23,7 @@ from ..core import HessianOperator, preserved_state, _select_params, _params_id,
 from ..eigen import eigsh
 from ..estimators import trace as trace_estimate
 from ..analysis import gradient_correlation, directional_sharpness
+from .sprkd import probe_batches
 
 # %% auto #0
 __all__ = ['HessianSpectrumCallback', 'SharpnessCallback']
@@ -33,14 +33,6 @@ from ..core import preserved_rng as _preserved_rng
 
 # %% ../../nbs/10_observe.ipynb #021d3569
 def _chunks(xs, n): return [xs[i:i+n] for i in range(0, len(xs), n)]
-
-def _set_split_idx(dl, i):
-    "Set the split index of a fastai `TfmdDL`'s item/batch pipelines; returns the old values."
-    old = {}
-    for nm in ('after_item', 'before_batch', 'after_batch'):
-        f = getattr(dl, nm, None)
-        if isinstance(f, Pipeline): old[nm] = f.split_idx; f.split_idx = i if i is not None else old[nm]
-    return old
 
 def _probe_batches(dls, # the `Learner`'s `DataLoaders` (their training set is sampled)
                    n_probe:int=128, # number of training items
@@ -56,25 +48,11 @@ def _probe_batches(dls, # the `Learner`'s `DataLoaders` (their training set is s
     n = len(ds)
     if n == 0: raise ValueError("the training set is empty: there is nothing to build a probe set from; pass `data=`")
     if n_probe < 1: raise ValueError(f"n_probe must be at least 1, got {n_probe}")
+    # a fastai DataLoader: SPRKD's probe set (validation-time transforms, global RNGs untouched, sharded across ranks)
+    if isinstance(dl, FastaiDataLoader): return probe_batches(dl, n_probe, seed, bs=bs or n_probe)
     idxs = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:min(n_probe, n)].sort().values.tolist()
-    batches = []
-    with _preserved_rng():
-        if isinstance(dl, FastaiDataLoader):
-            ctx = ds.set_split_idx(1) if hasattr(ds, 'set_split_idx') else nullcontext()
-            old = _set_split_idx(dl, 1)  # validation-time transforms: no augmentation
-            try:
-                with ctx:
-                    for chunk in _chunks(idxs, bs or len(idxs)):
-                        items = [o for o in (dl.do_item(i) for i in chunk) if o is not None]
-                        b = dl.do_batch(items)
-                        if dl.device is not None: b = to_device(b, dl.device)
-                        batches.append(tuple(dl.after_batch(b)))
-            finally:
-                for nm, v in old.items(): getattr(dl, nm).split_idx = v
-        else:
-            collate = getattr(dl, 'collate_fn', None) or torch.utils.data.default_collate
-            batches = [tuple(collate([ds[i] for i in chunk])) for chunk in _chunks(idxs, bs or len(idxs))]
-    return batches
+    collate = getattr(dl, 'collate_fn', None) or torch.utils.data.default_collate
+    with _preserved_rng(): return [tuple(collate([ds[i] for i in chunk])) for chunk in _chunks(idxs, bs or len(idxs))]
 
 def _as_probe(data) -> list:
     "User-given probe data as a list of batches: a batch, a list of batches, or a DataLoader (read once, unshuffled)."
