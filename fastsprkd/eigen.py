@@ -113,6 +113,8 @@ def _frontier(theta, which, k):
     return sorted(set(ends))
 
 # %% ../nbs/03_eigen.ipynb #9b1e7d3c
+_EARLY_TOL = 1e-4  # a random start stops before its first basis is full only when converged to this (or `tol` if tighter)
+
 @dataclass
 class _Run:
     theta:Tensor # Ritz values returned (ascending)
@@ -125,8 +127,9 @@ class _Run:
 def _thick_restart_lanczos(op, k, which, tol, ncv, budget, q0, X, anorm, gen, tick=None, found=None, warm=False):
     """Thick-restart Lanczos with full reorthogonalization on the orthogonal complement of the orthonormal columns of `X`.
     Without `found`: the k wanted Ritz pairs, stopping as soon as they converge (checked after every product; from a random
-    start not before the first basis is full: a small residual only says *some* eigenvalue is near, and a few steps from a
-    random vector often converge to the bulk of the spectrum before the extreme eigenvalues appear; `warm`: a given start).
+    start not before the first basis is full unless they meet the tighter of `tol` and `_EARLY_TOL` after ≥ 2k+1 products:
+    a small residual only says *some* eigenvalue is near, and at a loose tolerance a few steps from a random vector often
+    give converged-looking pairs from the bulk of the spectrum before the extreme eigenvalues appear; `warm`: a given start).
     With `found` (the eigenvalues of `X`): a check for missed eigenvalues — the Ritz pairs more wanted than some found
     eigenvalue, stopping once they and the most wanted Ritz pair of each end have converged."""
     n, L = op.num_params, X.shape[1]
@@ -155,14 +158,16 @@ def _thick_restart_lanczos(op, k, which, tol, ncv, budget, q0, X, anorm, gen, ti
             conv = res <= tol * anorm
             full = L + i + 1 == n
             if found is None:
-                sel = _wanted(theta, min(kk, i + 1), which)
+                sel = chk = _wanted(theta, min(kk, i + 1), which)
                 done = i + 1 >= kk and bool(conv[sel].all())
             else:
                 sel = _candidates(found, theta, which, tol * anorm)
-                done = bool(conv[sorted(set(sel) | set(_frontier(theta, which, found.shape[0])))].all())
+                chk = sorted(set(sel) | set(_frontier(theta, which, found.shape[0])))
+                done = bool(conv[chk].all())
             state = (i, theta, S, res, sel, done or full)
             if tick is not None: tick()
-            if done and not warm and j == 0 and i + 1 < m: done = False  # random start: finish the first basis
+            if done and not warm and j == 0 and i + 1 < m and (i + 1 < 2 * k + 1 or not bool((res[chk] <= min(tol, _EARLY_TOL) * anorm).all())):
+                done = False  # random start: finish the first basis unless converged to the tight tolerance
             if done or full: break
             if beta <= 1e-12 * H[:i+1, :i+1].abs().max().clamp_min(tiny):
                 # invariant subspace found: go on with a fresh random vector orthogonal to the basis
