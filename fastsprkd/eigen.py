@@ -45,6 +45,18 @@ def _orthogonalize(w, Q):
     h2 = Q.T @ w
     return w - Q @ h2, h + h2
 
+def _orth_rows(w, R):
+    """Classical Gram–Schmidt of `w` against the orthonormal *rows* of `R` (contiguous basis vectors), repeated when the
+    norm drops below 1/√2 of what it was (the DGKS test ARPACK uses: no cancellation, no second pass); returns (w, coefficients)."""
+    if R.shape[0] == 0: return w, w.new_zeros(0)
+    h = R @ w
+    w2 = torch.addmv(w, R.T, h, alpha=-1)
+    if w2.norm() < 0.7071 * w.norm():
+        h2 = R @ w2
+        w2 = torch.addmv(w2, R.T, h2, alpha=-1)
+        h = h + h2
+    return w2, h
+
 # %% ../nbs/03_eigen.ipynb #92defc66
 def lanczos(op, # a symmetric linear operator or a square tensor
             v0:Tensor, # start vector (normalized internally)
@@ -137,18 +149,18 @@ def _thick_restart_lanczos(op, k, which, tol, ncv, budget, q0, X, anorm, gen, ti
     kk = min(k, m)
     dtype, device = op.dtype, op.device
     tiny = torch.finfo(dtype).tiny
-    Q = torch.zeros(n, L + m + 1, dtype=dtype, device=device)
-    Q[:, :L] = X
+    Q = torch.empty(L + m + 1, n, dtype=dtype, device=device)  # basis vectors as contiguous rows: the locked X, then the Krylov basis
+    Q[:L] = X.T
     H = torch.zeros(m, m, dtype=dtype, device=device)
     C = torch.zeros(L, m, dtype=dtype, device=device)  # Xᵀ A Q: the coupling to the locked vectors
-    q0, _ = _orthogonalize(q0, X)
-    Q[:, L] = q0 / q0.norm().clamp_min(tiny)
+    q0, _ = _orth_rows(q0, Q[:L])
+    Q[L] = q0 / q0.norm().clamp_min(tiny)
     j, used, state = 0, 0, None
     while True:
         for i in range(j, m):
             if used >= budget: break
-            w = op.matvec(Q[:, L + i]); used += 1
-            w, h = _orthogonalize(w, Q[:, :L + i + 1])
+            w = op.matvec(Q[L + i]); used += 1
+            w, h = _orth_rows(w, Q[:L + i + 1])
             C[:, i] = h[:L]; H[:i+1, i] = h[L:]; H[i, :i+1] = h[L:]
             beta = w.norm()
             # Ritz pairs of the basis so far: A Q = Q H + w e_iᵀ (+ X C, the part of A Q along the locked vectors)
@@ -172,18 +184,17 @@ def _thick_restart_lanczos(op, k, which, tol, ncv, budget, q0, X, anorm, gen, ti
             if beta <= 1e-12 * H[:i+1, :i+1].abs().max().clamp_min(tiny):
                 # invariant subspace found: go on with a fresh random vector orthogonal to the basis
                 w = torch.randn(n, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-                w, _ = _orthogonalize(w, Q[:, :L + i + 1])
+                w, _ = _orth_rows(w, Q[:L + i + 1])
                 beta = w.norm()
-            Q[:, L + i + 1] = w / beta.clamp_min(tiny)
+            Q[L + i + 1] = w / beta.clamp_min(tiny)
         else:
             if used < budget:
                 # thick restart: keep the wanted Ritz vectors and as many more near them; the residual vector goes on
                 i, theta, S, res = state[:4]
                 p = min(m - 1, max(kk + (m - kk) // 2, kk + 1))
                 keep = _restart_set(theta, _wanted(theta, kk, which), p, which)
-                Q[:, L:L + p] = Q[:, L:L + m] @ S[:, keep]
-                Q[:, L + p] = Q[:, L + m]
-                Q[:, L + p + 1:] = 0
+                Q[L:L + p] = S[:, keep].T @ Q[L:L + m]
+                Q[L + p] = Q[L + m]
                 C[:, :p] = C @ S[:, keep]; C[:, p:] = 0
                 H.zero_()
                 H[:p, :p] = torch.diag(theta[keep])  # row/column p (the arrowhead) come from projecting A q_p
@@ -191,7 +202,7 @@ def _thick_restart_lanczos(op, k, which, tol, ncv, budget, q0, X, anorm, gen, ti
                 continue
         break
     i, theta, S, res, sel, ok = state
-    return _Run(theta[sel], Q[:, L:L + i + 1] @ S[:, sel], res[sel], ok, L + i + 1 == n, anorm), used
+    return _Run(theta[sel], Q[L:L + i + 1].T @ S[:, sel], res[sel], ok, L + i + 1 == n, anorm), used
 
 # %% ../nbs/03_eigen.ipynb #5c0e8a21
 def eigsh(op, # a symmetric linear operator (e.g. `HessianOperator`) or a dense symmetric tensor
