@@ -1,10 +1,16 @@
 """ResNet-18 on 3×32×32 images (issue 9): HVP cost, top-5 eigenpairs and peak memory, next to PyHessian in the same run.
 
-    .venv/bin/python bench/bench_resnet.py [hvp|eigsh|memory|all] [--bs 128] [--threads 2] [--repeat 3]
+    .venv/bin/python bench/bench_resnet.py [hvp|eigsh|memory|all] [--bs 128] [--threads 2] [--repeat 3] [--device cpu|cuda] [--compile]
+
+On a GPU (issue 9): `python bench/bench_resnet.py hvp --device cuda --bs 256 --repeat 10 --compile` and
+`python bench/bench_resnet.py eigsh --device cuda --bs 256 --ph-maxiter 100`.
 
 hvp:    time of one HVP (fwd, rev with the gradient graph kept, rev rebuilt) / time of one gradient, and PyHessian's
         `hessian_vector_product` (its graph kept) on the same model and batch; `--repeat` interleaved rounds (one
-        gradient, then each product once), medians over the rounds of the ratio to that round's gradient.
+        gradient, then each product once), medians over the rounds of the ratio to that round's gradient, and HVPs
+        per second (1 / median time). `--compile`: also plain torch.func forward-over-reverse, eager and under
+        `torch.compile` (compiled once before the rounds; its compile time is reported), to see whether compiling
+        the product helps on that device. CUDA timings synchronize before and after each call.
 eigsh:  top-5 eigenvalues: `eigsh(k=5, which='LA', tol=1e-3)` vs PyHessian `hessian.eigenvalues(top_n=5, tol=1e-3)`
         (its `maxIter` capped by `--ph-maxiter`, see the output), wall time and products, same model and batch.
 memory: peak resident memory (getrusage ru_maxrss) of a fresh process that builds the model, the batch and a
@@ -21,60 +27,90 @@ sys.path.insert(0, here)
 from common import median_time, save, table, machine
 
 
-def setup(bs):
+def setup(bs, device='cpu'):
     import torchvision
     from fastsprkd.data import _digits_arrays
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    model = torchvision.models.resnet18(weights=None, num_classes=10).eval().to(device)
     x, y = _digits_arrays()
     x = nn.functional.interpolate(x[:bs], size=(32, 32), mode='bilinear', align_corners=False).expand(-1, 3, -1, -1).contiguous()
-    return model, x, y[:bs], nn.CrossEntropyLoss()
+    return model, x.to(device), y[:bs].to(device), nn.CrossEntropyLoss()
 
 
-def bench_hvp(bs, repeat):
+def _sync(device):
+    if str(device).startswith('cuda'): torch.cuda.synchronize()
+
+
+def _torch_func_hvp(model, lf, x, y):
+    "Plain torch.func forward-over-reverse on the whole model (the peer, and what `--compile` compiles)."
+    from torch.func import functional_call, grad, jvp
+    names = [n for n, _ in model.named_parameters()]
+    theta = tuple(p.detach() for p in model.parameters())
+    f = lambda ps: lf(functional_call(model, dict(zip(names, ps)), (x,)), y)
+    return theta, (lambda v: jvp(grad(f), (theta,), (v,))[1])
+
+
+def bench_hvp(bs, repeat, device='cpu', compile=False):
     "Interleaved rounds (gradient, then each contender once): a load change hits all of them alike; medians over rounds."
     import statistics
     from fastsprkd.core import HessianOperator
     from pyhessian import hessian
     from pyhessian.utils import hessian_vector_product
-    model, x, y, lf = setup(bs)
+    model, x, y, lf = setup(bs, device)
     ps = list(model.parameters())
     ops = {label: HessianOperator(model, lf, (x, y), mode=mode, cache_graph=cache)
            for label, mode, cache in [('fwd', 'fwd', False), ('rev+cache', 'rev', True), ('rev', 'rev', False)]}
-    v = torch.randn(ops['fwd'].num_params)
-    h = hessian(model, lf, data=(x, y), cuda=False)
+    v = torch.randn(ops['fwd'].num_params, device=device)
+    h = hessian(model, lf, data=(x, y), cuda=str(device).startswith('cuda'))
     vs = [torch.randn_like(p) for p in h.params]
     fns = {'grad': lambda: torch.autograd.grad(lf(model(x), y), ps),
            **{label: (lambda op=op: op.matvec(v)) for label, op in ops.items()},
            'PyHessian hv (graph kept)': lambda: hessian_vector_product(h.gradsH, h.params, vs)}
+    row = dict(model=f'ResNet-18 ({sum(p.numel() for p in ps):,} params), batch {bs}, 3x32x32', device=_device_name(device))
+    if compile:
+        theta, hvp = _torch_func_hvp(model, lf, x, y)
+        tv = tuple(torch.randn_like(t) for t in theta)
+        fns['torch.func jvp(grad)'] = lambda: hvp(tv)
+        try:
+            t0 = time.perf_counter(); compiled = torch.compile(hvp); out = compiled(tv); _sync(device)
+            row['compile_s'] = f"{time.perf_counter() - t0:.0f}"
+            ref = hvp(tv)
+            row['compiled max rel diff'] = f"{max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(out, ref)):.1e}"
+            fns['torch.compile(jvp(grad))'] = lambda: compiled(tv)
+        except Exception as e:  # report, do not hide: compiling the product may not work on every version/device
+            row['compile_s'] = f"failed: {type(e).__name__}: {str(e)[:200]}"
     times = {k: [] for k in fns}
     for r in range(repeat + 1):  # round 0: warm-up (kept graph built, first-call costs), not counted
         for k, fn in fns.items():
-            t0 = time.perf_counter(); fn(); dt = time.perf_counter() - t0
+            _sync(device); t0 = time.perf_counter(); fn(); _sync(device); dt = time.perf_counter() - t0
             if r: times[k].append(dt)
     tg = statistics.median(times['grad'])
-    row = dict(model=f'ResNet-18 ({sum(p.numel() for p in ps):,} params), batch {bs}, 3x32x32', grad_s=f"{tg:.3f}")
+    row['grad_s'] = f"{tg:.4f}"
     for k in fns:
         if k == 'grad': continue
         t = statistics.median(times[k])
         ratio = statistics.median(a / g for a, g in zip(times[k], times['grad']))  # per round: same load
-        row[k] = f"{ratio:.2f}x ({t:.2f} s)"
+        row[k] = f"{ratio:.2f}x ({t:.4f} s, {1 / t:.1f} HVP/s)"
     print(row, flush=True)
     return [row]
 
 
-def bench_eigsh(bs, ph_maxiter, k=5):
+def _device_name(device):
+    return torch.cuda.get_device_name(torch.device(device)) if str(device).startswith('cuda') else f'CPU, {torch.get_num_threads()} threads'
+
+
+def bench_eigsh(bs, ph_maxiter, k=5, device='cpu'):
     from fastsprkd.core import HessianOperator
     from fastsprkd.eigen import eigsh
     from pyhessian import hessian
     import importlib
-    model, x, y, lf = setup(bs)
+    model, x, y, lf = setup(bs, device)
     op = HessianOperator(model, lf, (x, y), mode='rev')  # graph kept between products (single batch), like PyHessian's
-    t0 = time.perf_counter(); r = eigsh(op, k=k, which='LA', tol=1e-3, max_matvecs=200, seed=0); t_ours = time.perf_counter() - t0
+    _sync(device); t0 = time.perf_counter(); r = eigsh(op, k=k, which='LA', tol=1e-3, max_matvecs=200, seed=0); _sync(device); t_ours = time.perf_counter() - t0
     ours = sorted(r.eigenvalues.tolist())
     rss_eigsh = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak so far: model, batch, operator and Lanczos
     # without the check for missed eigenvalues (PyHessian has none)
-    t0 = time.perf_counter(); r0 = eigsh(op, k=k, which='LA', tol=1e-3, max_matvecs=200, seed=0, verify=False); t_nov = time.perf_counter() - t0
+    _sync(device); t0 = time.perf_counter(); r0 = eigsh(op, k=k, which='LA', tol=1e-3, max_matvecs=200, seed=0, verify=False); _sync(device); t_nov = time.perf_counter() - t0
     PH = importlib.import_module('pyhessian.hessian')
     orig, calls = PH.hessian_vector_product, [0]
     def counted(*a, **kw): calls[0] += 1; return orig(*a, **kw)
@@ -82,13 +118,13 @@ def bench_eigsh(bs, ph_maxiter, k=5):
     try:
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        h = hessian(model, lf, data=(x, y), cuda=False)  # its gradient graph: part of its cost
+        h = hessian(model, lf, data=(x, y), cuda=str(device).startswith('cuda'))  # its gradient graph: part of its cost
         vals, _ = h.eigenvalues(maxIter=ph_maxiter, tol=1e-3, top_n=k)
-        t_ph = time.perf_counter() - t0
+        _sync(device); t_ph = time.perf_counter() - t0
     finally: PH.hessian_vector_product = orig
     vals = sorted(vals)
     rel = max(abs(a - b) / abs(a) for a, b in zip(ours, vals))
-    row = {'eigsh HVPs': r.num_matvecs, 'eigsh s': f"{t_ours:.1f}", 'eigsh converged': f"{int(r.converged.sum())}/{k}",
+    row = {'device': _device_name(device), 'eigsh HVPs': r.num_matvecs, 'eigsh s': f"{t_ours:.1f}", 'eigsh converged': f"{int(r.converged.sum())}/{k}",
            'eigsh max rel residual': f"{float((r.residuals / r.eigenvalues.abs().max()).max()):.1e}", 'peak RSS after eigsh (MiB)': round(rss_eigsh),
            'verify=False HVPs': r0.num_matvecs, 'verify=False s': f"{t_nov:.1f}",
            'verify=False max rel diff to eigsh': f"{max(abs(a - b) / abs(a) for a, b in zip(ours, sorted(r0.eigenvalues.tolist()))):.1e}",
@@ -140,12 +176,14 @@ if __name__ == '__main__':
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--repeat', type=int, default=3)
     ap.add_argument('--ph-maxiter', type=int, default=20)
+    ap.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (the memory bench is CPU-only: peak RSS)")
+    ap.add_argument('--compile', action='store_true', help='hvp: also time torch.func jvp(grad), eager and compiled')
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     res = {}
-    if a.what in ('memory', 'all'): res['memory'] = bench_memory(a.bs, a.threads)
-    if a.what in ('hvp', 'all'): res['hvp'] = bench_hvp(a.bs, a.repeat)
-    if a.what in ('eigsh', 'all'): res['eigsh'] = bench_eigsh(a.bs, a.ph_maxiter)
+    if a.what in ('memory', 'all') and a.device == 'cpu': res['memory'] = bench_memory(a.bs, a.threads)
+    if a.what in ('hvp', 'all'): res['hvp'] = bench_hvp(a.bs, a.repeat, a.device, a.compile)
+    if a.what in ('eigsh', 'all'): res['eigsh'] = bench_eigsh(a.bs, a.ph_maxiter, device=a.device)
     for k, rows in res.items():
         print(f"\n{k}\n" + table(rows, list(rows[0])))
-    print(save(f'resnet_{a.what}', {k: v for k, v in res.items()}))
+    print(save(f'resnet_{a.what}' + ('' if a.device == 'cpu' else f'_{a.device}'), {k: v for k, v in res.items()}))
