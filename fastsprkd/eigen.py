@@ -69,23 +69,23 @@ def lanczos(op, # a symmetric linear operator or a square tensor
     m = min(num_steps, n)
     if m < 1: raise ValueError(f"num_steps must be ≥ 1, got {num_steps}")
     q = _start_vector(n, op.dtype, op.device, 0, v0)
-    Q = torch.zeros(n, m, dtype=op.dtype, device=op.device)
+    R = torch.empty(m, n, dtype=op.dtype, device=op.device)  # basis vectors as contiguous rows
     alphas, betas = [], []
-    Q[:, 0] = q
+    R[0] = q
     for j in range(m):
-        w = op.matvec(Q[:, j])
-        a = torch.dot(Q[:, j], w)
+        w = op.matvec(R[j])
+        a = torch.dot(R[j], w)
         alphas.append(a)
-        w = w - a * Q[:, j]
-        if j > 0: w = w - betas[-1] * Q[:, j-1]
-        if reorth: w, _ = _orthogonalize(w, Q[:, :j+1])
+        w = w - a * R[j]
+        if j > 0: w = w - betas[-1] * R[j-1]
+        if reorth: w, _ = _orth_rows(w, R[:j+1])
         if j == m - 1: break
         b = w.norm()
         if b <= 1e-10 * max(abs(float(x)) for x in alphas) + torch.finfo(op.dtype).tiny:  # invariant subspace: stop early
-            Q = Q[:, :j+1]; break
+            R = R[:j+1]; break
         betas.append(b)
-        Q[:, j+1] = w / b
-    return torch.stack(alphas), (torch.stack(betas) if betas else Q.new_zeros(0)), Q
+        R[j+1] = w / b
+    return torch.stack(alphas), (torch.stack(betas) if betas else R.new_zeros(0)), R.T
 
 # %% ../nbs/03_eigen.ipynb #2340eeb6
 def _wanted(theta, k, which):
