@@ -6,7 +6,7 @@ Docs: https://github.com/fastsprkd/fastsprkd/tree/main/nbs/eigen.html.md"""
 
 # %% ../nbs/03_eigen.ipynb #b58d16b8
 from __future__ import annotations
-import math
+import math, warnings
 from dataclasses import dataclass
 import torch
 from torch import Tensor
@@ -216,6 +216,7 @@ def eigsh(op, # a symmetric linear operator (e.g. `HessianOperator`) or a dense 
           v0:Tensor|None=None, # start vector instead of a random one
           verify:bool|None=None, # check from fresh random vectors that no wanted eigenvalue was missed (None: when an end asks for ≥ 2 pairs)
           progress:bool=False, # show a fastprogress bar of the products used
+          warn:bool=True, # warn when some pairs did not converge within `max_matvecs` (`EigResult.converged` says which)
          ) -> EigResult:
     "k eigenpairs of a symmetric operator by thick-restart Lanczos with full reorthogonalization."
     op = as_operator(op)
@@ -252,7 +253,12 @@ def eigsh(op, # a symmetric linear operator (e.g. `HessianOperator`) or a dense 
     order = torch.argsort(vals)
     vals, vecs, res = vals[order], vecs[:, order], res[order]
     if bar is not None: bar.on_iter_end()
-    return EigResult(vals, vecs, res, res <= tol * anorm, op.num_matvecs - start)
+    conv = res <= tol * anorm
+    if warn and not bool(conv.all()):
+        warnings.warn(f"eigsh: {int((~conv).sum())} of {k} eigenpairs did not converge to tol={tol:g} within max_matvecs="
+                      f"{max_matvecs} products (largest relative residual {float((res / anorm.clamp_min(torch.finfo(dtype).tiny)).max()):.2g}); "
+                      "raise max_matvecs or loosen tol (EigResult.converged says which; warn=False silences this)")
+    return EigResult(vals, vecs, res, conv, op.num_matvecs - start)
 
 # %% ../nbs/03_eigen.ipynb #7d4f1a62
 def _merge(vals, vecs, res, c, which):

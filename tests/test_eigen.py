@@ -1,5 +1,5 @@
 "Acceptance tests of `eigsh` and `power_iteration` (issue 3) against `torch.linalg.eigvalsh` of dense float64 references."
-import copy
+import copy, warnings
 import pytest, torch
 from torch import nn
 import fastcore.test as fct
@@ -229,9 +229,14 @@ def test_eigsh_seed_v0_and_global_rng(random_sym):
     assert vals is r1.eigenvalues and vecs is r1.eigenvectors
 
 def test_eigsh_max_matvecs_budget(random_sym):
-    "A budget too small to converge stops there and says so in `converged` (residuals stay honest)."
+    "A budget too small to converge stops there and says so in `converged` and in a warning (residuals stay honest)."
     A, ev = random_sym
-    r = eigsh(A, 3, 'SA', max_matvecs=25, tol=1e-12)
+    with pytest.warns(UserWarning, match=r"did not converge to tol=1e-12 within max_matvecs=25 .*raise max_matvecs"):
+        r = eigsh(A, 3, 'SA', max_matvecs=25, tol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        fct.test_eq(eigsh(A, 3, 'SA', max_matvecs=25, tol=1e-12, warn=False).num_matvecs, 25)
+        eigsh(A, 3, 'SA')                    # converged: no warning
     fct.test_eq(r.num_matvecs, 25)           # the budget is never exceeded (checked after every product)
     assert not bool(r.converged.all())
     V = r.eigenvectors

@@ -250,7 +250,7 @@ class HessianSpectrumCallback(_Observer):
             before = op.num_matvecs
             v0 = self._v0 if self.warm_start and self._v0 is not None and self._v0_id == self._op_id else None  # same parameter set
             r = eigsh(op, self.k, self.which, tol=self.tol, max_matvecs=max(self.max_matvecs, self.ncv or 0), ncv=self.ncv,
-                      seed=self.seed, v0=v0, progress=show)
+                      seed=self.seed, v0=v0, progress=show, warn=False)  # warns itself, below
             self._v0, self._v0_id = r.eigenvectors.sum(1), self._op_id
             tr = trace_estimate(op, method='hutch++', num_matvecs=self.trace_matvecs, seed=self.seed) if self.trace else None
         ev = [float(e) for e in r.eigenvalues]

@@ -164,7 +164,7 @@ class SaddleCaptureCallback(Callback):
             gn = _grad_norm(op.params) / _loss_scale(self.learn)
             ncv = min(op.num_params, self.ncv or max(2 * self.k + 1, self.max_matvecs))
             res = eigsh(op, min(self.k, op.num_params), 'BE', tol=self.tol, max_matvecs=self.max_matvecs, ncv=ncv,
-                        seed=self.seed + len(self.history))
+                        seed=self.seed + len(self.history), warn=False)  # a fixed small budget: `converged` is recorded
             ev = res.eigenvalues.tolist()
             loss = float(op.loss())
         ok = saddle_criterion(ev, self.criterion, self.ratio, self.min_neg_sum, self.tau)
@@ -232,7 +232,7 @@ def negative_curvature_step(model:nn.Module, # the model to move (in place, if t
     if op is None: op = HessianOperator(model, loss_func, data, eval_mode=True)
     elif op.model is not unwrap_model(model): raise ValueError("`op` is an operator of another model")
     start = op.num_matvecs
-    res = eigsh(op, 1, 'SA', tol=tol, max_matvecs=max_matvecs, seed=seed)
+    res = eigsh(op, 1, 'SA', tol=tol, max_matvecs=max_matvecs, seed=seed, warn=False)  # the step is line-searched either way
     lam, v = float(res.eigenvalues[0]), res.eigenvectors[:, 0]
     l0 = float(op.loss())
     if not lam < -curvature_floor: return EigenStep(False, lam, 0., l0, l0, op.num_matvecs - start, 'no negative curvature')
