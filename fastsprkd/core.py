@@ -220,6 +220,20 @@ def _resolve_group(process_group):
                            "torch.distributed.init_process_group first (torchrun sets the environment), or pass process_group=None")
     return process_group
 
+def _output_bytes(model, params, xb, owners=frozenset()):
+    """`(owned, bytes)` of the outputs of each leaf module of `model` (and each module whose id is in `owners`, then
+    `owned` is True) in forward order, from one no-grad forward pass over the inputs `xb` with parameters `params`."""
+    outs = []
+    def hook(m, i, o):
+        outs.append((id(m) in owners, sum(t.numel() * t.element_size() for t in (o if isinstance(o, (tuple, list)) else (o,))
+                                          if isinstance(t, Tensor))))
+    hs = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children()) or id(m) in owners]
+    try:
+        with torch.no_grad(): functional_call(model, (params,), xb, strict=False)
+    finally:
+        for h in hs: h.remove()
+    return outs
+
 # %% ../nbs/02_core.ipynb #5f637fea
 class HessianOperator(LinearOperator):
     "Exact Hessian of the sample-weighted mean loss of `model` over `data` w.r.t. `params`, as a linear operator."
@@ -430,17 +444,9 @@ class HessianOperator(LinearOperator):
         return self._check_result(out, 'gradient')
 
     def _activation_bytes(self, xb, fixed):
-        "Bytes of all module outputs in one forward pass over `xb` (measured once with forward hooks)."
-        total = [sum(o.numel() * o.element_size() for o in xb if isinstance(o, Tensor))]
-        def hook(m, i, o):
-            for t in (o if isinstance(o, (tuple, list)) else (o,)):
-                if isinstance(t, Tensor): total[0] += t.numel() * t.element_size()
-        hs = [m.register_forward_hook(hook) for m in self.model.modules() if not list(m.children())]
-        try:
-            with torch.no_grad(): functional_call(self.model, ({**fixed, **dict(zip(self.names, self._theta()))},), xb, strict=False)
-        finally:
-            for h in hs: h.remove()
-        return total[0]
+        "Bytes of the inputs `xb` and of all module outputs in one forward pass over them (measured with forward hooks)."
+        outs = _output_bytes(self.model, {**fixed, **dict(zip(self.names, self._theta()))}, xb)
+        return sum(o.numel() * o.element_size() for o in xb if isinstance(o, Tensor)) + sum(b for _, b in outs)
 
     def _chunk(self, K, xb, fixed):
         "Vectors per vectorized forward-over-reverse product, so that one chunk stays within `memory_budget`."
@@ -617,18 +623,9 @@ def _tangent_bytes(op, names):
     sel = set(names)
     owners = {id(m) for mn, m in op.model.named_modules()
               for pn, _ in m.named_parameters(recurse=False) if (f"{mn}.{pn}" if mn else pn) in sel}
-    outs = []
-    def hook(m, i, o):
-        outs.append((id(m) in owners, sum(t.numel() * t.element_size() for t in (o if isinstance(o, (tuple, list)) else (o,))
-                                          if isinstance(t, Tensor))))
-    hs = [m.register_forward_hook(hook) for m in op.model.modules() if not list(m.children()) or id(m) in owners]
-    try:
-        with op._ctx(), torch.no_grad():
-            fixed = op._fixed()
-            b = next(op._batches(), None)  # None: this rank holds no data (distributed), nothing to size
-            if b is not None: functional_call(op.model, ({**fixed, **dict(zip(op.names, op._theta()))},), b[0], strict=False)
-    finally:
-        for h in hs: h.remove()
+    with op._ctx(), torch.no_grad():
+        b = next(op._batches(), None)  # None: this rank holds no data (distributed), nothing to size
+        outs = [] if b is None else _output_bytes(op.model, {**op._fixed(), **dict(zip(op.names, op._theta()))}, b[0], owners)
     first = next((i for i, (own, _) in enumerate(outs) if own), 0)
     return sum(b for _, b in outs[first:])
 
