@@ -27,7 +27,8 @@ from .estimators import trace, spectral_density
 from .analysis import loss_landscape
 from .saddle import SaddleBank, SaddlePoint
 from .callback.observe import HessianSpectrumCallback
-from .callback.sprkd import (SaddleCaptureCallback, SaddleRecruitCallback, DistillationCallback, probe_batches)
+from .callback.sprkd import SaddleCaptureCallback, SaddleRecruitCallback, DistillationCallback
+from .data import probe_batches
 
 # %% auto #0
 __all__ = ['STUDENTS', 'METRICS', 'DATASETS', 'LABELS', 'METRIC_LABELS', 'MARKER', 'PLOTS', 'COMPARISONS', 'StoryConfig',

@@ -23,7 +23,7 @@ from ..core import HessianOperator, preserved_state, _select_params, _params_id,
 from ..eigen import eigsh
 from ..estimators import trace as trace_estimate
 from ..analysis import gradient_correlation, directional_sharpness
-from .sprkd import probe_batches
+from ..data import probe_batches
 
 # %% auto #0
 __all__ = ['HessianSpectrumCallback', 'SharpnessCallback']

@@ -25,53 +25,13 @@ from ..eigen import eigsh
 from ..saddle import SaddlePoint, SaddleBank, SaddleBankError, crop_params
 
 # %% auto #0
-__all__ = ['probe_batches', 'saddle_criterion', 'SaddleCaptureCallback', 'EigenStep', 'negative_curvature_step',
-           'SaddleRecruitCallback', 'hinton_kd_loss', 'DistillationCallback']
+__all__ = ['saddle_criterion', 'SaddleCaptureCallback', 'EigenStep', 'negative_curvature_step', 'SaddleRecruitCallback',
+           'hinton_kd_loss', 'DistillationCallback', 'probe_batches']
 
 # %% ../../nbs/12_sprkd.ipynb #f3b8d8f5
-from ..core import preserved_rng as _rng_preserved
-
 from ..core import _plain
-
-# %% ../../nbs/12_sprkd.ipynb #84d323b6
-@contextmanager
-def _validation_tfms(dl):
-    "`dl`'s item and batch pipelines (and its dataset's) at split_idx 1, as for validation: no training-only augmentation."
-    old = {}
-    for nm in ('after_item', 'before_batch', 'after_batch'):
-        f = getattr(dl, nm, None)
-        if hasattr(f, 'split_idx'): old[nm], f.split_idx = f.split_idx, 1
-    ds = dl.dataset
-    try:
-        with (ds.set_split_idx(1) if hasattr(ds, 'set_split_idx') else contextmanager(lambda: (yield))()): yield
-    finally:
-        for nm, v in old.items(): getattr(dl, nm).split_idx = v
-
-def probe_batches(dl, # a fastai `DataLoader` (e.g. `dls.train`) over an indexed dataset
-                  n:int=256, # number of items (all of them if the dataset is smaller)
-                  seed:int=0, # seed of the subset
-                  bs:int|None=None, # items per batch (default: the loader's batch size)
-                  device=None, # device of the batches (default: the loader's)
-                  shard:bool|None=None, # keep this torch.distributed rank's share (items r, r+R, …) of the subset; None: when initialized
-                 ) -> list:
-    "A fixed seeded subset of `n` items of `dl`'s dataset as a list of `(x, y)` batches, with `dl`'s validation-time transforms."
-    if not hasattr(dl, 'do_item') or not hasattr(dl, 'dataset'):
-        raise TypeError(f"expected a fastai DataLoader, got {type(dl).__name__}; pass your own probe batches instead")
-    N = len(dl.dataset)
-    if N == 0: raise ValueError("the DataLoader's dataset is empty: there is nothing to build a probe set from")
-    idxs = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:min(n, N)].sort().values.tolist()
-    if shard or shard is None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        idxs = idxs[torch.distributed.get_rank()::torch.distributed.get_world_size()]  # the operator sums the ranks' shares
-    bs = bs or dl.bs or len(idxs)
-    device = device if device is not None else dl.device
-    out = []
-    with _rng_preserved(), _validation_tfms(dl):
-        items = [it for it in (dl.do_item(i) for i in idxs) if it is not None]
-        for s in range(0, len(items), bs):
-            b = dl.do_batch(items[s:s+bs])
-            if device is not None: b = to_device(b, device)
-            out.append(tuple(_plain(o) for o in dl.after_batch(b)))
-    return out
+from ..data import probe_batches
+_all_ = ['probe_batches']
 
 # %% ../../nbs/12_sprkd.ipynb #3bbbe6bf
 def saddle_criterion(eigenvalues, # eigenvalues found (any order)
