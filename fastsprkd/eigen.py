@@ -37,14 +37,6 @@ def _start_vector(n, dtype, device, seed, v0=None):
     if not torch.isfinite(nrm) or nrm == 0: raise ValueError("the start vector is zero or not finite")
     return v / nrm
 
-def _orthogonalize(w, Q):
-    "Twice classical Gram–Schmidt of `w` against the orthonormal columns of `Q`; returns (w, coefficients)."
-    if Q.shape[1] == 0: return w, w.new_zeros(0)
-    h = Q.T @ w
-    w = w - Q @ h
-    h2 = Q.T @ w
-    return w - Q @ h2, h + h2
-
 def _orth_rows(w, R):
     """Classical Gram–Schmidt of `w` against the orthonormal *rows* of `R` (contiguous basis vectors), repeated when the
     norm drops below 1/√2 of what it was (the DGKS test ARPACK uses: no cancellation, no second pass); returns (w, coefficients)."""
@@ -308,13 +300,13 @@ def power_iteration(op, # a symmetric linear operator or a square tensor
     vals, vecs = [], []
     for _ in range(k):
         v = torch.randn(n, generator=gen, dtype=torch.float64).to(device=op.device, dtype=op.dtype)
-        V = torch.stack(vecs, 1) if vecs else v.new_zeros(n, 0)
-        v, _ = _orthogonalize(v, V); v = v / v.norm()
+        R = torch.stack(vecs) if vecs else v.new_zeros(0, n)  # the found eigenvectors as rows
+        v, _ = _orth_rows(v, R); v = v / v.norm()
         lam = None
         for _ in range(max_iter):
             w = op.matvec(v)
             new = torch.dot(w, v)
-            w, _ = _orthogonalize(w, V)
+            w, _ = _orth_rows(w, R)
             v = w / w.norm().clamp_min(torch.finfo(op.dtype).tiny)
             if lam is not None and abs(new - lam) / (abs(lam) + 1e-6) < tol: lam = new; break
             lam = new
