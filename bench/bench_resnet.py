@@ -1,6 +1,6 @@
 """ResNet-18 on 3×32×32 images (issue 9): HVP cost, top-5 eigenpairs and peak memory, next to PyHessian in the same run.
 
-    .venv/bin/python bench/bench_resnet.py [hvp|eigsh|memory|all] [--bs 128] [--threads 2] [--repeat 3] [--device cpu|cuda] [--compile]
+    .venv/bin/python bench/bench_resnet.py [hvp|eigsh|memory|profile|all] [--bs 128] [--threads 2] [--repeat 3] [--device cpu|cuda] [--compile]
 
 On a GPU (issue 9): `python bench/bench_resnet.py hvp --device cuda --bs 256 --repeat 10 --compile` and
 `python bench/bench_resnet.py eigsh --device cuda --bs 256 --ph-maxiter 100`.
@@ -13,6 +13,8 @@ hvp:    time of one HVP (fwd, rev with the gradient graph kept, rev rebuilt) / t
         the product helps on that device. CUDA timings synchronize before and after each call.
 eigsh:  top-5 eigenvalues: `eigsh(k=5, which='LA', tol=1e-3)` vs PyHessian `hessian.eigenvalues(top_n=5, tol=1e-3)`
         (its `maxIter` capped by `--ph-maxiter`, see the output), wall time and products, same model and batch.
+profile: where an eigsh product's time goes: medians of 3 products (fastsprkd 'rev' with the graph kept, PyHessian's
+        hv), then a cProfile of `eigsh(op, 5, 'LA', tol=1e-3, max_matvecs=12, verify=False)` (per product, top entries).
 memory: peak resident memory (getrusage ru_maxrss) of a fresh process that builds the model, the batch and a
         `HessianOperator` and runs one matvec or one matmat, for each mode.
 Model: torchvision `resnet18(weights=None, num_classes=10)` in eval mode (BatchNorm running statistics, as
@@ -135,6 +137,37 @@ def bench_eigsh(bs, ph_maxiter, k=5, device='cpu'):
     return [row]
 
 
+def bench_profile(bs, device='cpu', products=12):
+    import cProfile, io, pstats, statistics
+    from fastsprkd.core import HessianOperator
+    from fastsprkd.eigen import eigsh
+    from pyhessian import hessian
+    from pyhessian.utils import hessian_vector_product
+    model, x, y, lf = setup(bs, device)
+    op = HessianOperator(model, lf, (x, y), mode='rev')
+    v = torch.randn(op.num_params, device=device)
+    h = hessian(model, lf, data=(x, y), cuda=str(device).startswith('cuda'))
+    vs = [torch.randn_like(p) for p in h.params]
+    def med(fn):
+        fn(); ts = []
+        for _ in range(3):
+            _sync(device); t0 = time.perf_counter(); fn(); _sync(device); ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+    t_op, t_ph = med(lambda: op.matvec(v)), med(lambda: hessian_vector_product(h.gradsH, h.params, vs))
+    pr = cProfile.Profile(); pr.enable()
+    _sync(device); t0 = time.perf_counter()
+    eigsh(op, 5, 'LA', tol=1e-3, max_matvecs=products, verify=False, warn=False)
+    _sync(device); t = time.perf_counter() - t0
+    pr.disable()
+    out = io.StringIO(); pstats.Stats(pr, stream=out).sort_stats('tottime').print_stats(8)
+    print(out.getvalue())
+    row = {'device': _device_name(device), 'matvec s (rev, graph kept)': f"{t_op:.3f}", 'PyHessian hv s': f"{t_ph:.3f}",
+           f'eigsh s per product ({products} products)': f"{t / products:.3f}",
+           'eigsh overhead per product beyond a matvec': f"{t / products - t_op:.3f}"}
+    print(row, flush=True)
+    return [row]
+
+
 def _mem_child(kind, mode, bs, K):
     "Runs in a fresh process: peak RSS before and after one product."
     from fastsprkd.core import HessianOperator
@@ -171,7 +204,7 @@ if __name__ == '__main__':
         _mem_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
         sys.exit(0)
     ap = argparse.ArgumentParser()
-    ap.add_argument('what', nargs='?', default='all', choices=['hvp', 'eigsh', 'memory', 'all'])
+    ap.add_argument('what', nargs='?', default='all', choices=['hvp', 'eigsh', 'memory', 'profile', 'all'])
     ap.add_argument('--bs', type=int, default=128)
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--repeat', type=int, default=3)
@@ -184,6 +217,7 @@ if __name__ == '__main__':
     if a.what in ('memory', 'all') and a.device == 'cpu': res['memory'] = bench_memory(a.bs, a.threads)
     if a.what in ('hvp', 'all'): res['hvp'] = bench_hvp(a.bs, a.repeat, a.device, a.compile)
     if a.what in ('eigsh', 'all'): res['eigsh'] = bench_eigsh(a.bs, a.ph_maxiter, device=a.device)
+    if a.what == 'profile': res['profile'] = bench_profile(a.bs, a.device)
     for k, rows in res.items():
         print(f"\n{k}\n" + table(rows, list(rows[0])))
     print(save(f'resnet_{a.what}' + ('' if a.device == 'cpu' else f'_{a.device}'), {k: v for k, v in res.items()}))
