@@ -220,6 +220,12 @@ def _resolve_group(process_group):
                            "torch.distributed.init_process_group first (torchrun sets the environment), or pass process_group=None")
     return process_group
 
+_FWD_MARGIN = 0.9  # mode='auto' keeps forward-over-reverse only when it takes < 90% of reverse-over-reverse's time
+
+def _pick_mode(t_fwd, t_rev):
+    "'fwd' when forward-over-reverse is clearly faster, else 'rev' (a near tie goes to 'rev' every time, not to the noise)."
+    return 'fwd' if t_fwd < _FWD_MARGIN * t_rev else 'rev'
+
 def _output_bytes(model, params, xb, owners=frozenset()):
     """`(owned, bytes)` of the outputs of each leaf module of `model` (and each module whose id is in `owners`, then
     `owned` is True) in forward order, from one no-grad forward pass over the inputs `xb` with parameters `params`."""
@@ -391,7 +397,7 @@ class HessianOperator(LinearOperator):
         if tail[R + 4] > 0: self._fwd_ok = False
         for i, many in enumerate((False, True)):
             t_rev, t_fwd = float(tail[R + 2*i]), float(tail[R + 2*i + 1])
-            if t_rev > 0: self._auto[many] = 'fwd' if self._fwd_ok and t_fwd < t_rev else 'rev'
+            if t_rev > 0: self._auto[many] = _pick_mode(t_fwd if self._fwd_ok else math.inf, t_rev)
         return out
 
     def _check_loss(self, loss, i):
@@ -572,7 +578,7 @@ class HessianOperator(LinearOperator):
         out, t_rev = self._time(self._hvp_batch_rev, f, theta, V, key)
         try: _, t_fwd = self._time(self._hvp_batch_fwd, f, theta, V)
         except (NotImplementedError, RuntimeError): t_fwd, self._fwd_ok = math.inf, False
-        self._auto[many] = 'fwd' if t_fwd < t_rev else 'rev'
+        self._auto[many] = _pick_mode(t_fwd, t_rev)
         # distributed: the choice is replaced by the one from the timings summed over the ranks, after the all-reduce
         if self.process_group is not None: self._timed[many] = (t_rev, 0. if math.isinf(t_fwd) else t_fwd)
         return out

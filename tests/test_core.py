@@ -773,3 +773,19 @@ def test_at_given_parameters_without_writing_them():
     op = HessianOperator(m, CE, (xn, y), names, validate=False)
     fct.test_eq(op.num_samples, len(x))
     fct.test_fail(lambda: op.gradient(), contains='NaN')  # the non-finite gradient sends it back to the losses
+
+
+@pytest.mark.parametrize('fwd_over_rev, expect', [(0.5, 'fwd'), (0.95, 'rev'), (1.0, 'rev'), (1.5, 'rev')])
+def test_auto_mode_keeps_fwd_only_when_clearly_faster(monkeypatch, fwd_over_rev, expect):
+    "mode='auto' picks forward-over-reverse only when it is > 10% faster: a near tie goes to 'rev', not to timing noise."
+    x, y = make_data('mlp', n=12)
+    model = mlp()
+    H, _, _ = reference(model, CE, [(x, y)])
+    def fake_time(self, fn, *args):  # the timings `auto` compares, made up: rev 1 s, fwd `fwd_over_rev` s
+        return fn(*args), (1.0 if fn.__name__.startswith('_hvp_batch_rev') else fwd_over_rev)
+    monkeypatch.setattr(HessianOperator, '_time', fake_time)
+    op = HessianOperator(model, CE, (x, y))
+    v = rand(H.shape[0])
+    close(op.matvec(v), H @ v)
+    fct.test_eq(op._auto[False], expect)
+    close(op.matvec(v), H @ v)  # and the chosen mode computes the same product
