@@ -118,24 +118,35 @@ def _validation_tfms(dl):
     finally:
         for nm, v in old.items(): getattr(dl, nm).split_idx = v
 
-def probe_batches(dl, # a fastai `DataLoader` (e.g. `dls.train`) over an indexed dataset
+def probe_batches(dl, # a fastai `DataLoader` (e.g. `dls.train`), or a torch `DataLoader`, over an indexed dataset
                   n:int=256, # number of items (all of them if the dataset is smaller)
                   seed:int=0, # seed of the subset
                   bs:int|None=None, # items per batch (default: the loader's batch size)
-                  device=None, # device of the batches (default: the loader's)
+                  device=None, # device of the batches (default: the loader's; a torch loader's stay where it puts them)
                   shard:bool|None=None, # keep this torch.distributed rank's share (items r, r+R, …) of the subset; None: when initialized
                  ) -> list:
-    "A fixed seeded subset of `n` items of `dl`'s dataset as a list of `(x, y)` batches, with `dl`'s validation-time transforms."
-    if not hasattr(dl, 'do_item') or not hasattr(dl, 'dataset'):
-        raise TypeError(f"expected a fastai DataLoader, got {type(dl).__name__}; pass your own probe batches instead")
-    N = len(dl.dataset)
+    """A fixed seeded subset of `n` items of `dl`'s dataset as a list of `(x, y)` batches: with `dl`'s validation-time
+    transforms for a fastai loader, collated by `dl.collate_fn` for a torch one."""
+    ds = getattr(dl, 'dataset', None)
+    fastai = hasattr(dl, 'do_item')
+    if ds is None or not fastai and not (hasattr(ds, '__getitem__') and hasattr(ds, '__len__')):
+        raise TypeError(f"expected a fastai DataLoader (or a torch DataLoader over an indexable dataset), got "
+                        f"{type(dl).__name__}; pass your own probe batches instead")
+    N = len(ds)
     if N == 0: raise ValueError("the DataLoader's dataset is empty: there is nothing to build a probe set from")
     idxs = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:min(n, N)].sort().values.tolist()
     if shard or shard is None and torch.distributed.is_available() and torch.distributed.is_initialized():
         idxs = idxs[torch.distributed.get_rank()::torch.distributed.get_world_size()]  # the operator sums the ranks' shares
-    bs = bs or dl.bs or len(idxs)
-    device = device if device is not None else dl.device
+    bs = bs or getattr(dl, 'batch_size', None) or getattr(dl, 'bs', None) or len(idxs)
     out = []
+    if not fastai:
+        collate = getattr(dl, 'collate_fn', None) or torch.utils.data.default_collate
+        with _rng_preserved():
+            for s in range(0, len(idxs), bs):
+                b = collate([ds[i] for i in idxs[s:s+bs]])
+                out.append(tuple(to_device(b, device) if device is not None else b))
+        return out
+    device = device if device is not None else dl.device
     with _rng_preserved(), _validation_tfms(dl):
         items = [it for it in (dl.do_item(i) for i in idxs) if it is not None]
         for s in range(0, len(items), bs):

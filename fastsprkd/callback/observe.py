@@ -32,8 +32,6 @@ __all__ = ['HessianSpectrumCallback', 'SharpnessCallback']
 from ..core import preserved_rng as _preserved_rng
 
 # %% ../../nbs/10_observe.ipynb #021d3569
-def _chunks(xs, n): return [xs[i:i+n] for i in range(0, len(xs), n)]
-
 def _probe_batches(dls, # the `Learner`'s `DataLoaders` (their training set is sampled)
                    n_probe:int=128, # number of training items
                    seed:int=0, # seed of the local generator that picks them
@@ -48,11 +46,8 @@ def _probe_batches(dls, # the `Learner`'s `DataLoaders` (their training set is s
     n = len(ds)
     if n == 0: raise ValueError("the training set is empty: there is nothing to build a probe set from; pass `data=`")
     if n_probe < 1: raise ValueError(f"n_probe must be at least 1, got {n_probe}")
-    # a fastai DataLoader: SPRKD's probe set (validation-time transforms, global RNGs untouched, sharded across ranks)
-    if isinstance(dl, FastaiDataLoader): return probe_batches(dl, n_probe, seed, bs=bs or n_probe)
-    idxs = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:min(n_probe, n)].sort().values.tolist()
-    collate = getattr(dl, 'collate_fn', None) or torch.utils.data.default_collate
-    with _preserved_rng(): return [tuple(collate([ds[i] for i in chunk])) for chunk in _chunks(idxs, bs or len(idxs))]
+    # the SPRKD callbacks' probe set (fastai: validation-time transforms; global RNGs untouched; sharded across ranks)
+    return probe_batches(dl, n_probe, seed, bs=bs or n_probe)
 
 def _as_probe(data) -> list:
     "User-given probe data as a list of batches: a batch, a list of batches, or a DataLoader (read once, unshuffled)."
