@@ -6,7 +6,7 @@ Docs: https://github.com/fastsprkd/fastsprkd/tree/main/nbs/analysis.html.md"""
 
 # %% ../nbs/05_analysis.ipynb #beac2a71
 from __future__ import annotations
-import math, warnings
+import math, numbers, warnings
 from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
@@ -56,7 +56,10 @@ def basin_volume(op_or_logdet, # operator/square tensor H, or a given log det(H 
                 ) -> BasinVolume:
     "Log-volume of the basin {δ : ½δᵀ(H + shift·I)δ ≤ threshold} (dense-Hessian notebook)."
     if not threshold > 0: raise ValueError(f"threshold must be positive, got {threshold}")
-    if isinstance(op_or_logdet, (int, float, Estimate)):
+    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral)):
+        raise ValueError(f"n must be a positive integer (the number of parameters), got {n!r}")
+    given = isinstance(op_or_logdet, (numbers.Real, Estimate)) or (isinstance(op_or_logdet, Tensor) and op_or_logdet.dim() == 0)
+    if given:
         est = op_or_logdet if isinstance(op_or_logdet, Estimate) else Estimate(float(op_or_logdet), 0., 0, None, 'given')
         if n is None: raise ValueError("pass `n` (the number of parameters) with a given log-determinant")
         if not math.isfinite(est.estimate):
@@ -145,6 +148,9 @@ def influence(model:nn.Module, # the trained model
              ) -> Tensor:
     "Koh & Liang's I_up,loss[i, j] = −∇L(test_j)ᵀ (H + damping·I)⁻¹ ∇L(train_i), as an n_train × n_test matrix."
     if method not in ('cg', 'lissa', 'exact'): raise ValueError(f"method must be 'cg', 'lissa' or 'exact', got {method!r}")
+    if isinstance(train_data, torch.utils.data.DataLoader) and isinstance(train_data.sampler, torch.utils.data.RandomSampler):
+        raise ValueError("train_data shuffles: the influence matrix has one row per training item in data order, which a "
+                         "shuffling DataLoader does not keep; pass a DataLoader with shuffle=False")
     op = HessianOperator(model, loss_func, train_data, params, eval_mode=eval_mode, n_inp=n_inp)
     kw = dict(eval_mode=eval_mode, n_inp=n_inp, chunk_size=chunk_size)
     G_test = per_sample_gradients(model, loss_func, test_data, op.names, **kw)
@@ -157,7 +163,8 @@ def influence(model:nn.Module, # the trained model
         S = solve(op, rhs, method=method, damping=damping, tol=tol, max_iter=max_iter, scale=scale, depth=depth).x
     with preserved_state(model):
         if eval_mode: model.eval()
-        rows = [-(G @ S) for G in _per_sample_grad_batches(model, loss_func, train_data, op.names, n_inp, chunk_size)]
+        # the operator's own batches: a one-shot iterator is consumed once, a fastai loader without shuffling
+        rows = [-(G @ S) for G in _per_sample_grad_batches(model, loss_func, op.data, op.names, op.n_inp, chunk_size)]
     return torch.cat(rows)
 
 # %% ../nbs/05_analysis.ipynb #725b01bb
@@ -212,7 +219,12 @@ def _filter_normalize(op, d):
     return op.flatten(out)
 
 def _normalize(op, d, how):
-    if how == 'filter': return _filter_normalize(op, d)
+    if how == 'filter':
+        out = _filter_normalize(op, d)
+        if not out.any():
+            raise ValueError("filter normalization gives a zero direction: it sets 1-D parameters (biases, norm layers) to 0 "
+                             "and the selected parameters have no other; pass normalize='unit'")
+        return out
     if how == 'unit':
         nrm = d.norm()
         if nrm == 0: raise ValueError("a direction is zero and cannot be normalized")
@@ -267,11 +279,17 @@ def loss_landscape(model:nn.Module, # the model (restored exactly afterwards)
     two = betas is not None
     pair = two and isinstance(directions, (list, tuple)) and len(directions) == 2 and \
            all(isinstance(o, str) or (isinstance(o, Tensor) and o.dim() == 1 and len(o) == op.num_params) for o in directions)
-    if pair:
+    if pair and all(isinstance(o, str) for o in directions) and directions[0] == directions[1] != 'random':
+        directions = directions[0]  # ('top_eigenvector', 'top_eigenvector'): the top two eigenvectors, as the string gives
+    if pair and not isinstance(directions, str):
         d1, n1 = _directions(op, directions[0], 1, seed, normalize)
         d2, n2 = _directions(op, directions[1], 1, seed + 1, normalize)
         dirs, names = d1 + d2, n1 + n2
     else: dirs, names = _directions(op, directions, 2 if two else 1, seed, normalize)
+    if two:
+        cos = (dirs[0] @ dirs[1]).abs() / (dirs[0].norm() * dirs[1].norm()).clamp_min(torch.finfo(dirs[0].dtype).tiny)
+        if cos > 1 - 1e-6: raise ValueError(f"the two directions are parallel (|cos| = {cos.item():.6f}): the 2-D landscape would "
+                                            f"be a line; pass two different directions")
     theta = [p.detach().clone() for p in op.params]
     steps = [op.unflatten(d) for d in dirs]
     grid = [(a, b) for a in alphas.tolist() for b in (betas.tolist() if two else [0.])]

@@ -46,6 +46,10 @@ def tensor_dls(x:torch.Tensor, # inputs, one row per item
               ) -> DataLoaders:
     "fastai `DataLoaders` over in-memory tensors."
     kwargs.setdefault('num_workers', 0)  # worker processes only add start-up cost (and orphans on a kill) for in-memory data
+    if len(train_idx) < bs and kwargs.get('drop_last', True):
+        raise ValueError(f"the training set has {len(train_idx)} items, fewer than one batch (bs={bs}): fastai's training "
+                         f"DataLoader drops the last partial batch, so training would take no step; lower bs or use at "
+                         f"least {bs} training items")
     train_ds = TensorDataset(x[train_idx], y[train_idx])
     valid_ds = TensorDataset(x[valid_idx], y[valid_idx])
     return DataLoaders.from_dsets(train_ds, valid_ds, bs=bs, device=device, **kwargs)
@@ -73,6 +77,10 @@ def digits_dls(bs:int=64, # batch size
     return tensor_dls(x, y, train_idx, valid_idx, bs=bs, device=device, **kwargs)
 
 # %% ../nbs/00_data.ipynb #73ce3940
+def _unreadable_mnist(path, e):
+    return ValueError(f"the MNIST files under {path/'MNIST'} could not be read ({type(e).__name__}: {str(e)[:200] or 'no message'}): "
+                      f"they may be corrupt or truncated; replace them with the original files (torchvision layout)")
+
 def mnist_dls(path, # folder containing torchvision's `MNIST/raw` (or `MNIST/processed`) files
               bs:int=64, # batch size
               n_train:int|None=None, # keep a seeded random subset of this many training images
@@ -87,9 +95,11 @@ def mnist_dls(path, # folder containing torchvision's `MNIST/raw` (or `MNIST/pro
         train = MNIST(str(path), train=True, download=False)
         test = MNIST(str(path), train=False, download=False)
     except RuntimeError as e:
+        if 'not found' not in str(e).lower(): raise _unreadable_mnist(path, e) from e
         raise FileNotFoundError(
             f"MNIST files not found under {path/'MNIST'/'raw'} (looked for train-images-idx3-ubyte and friends). "
             f"Copy the MNIST files there (torchvision layout); fastsprkd never downloads data.") from e
+    except (AssertionError, ValueError, OSError, EOFError, IndexError) as e: raise _unreadable_mnist(path, e) from e
     xs = [d.data.unsqueeze(1).float() / 255. for d in (train, test)]
     ys = [d.targets.long() for d in (train, test)]
     train_idx = torch.arange(len(xs[0]))

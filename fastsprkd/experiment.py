@@ -81,6 +81,11 @@ class StoryConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.n_train is not None and self.n_train < 1: raise ValueError(f"n_train must be positive, got {self.n_train}")
+        if self.n_train is not None and self.n_train < self.bs:
+            raise ValueError(f"n_train ({self.n_train}) is smaller than one batch (bs={self.bs}): fastai's training DataLoader "
+                             f"drops the last partial batch, so nothing would train; use --n-train {self.bs} or more")
+        if not isinstance(self.trace_matvecs, int) or self.trace_matvecs < 6:
+            raise ValueError(f"trace_matvecs must be an integer ≥ 6 (Hutch++ splits its budget in three), got {self.trace_matvecs!r}")
         if self.student_width > self.teacher_width:
             raise ValueError(f"the student (width {self.student_width}) must not be wider than the teacher "
                              f"(width {self.teacher_width}): saddle points are injected by centre crop")
@@ -170,6 +175,16 @@ def train_student(kind:str, # 'control', 'sprkd' or 'kd'
     return learn
 
 # %% ../nbs/20_experiment.ipynb #19ed10bc
+def _probe_items(probe) -> int:
+    "Number of items in a list of probe batches (the size of each batch's first input)."
+    return sum(len(b[0]) for b in probe)
+
+def _callback_probe_items(cb) -> int:
+    "Items in the probe set a capture/spectrum callback used (its own default probe, or the one it was given)."
+    probe = cb._probe if getattr(cb, '_probe', None) is not None else cb.probe
+    if probe is None: return cb.n_probe  # no test ran: the size it would have asked for
+    return _probe_items(probe) if isinstance(probe, list) else len(probe[0]) if isinstance(probe, tuple) else cb.n_probe
+
 def evaluation_probe(cfg:StoryConfig) -> list:
     "The fixed evaluation probe set: `cfg.n_probe` training items (seed 0), one batch; the same for every student and seed."
     set_seed(0)
@@ -214,6 +229,8 @@ class Story:
     probe:list = field(repr=False, default_factory=list)
     @property
     def bank(self) -> SaddleBank: return self.teacher.saddle_capture.bank
+    @property
+    def probe_items(self) -> int: return _probe_items(self.probe)
     def saddle_summary(self) -> dict:
         "Tests, captures and the gradient norms / eigenvalues at the captured points."
         h = self.teacher.saddle_capture.history
@@ -221,7 +238,7 @@ class Story:
         return dict(tests=len(h), captured=len(cap), criterion=self.cfg.criterion, tau=self.cfg.tau, every=self.cfg.capture_every,
                     captured_steps=[r['step'] for r in cap], captured_lambda_min=[min(r['eigenvalues']) for r in cap],
                     captured_lambda_max=[max(r['eigenvalues']) for r in cap], captured_grad_norm=[r['grad_norm'] for r in cap],
-                    captured_loss=[r['loss'] for r in cap])
+                    captured_loss=[r['loss'] for r in cap], probe_items=_callback_probe_items(self.teacher.saddle_capture))
 
 def run_story(cfg:StoryConfig, # settings
               seed:int=0, # seed of the teacher and of the students
@@ -284,14 +301,14 @@ def plot_teacher_spectrum(story:Story):
     spec = getattr(story.teacher, 'hessian_spectrum', None)
     if spec is not None and spec.history:
         h = spec.history
-        n = len(spec.probe[0][0]) if spec.probe and len(spec.probe) == 1 else spec.n_probe
+        n = _callback_probe_items(spec)
         ax.plot([r['step'] for r in h], [r['lambda_max'] for r in h], 'o-', color='C0', label=f'λ_max at epoch ends ({n}-item probe)')
         ax.plot([r['step'] for r in h], [r['lambda_min'] for r in h], 'o-', color='C1', label=f'λ_min at epoch ends ({n}-item probe)')
     caph = story.teacher.saddle_capture.history
     miss = [r for r in caph if not r['captured']]
     cap = [r for r in caph if r['captured']]
     if caph: ax.plot([r['step'] for r in caph], [max(r['eigenvalues']) for r in caph], '.', color='0.5', ms=4,
-                     label='λ_max at the saddle tests (128-item probe)', zorder=2)
+                     label=f'λ_max at the saddle tests ({_callback_probe_items(story.teacher.saddle_capture)}-item probe)', zorder=2)
     if miss: ax.scatter([r['step'] for r in miss], [min(r['eigenvalues']) for r in miss], marker='x', color='0.4',
                         label='saddle test, λ_min: not captured', zorder=3)
     if cap: ax.scatter([r['step'] for r in cap], [min(r['eigenvalues']) for r in cap], marker='o', s=70, facecolors='none',
@@ -371,23 +388,30 @@ def atomic_output_dir(target, # the directory to create (or replace, if it is a 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f'.{target.name}.', suffix='.tmp', dir=target.parent))
+        umask = os.umask(0); os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700): give the report the permissions of a plain mkdir
     except OSError as e:
         for d in created:
             try: d.rmdir()
             except OSError: pass
         raise OutputDirError(f"cannot write the output directory {target}: {e.strerror or e}. "
                              f"Choose a writable --out") from None
+    old = None
     try:
         yield tmp
         (tmp/MARKER).write_text(json.dumps({'kind': kind, 'written_by': 'fastsprkd'}) + '\n')
         _check_target(target)  # again: something may have appeared meanwhile
-        old = None
         if target.exists():
             old = target.with_name(f'.{target.name}.old-{os.getpid()}')
             target.rename(old)
         tmp.rename(target)
-        if old is not None: shutil.rmtree(old, ignore_errors=True)
+        if old is not None:
+            old_, old = old, None  # the new report is in place: the previous one may go
+            shutil.rmtree(old_, ignore_errors=True)
     except BaseException:
+        if old is not None and not os.path.lexists(target):  # failed between the two renames: put the previous report back
+            try: old.rename(target)
+            except OSError: pass
         shutil.rmtree(tmp, ignore_errors=True)
         for d in created:
             try: d.rmdir()
@@ -448,7 +472,7 @@ def _saddle_text(s:dict, ev:dict, generosity:int=5) -> str:
     else:
         g = s['captured_grad_norm']
         head = (f"The teacher captured **{s['captured']} saddle points** in {s['tests']} tests (criterion {s['criterion']}: "
-                f"λ_min < −{s['tau']:g}·λ_max, tested every {s['every']} steps on a 128-item probe). The gradient norm at the "
+                f"λ_min < −{s['tau']:g}·λ_max, tested every {s['every']} steps on a {s['probe_items']}-item probe). The gradient norm at the "
                 f"captured points was {min(g):.3g}–{max(g):.3g}: these are points of negative curvature along the "
                 f"trajectory, not stationary points. The SPRKD student approached the mean of the "
                 f"{min(generosity, s['captured'])} lowest-loss ones (centre-cropped to its size).")
@@ -489,7 +513,7 @@ def write_demo_report(story:Story, # a finished `run_story`
                 loss_landscapes=figs['loss_landscape.png'].landscapes,
                 training_curves={k: l.curves for k, l in story.students.items()}, machine=machine_info(), wall_seconds=elapsed,
                 plots=[n for n in PLOTS if n in figs])
-    (out/'metrics.json').write_text(json.dumps(data, indent=1, default=float) + '\n')
+    (out/'metrics.json').write_text(_json_dumps(data) + '\n')
     with open(out/'metrics.csv', 'w', newline='') as f:
         w = csv.writer(f); w.writerow(['model', 'metric', 'value'])
         for model, m in story.metrics.items():
@@ -499,7 +523,7 @@ def write_demo_report(story:Story, # a finished `run_story`
     intro = (f"Dataset **{cfg.dataset}**, seed {story.seed}, {cfg.epochs} epochs of `fit_one_cycle` (Adam, lr {cfg.lr:g}, "
              f"batch {cfg.bs}) for the teacher (`DigitsCNN({cfg.teacher_width})`) and for each student "
              f"(`DigitsCNN({cfg.student_width})`); the three students share the seed, hence their initial weights and batch "
-             f"order. Hessian metrics are of the training loss on a fixed probe set of {cfg.n_probe} training items "
+             f"order. Hessian metrics are of the training loss on a fixed probe set of {story.probe_items} training items "
              f"(trace: Hutch++ with {cfg.trace_matvecs} products; λ: Lanczos, both ends).")
     starts = ("What each student gets from the teacher: the control nothing; Hinton KD the teacher's softened outputs on "
               "every training batch; SPRKD the teacher's weights at its captured saddle points (the mean of the lowest-loss "
@@ -510,6 +534,9 @@ def write_demo_report(story:Story, # a finished `run_story`
     mach = machine_info()
     when = (f"Machine: {mach['cpu_count']} CPU cores, {mach['torch_threads']} torch threads, load average {mach['load_average']} "
             f"at the end (times are wall-clock and depend on the load)" + (f"; total wall time {elapsed:.0f} s." if elapsed else "."))
+    unconv = [LABELS[k] for k in STUDENTS if not story.metrics[k].get('eigsh_converged', True)]
+    if unconv: intro += (f" λ_max/λ_min of {', '.join(unconv)} are from Lanczos runs that did not reach their tolerance "
+                         f"(1e-4) within 400 products: approximate.")
     md = [f"# fastsprkd demo report", "", f"`{command}`" if command else '', "", intro, "", _md_table(header, rows), "",
           _saddle_text(saddles, events, cfg.generosity), "", starts, "", note, "", when, ""]
     for n in data['plots']: md += [f"## {PLOTS[n]}", "", f"![{PLOTS[n]}]({n})", ""]
@@ -524,6 +551,21 @@ def write_demo_report(story:Story, # a finished `run_story`
                 "<code>saddle_bank/</code>.</p>")
     (out/'report.html').write_text(_html_page('fastsprkd demo report', '\n'.join(body)))
     return data
+
+def _finite_or_none(x):
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+def _json_safe(o):
+    "`o` with every non-finite float (NaN: an untestable comparison; ±inf) replaced by None, so the file is standard JSON."
+    if isinstance(o, float): return _finite_or_none(o)
+    if isinstance(o, dict): return {k: _json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return [_json_safe(v) for v in o]
+    return o
+
+def _json_dumps(o) -> str:
+    "Standard JSON (no NaN/Infinity tokens, which strict parsers reject): non-finite numbers are written as null."
+    return json.dumps(_json_safe(o), indent=1, allow_nan=False, default=_finite_or_none)
 
 def _inline_html(text:str) -> str:
     "Escape `text` for HTML and render its inline markdown: `code` and **bold**."
@@ -652,6 +694,10 @@ def experiment_markdown(result:dict) -> str:
               'yes' if t['p_holm'] < s['alpha'] else ('t-test only' if t['p_t'] < s['alpha'] else 'no')] for t in s['tests']]
     caps = [r['metrics']['teacher']['saddle_points'] for r in result['runs']]
     n = s['n_seeds']
+    unconv = {LABELS[k]: sum(not r['metrics'][k].get('eigsh_converged', True) for r in result['runs']) for k in STUDENTS}
+    unconv_note = ''.join(f" λ of {k} in {c} of {n} seeds are from Lanczos runs that did not reach their tolerance (approximate)."
+                          for k, c in unconv.items() if c)
+    probe_n = sorted({r.get('probe_items', cfg['n_probe']) for r in result['runs']})
     wil_note = (f" With {n} seeds the smallest two-sided Wilcoxon p-value possible is {2 / 2 ** n:.3g}"
                 + (", so the Wilcoxon test cannot reach significance at this α." if 2 / 2 ** n >= s['alpha'] else "."))
     md = ["# fastsprkd experiment", "", f"`{result['command']}`" if result.get('command') else '', "",
@@ -661,7 +707,7 @@ def experiment_markdown(result:dict) -> str:
           f"(criterion {cfg['criterion']}, τ = {cfg['tau']:g}).", "",
           f"## Mean ± standard deviation over {n} seeds", "", _md_table(header, rows), "",
           "Hessian metrics: training loss on a fixed probe set of "
-          f"{cfg['n_probe']} training items. Training times are wall-clock on a machine shared with other work "
+          f"{'/'.join(map(str, probe_n))} training items.{unconv_note} Training times are wall-clock on a machine shared with other work "
           f"(load average {result['machine']['load_average']} at the end).", "",
           "## Paired comparisons across seeds", "", _md_table(theader, trows), "",
           f"{len(s['tests'])} comparisons at α = {s['alpha']:g}. Holm's correction controls the chance of any false positive "
@@ -692,10 +738,10 @@ def run_experiment(out, # output directory (created atomically)
         for s in (progress_bar(seed_list) if progress else seed_list):
             if log: log(f"seed {s}")
             story = run_story(cfg, s, progress=False, spectrum=False)
-            runs.append(dict(seed=s, metrics=story.metrics, saddle_capture=story.saddle_summary()))
+            runs.append(dict(seed=s, metrics=story.metrics, saddle_capture=story.saddle_summary(), probe_items=story.probe_items))
         result = dict(command=command, config=asdict(cfg), seeds=seed_list, runs=runs, summary=summarize(runs, alpha),
                       machine=machine_info(), wall_seconds=time.perf_counter() - t0)
-        (tmp/'experiment.json').write_text(json.dumps(result, indent=1, default=float) + '\n')
+        (tmp/'experiment.json').write_text(_json_dumps(result) + '\n')
         (tmp/'experiment.md').write_text(experiment_markdown(result))
         with open(tmp/'runs.csv', 'w', newline='') as f:
             w = csv.writer(f); w.writerow(['seed', 'model', 'metric', 'value'])

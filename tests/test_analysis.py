@@ -89,6 +89,16 @@ def test_basin_volume_bad_input():
     fct.test_fail(lambda: basin_volume(torch.eye(3, dtype=D), n=4), contains='does not match')
     fct.test_fail(lambda: basin_volume(torch.eye(3, dtype=D), threshold=0.), contains='threshold')
     fct.test_fail(lambda: basin_volume(torch.eye(3, dtype=D), method='mc'), contains="'exact' or 'slq'")
+    fct.test_fail(lambda: basin_volume(10., n=3.9), contains='n must be a positive integer')
+
+
+def test_basin_volume_takes_any_real_scalar_log_determinant():
+    import numpy as np
+    A = torch.diag(torch.tensor([1., 2., 3.], dtype=D))
+    ref = basin_volume(A, shift=0.5)
+    ld = torch.logdet(A + 0.5 * torch.eye(3, dtype=D))
+    for given in (ld, ld.item(), np.float32(ld.item()), np.float64(ld.item())):
+        fct.test_close(basin_volume(given, n=3, shift=0.5).log_volume, ref.log_volume, eps=1e-6)
 
 
 # ---------------------------------------------------------------- influence
@@ -197,6 +207,21 @@ def test_influence_bad_input():
     fct.test_fail(lambda: influence(model, bce, (Xtr, Ytr), (Xte[:0], Yte[:0]), damping=0.1), contains='empty')
     fct.test_fail(lambda: influence(model, bce, [], (Xte, Yte), damping=0.1), contains='empty')
     fct.test_fail(lambda: influence(model, bce, (Xtr, Ytr), (Xte, Yte), method='newton'), contains="'cg', 'lissa' or 'exact'")
+    from torch.utils.data import DataLoader, TensorDataset
+    fct.test_fail(lambda: influence(model, bce, DataLoader(TensorDataset(Xtr, Ytr), batch_size=8, shuffle=True), (Xte, Yte)),
+                  contains='shuffle=False')
+
+
+def test_influence_from_one_shot_iterators():
+    "A generator of training batches is read once (by the operator) and still gives every row, in order."
+    Xtr, Ytr, Xte, Yte = digits_1_vs_7(40)
+    torch.manual_seed(0)
+    model, bce = nn.Linear(64, 1).double(), nn.BCEWithLogitsLoss()
+    batches = [(Xtr[:25], Ytr[:25]), (Xtr[25:], Ytr[25:])]
+    ref = influence(model, bce, batches, (Xte, Yte), damping=0.1, method='exact')
+    fct.test_eq(ref.shape, (40, len(Xte)))
+    for data in (iter(batches), (b for b in batches)):
+        fct.test_close(influence(model, bce, data, (Xte, Yte), damping=0.1, method='exact'), ref, eps=1e-12)
     fct.test_fail(lambda: plot_influence([1., 2.], [1.]), contains='same length')
 
 
@@ -259,6 +284,8 @@ def test_gradient_and_top_eigenvector_directions():
     fct.test_close(curv.item(), ev[-1].item(), eps=1e-3 * max(1., ev[-1].item()))
     two = loss_landscape(model, ce, (x, y), 'top_eigenvector', alphas=[0.], betas=[0.])
     fct.test_close(abs(torch.dot(two.directions[1], V[:, -2]).item()), 1., eps=1e-5)
+    pair = loss_landscape(model, ce, (x, y), ('top_eigenvector', 'top_eigenvector'), alphas=[0.], betas=[0.])  # the same two
+    fct.test_close(abs(torch.dot(pair.directions[1], V[:, -2]).item()), 1., eps=1e-5)
 
 
 def test_loss_landscape_2d_and_plots():
@@ -294,6 +321,13 @@ def test_loss_landscape_bad_input():
     fct.test_fail(lambda: loss_landscape(model, ce, data, alphas=[]), contains='empty')
     fct.test_fail(lambda: loss_landscape(model, ce, data, normalize='layer'), contains='normalize')
     fct.test_fail(lambda: loss_landscape(model, ce, [], 'random'), contains='empty')
+    fct.test_fail(lambda: loss_landscape(model, ce, data, ('gradient', 'gradient'), betas=[0.]), contains="'gradient' gives one direction")
+    d = torch.randn(sum(p.numel() for p in model.parameters()), dtype=D)
+    fct.test_fail(lambda: loss_landscape(model, ce, data, (d, 2 * d), betas=[0.]), contains='parallel')
+    biases = [n for n, p in model.named_parameters() if p.dim() == 1]
+    fct.test_fail(lambda: loss_landscape(model, ce, data, 'random', params=biases), contains="normalize='unit'")
+    ls = loss_landscape(model, ce, data, 'random', params=biases, normalize='unit', alphas=[0., 1.])
+    assert ls.losses[0] != ls.losses[1]
 
 
 # ---------------------------------------------------------------- sharpness

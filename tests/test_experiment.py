@@ -17,13 +17,18 @@ def _run(capsys, argv):
 
 def _finite(x): return isinstance(x, (int, float)) and math.isfinite(x)
 
+def _strict_json(path):
+    "Parse as standard JSON: NaN/Infinity tokens (which strict parsers reject) fail the test."
+    def refuse(tok): raise AssertionError(f"{path.name} holds the non-standard JSON token {tok}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
 def test_experiment_two_seeds(tmp_path, capsys):
     out = tmp_path/'exp'
     code, stdout, err = _run(capsys, ['experiment', '--seeds', '2', '--n-train', '300', '--out', str(out)] + TINY)
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ['exp']  # no temporary directory left
     assert {p.name for p in out.iterdir()} == {'experiment.json', 'experiment.md', 'runs.csv', MARKER}
-    res = json.loads((out/'experiment.json').read_text())
+    res = _strict_json(out/'experiment.json')
     fct.test_eq(res['seeds'], [0, 1])
     fct.test_eq([r['seed'] for r in res['runs']], [0, 1])
     for r in res['runs']:
@@ -43,9 +48,11 @@ def test_experiment_two_seeds(tmp_path, capsys):
     fct.test_eq(len(tests), 2 * len(METRICS))
     for t in tests:
         assert _finite(t['mean_diff'])
+        assert (t['p_holm'] is None) == t['metric'].endswith('seconds')  # timings are outside Holm's family: null, not NaN
         assert 'α = 0.05' in t['verdict'] or 'not testable' in t['verdict']
     md = (out/'experiment.md').read_text()
     assert 'Mean ± standard deviation over 2 seeds' in md and 'Paired comparisons' in md
+    assert 'fixed probe set of 64 training items' in md  # TINY's --n-probe 64
     assert 'report: ' + str(out/'experiment.md') in stdout
 
 def test_demo_writes_everything(tmp_path, capsys):
@@ -59,7 +66,8 @@ def test_demo_writes_everything(tmp_path, capsys):
     fct.test_eq(names, want)
     for png in [n for n in names if n.endswith('.png')]: assert (out/png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert (out/'saddle_bank'/'manifest.json').exists()
-    data = json.loads((out/'metrics.json').read_text())
+    data = _strict_json(out/'metrics.json')
+    fct.test_eq(out.stat().st_mode & 0o777, 0o777 & ~_umask())  # the permissions of a plain mkdir, not mkdtemp's 0700
     for kind in STUDENTS:
         for m in METRICS: assert _finite(data['metrics'][kind][m]), (kind, m)
     fct.test_eq(data['saddle_capture']['tests'], 1)
@@ -72,14 +80,35 @@ def test_demo_writes_everything(tmp_path, capsys):
     md, page = (out/'report.md').read_text(), (out/'report.html').read_text()
     for n in data['plots']: assert f']({n})' in md and f'src="{n}"' in page
     assert 'student: SPRKD' in md and '<table>' in page
+    assert 'fixed probe set of 64 training items' in md
+    fct.test_eq(data['saddle_capture']['probe_items'], 128)  # SaddleCaptureCallback's default probe
     if data['saddle_capture']['captured'] == 0: assert 'The teacher captured no saddle point' in md
     else: assert f"The teacher captured **{data['saddle_capture']['captured']} saddle points**" in md
     assert 'report: ' + str(out/'report.md') in stdout
     # a second run replaces its own previous report
-    code, _, err = _run(capsys, ['demo', '--n-train', '128', '--out', str(out)] + TINY)
+    code, _, err = _run(capsys, ['demo', '--n-train', '128', '--out', str(out), '--epochs', '1', '--n-probe', '256',
+                                 '--trace-matvecs', '12'])
     assert code == 0, err
     fct.test_eq(sorted(p.name for p in tmp_path.iterdir()), ['demo'])
     fct.test_eq(json.loads((out/'metrics.json').read_text())['config']['n_train'], 128)
+    assert 'fixed probe set of 128 training items' in (out/'report.md').read_text()  # 256 asked, 128 exist
+
+def _umask():
+    m = os.umask(0); os.umask(m)
+    return m
+
+def test_failed_swap_keeps_the_previous_report(tmp_path, monkeypatch):
+    "A failure between moving the old report aside and moving the new one in puts the old one back."
+    with ex.atomic_output_dir(tmp_path/'out') as t: (t/'report.md').write_text('previous')
+    rename = Path.rename
+    def flaky(self, target):
+        if self.name.endswith('.tmp'): raise OSError(28, 'No space left on device (simulated)')
+        return rename(self, target)
+    monkeypatch.setattr(Path, 'rename', flaky)
+    with pytest.raises(OSError, match='simulated'):
+        with ex.atomic_output_dir(tmp_path/'out') as t: (t/'report.md').write_text('new')
+    fct.test_eq(sorted(p.name for p in tmp_path.iterdir()), ['out'])
+    fct.test_eq((tmp_path/'out'/'report.md').read_text(), 'previous')
 
 def _unwritable(tmp_path):
     "A directory this process cannot write into (root ignores permissions: use /proc on Linux)."
@@ -90,7 +119,8 @@ def _unwritable(tmp_path):
     pytest.skip("no unwritable directory available to root on this platform")
 
 @pytest.mark.parametrize('case', ['unknown_dataset', 'mnist_no_files', 'mnist_no_dir', 'out_under_file', 'out_unwritable',
-                                  'out_foreign_dir', 'bad_epochs', 'one_seed'])
+                                  'out_foreign_dir', 'bad_epochs', 'one_seed', 'n_train_below_batch', 'few_trace_matvecs',
+                                  'mnist_corrupt'])
 def test_bad_input(tmp_path, capsys, case):
     out = tmp_path/'out'
     cmd, expect, code_want = 'demo', None, 1
@@ -106,6 +136,13 @@ def test_bad_input(tmp_path, capsys, case):
     elif case == 'out_foreign_dir':
         out.mkdir(); (out/'thesis.tex').write_text('keep me'); expect = 'not written by fastsprkd'
     elif case == 'bad_epochs': extra, expect = ['--epochs', '0'], 'epochs must be a positive integer'
+    elif case == 'n_train_below_batch': extra, expect = ['--n-train', '10'], 'n_train (10) is smaller than one batch (bs=64)'
+    elif case == 'few_trace_matvecs': extra, expect = ['--trace-matvecs', '5'], 'trace_matvecs must be an integer ≥ 6'
+    elif case == 'mnist_corrupt':
+        raw = tmp_path/'mn'/'MNIST'/'raw'; raw.mkdir(parents=True)
+        for n in ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'):
+            (raw/n).write_bytes(bytes(range(100)))
+        extra, expect = ['--dataset', 'mnist', '--data-dir', str(tmp_path/'mn')], 'could not be read'
     elif case == 'one_seed': cmd, extra, expect = 'experiment', ['--seeds', '1'], '--seeds must be at least 2'
     before = sorted(p.name for p in tmp_path.iterdir())
     code, stdout, err = _run(capsys, [cmd, '--out', str(out)] + TINY + extra)  # extra last: it overrides TINY

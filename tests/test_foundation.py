@@ -32,6 +32,18 @@ def test_mnist_missing_files_names_the_path(tmp_path):
     fct.test_fail(lambda: mnist_dls(tmp_path), contains=str(tmp_path / 'MNIST' / 'raw'))
 
 
+def test_mnist_corrupt_files_say_so(tmp_path):
+    raw = tmp_path / 'MNIST' / 'raw'; raw.mkdir(parents=True)
+    for n in ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'):
+        (raw / n).write_bytes(b'\x00\x00\x08\x03' + bytes(40))  # a valid-looking header, truncated data
+    fct.test_fail(lambda: mnist_dls(tmp_path), contains='may be corrupt or truncated')
+
+
+def test_training_set_smaller_than_a_batch_is_refused():
+    fct.test_fail(lambda: digits_dls(bs=64, n_train=10, device='cpu'), contains='fewer than one batch (bs=64)')
+    assert len(digits_dls(bs=8, n_train=10, device='cpu').train) == 1
+
+
 def test_models():
     fct.test_eq(num_params(SeedCNN()), 1710)
     t, s = DigitsCNN(32), DigitsCNN(16)
