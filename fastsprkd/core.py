@@ -64,6 +64,11 @@ class DenseOperator(LinearOperator):
     def __init__(self, A:Tensor):
         if not isinstance(A, Tensor) or A.dim() != 2 or A.shape[0] != A.shape[1]:
             raise ValueError(f"expected a square matrix, got {getattr(A, 'shape', type(A))}")
+        if A.is_floating_point() and A.numel():
+            asym, scale = (A - A.T).abs().max(), A.abs().max()
+            if asym > (torch.finfo(A.dtype).eps ** 0.5) * scale:  # round-off of a computed Hessian stays far below this
+                raise ValueError(f"the matrix is not symmetric (max |A − Aᵀ| = {asym.item():.3g}, max |A| = {scale.item():.3g}); "
+                                 f"the eigen-solvers and estimators need a symmetric matrix: pass (A + A.T) / 2 if A is one up to round-off")
         self.A, self.num_params, self.dtype, self.device = A, A.shape[0], A.dtype, A.device
     def _matmat(self, V): return self.A @ V
     def to_dense(self, max_bytes=None): return self.A.clone()
@@ -76,9 +81,14 @@ def as_operator(op) -> LinearOperator:
     raise TypeError(f"expected a linear operator (with matvec and num_params) or a square tensor, got {type(op).__name__}")
 
 # %% ../nbs/02_core.ipynb #dfdf6052
+def _identical(a:Tensor, b:Tensor) -> bool:
+    "Same values, NaNs in the same places counting as equal."
+    return torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and
+                                 torch.equal(a.nan_to_num(0.), b.nan_to_num(0.)))
+
 @contextmanager
 def preserved_state(model:nn.Module, # the model to restore
-                    values:bool=True, # restore parameter and buffer values
+                    values:bool|str=True, # restore parameter and buffer values (True), only buffer values ('buffers'), or none (False)
                     copy_grads:bool=True, # snapshot `.grad` by copy; False restores the same `.grad` tensors (for code that never writes them in place)
                    ):
     "Restore modes, `.grad`, `requires_grad` and (optionally) parameter and buffer values of `model` on exit."
@@ -86,8 +96,10 @@ def preserved_state(model:nn.Module, # the model to restore
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [None if p.grad is None else p.grad.detach().clone() if copy_grads else p.grad for p in params]
-    saved = [t.detach().clone() for t in params] if values else None
+    if values not in (True, False, 'buffers'): raise ValueError(f"values must be True, False or 'buffers', got {values!r}")
+    saved = [t.detach().clone() for t in params] if values is True else None
     buffers = [(b, b.detach().clone()) for b in model.buffers()] if values else []
+    values = values is True
     try: yield model
     finally:
         with torch.no_grad():
@@ -95,9 +107,10 @@ def preserved_state(model:nn.Module, # the model to restore
             for p, f, g in zip(params, flags, grads):
                 p.requires_grad_(f)
                 p.grad = g
-            if values:
-                for p, s in zip(params, saved): p.copy_(s)
-                for b, s in buffers: b.copy_(s)
+            # only tensors that changed are written back: an in-place copy bumps autograd's version counter, which
+            # would break a backward pass still pending through the unchanged ones
+            for t, s in ([*zip(params, saved)] if values else []) + buffers:
+                if not _identical(t, s): t.copy_(s)
 
 # %% ../nbs/02_core.ipynb #8db7b821
 @contextmanager
@@ -111,6 +124,19 @@ def preserved_rng():
     finally:
         random.setstate(py); np.random.set_state(npy); torch.set_rng_state(cpu)
         if cuda is not None: torch.cuda.set_rng_state_all(cuda)
+
+@contextmanager
+def _validation_tfms(dl):
+    "`dl`'s item and batch pipelines (and its dataset's) at split_idx 1, as for validation: no training-only augmentation."
+    old = {}
+    for nm in ('after_item', 'before_batch', 'after_batch'):
+        f = getattr(dl, nm, None)
+        if hasattr(f, 'split_idx'): old[nm], f.split_idx = f.split_idx, 1
+    ds = getattr(dl, 'dataset', None)
+    try:
+        with (ds.set_split_idx(1) if hasattr(ds, 'set_split_idx') else contextmanager(lambda: (yield))()): yield
+    finally:
+        for nm, v in old.items(): getattr(dl, nm).split_idx = v
 
 # %% ../nbs/02_core.ipynb #a4c1e7d2
 def _params_id(names) -> str:
@@ -189,6 +215,15 @@ def _select_params(model, params):
     return [n for n in named if n in chosen]
 
 # %% ../nbs/02_core.ipynb #8b3a9a25
+def _plain_attributes(objs):
+    "Plain attributes of `objs` (numbers, strings, None; tensors that are not parameters or buffers): what else a loss may read."
+    state, ts = [], []
+    for o in objs:
+        for k, v in getattr(o, '__dict__', {}).items():
+            if isinstance(v, (bool, int, float, str, type(None))): state.append((id(o), k, v))
+            elif isinstance(v, Tensor) and not isinstance(v, nn.Parameter): state.append((id(o), k)); ts.append(v)
+    return state, ts
+
 def _same_key(a, b):
     "Whether two cache keys `(modes, tensors)` have equal modes and equal tensor values."
     return a[0] == b[0] and len(a[1]) == len(b[1]) and all(
@@ -256,7 +291,7 @@ class HessianOperator(LinearOperator):
                  memory_budget:int=2**30, # bytes that one vectorized chunk of `matmat` may use (estimate)
                  max_dense_bytes:int=2**31, # `to_dense` refuses larger matrices
                  check_determinism:bool=False, # compare two identical products once and raise if they differ
-                 cache_graph:bool=True, # single-batch data: keep the gradient graph while the parameters are unchanged
+                 cache_graph:bool=True, # single-batch data: keep the gradient graph while the model's state is unchanged (see below)
                  process_group='auto', # 'auto': all-reduce over the default group when torch.distributed is initialized; a group; or None/False
                  at=None, # values of the selected parameters (tensors in `params` order) to take the Hessian at, instead of the model's own (never written into it)
                  validate:bool=True, # one checking forward pass at construction (False: only count the samples, e.g. for a batch whose loss was just computed)
@@ -284,7 +319,7 @@ class HessianOperator(LinearOperator):
         if at is not None:  # a flat vector or per-parameter tensors (a list or a dict by name), checked against the shapes
             at = (at if isinstance(at, Tensor) else self.flatten(at)).detach().to(device=self.device, dtype=self.dtype)
             at = tuple(self.unflatten(at))
-        self._at = at
+        self._at, self._fixed_at = at, {}  # _fixed_at: values of unselected parameters (a sub-operator of one built with `at`)
         self.validate = validate
         self.data, data_n_inp = _prepare_data(data)
         self.n_inp = n_inp if n_inp is not None else data_n_inp
@@ -311,7 +346,12 @@ class HessianOperator(LinearOperator):
     # ---- the loss as a function of the selected parameters
     def _batches(self):
         "The (inputs, targets) of every non-empty batch, on the operator's device."
-        for b in self.data:
+        if isinstance(self.data, (list, tuple)): yield from self._split(self.data); return
+        # a DataLoader: fastai's with its validation transforms (no training-time augmentation: the same matrix on every
+        # sweep); torch's draws a base seed from the global RNG on each iteration, which is restored (no trace on training)
+        with preserved_rng(), _validation_tfms(self.data): yield from self._split(self.data)
+    def _split(self, data):
+        for b in data:
             xb, yb = _split_batch(b, self.n_inp, self.device)
             if self._batch_size(xb) > 0: yield xb, yb  # an empty batch has weight 0 (and a NaN mean loss): skip it
     def _batch_size(self, xb):
@@ -322,6 +362,7 @@ class HessianOperator(LinearOperator):
         "Tensors held fixed: the unselected parameters and the buffers."
         sel = set(self.names)
         fixed = {n: p.detach() for n, p in self.model.named_parameters() if n not in sel}
+        fixed.update(self._fixed_at)
         fixed.update(dict(self.model.named_buffers()))
         for name, m in self.model.named_modules():
             if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats:
@@ -341,21 +382,23 @@ class HessianOperator(LinearOperator):
     def _ctx(self):
         # the operator never writes parameters nor `.grad` (it differentiates detached copies with autograd.grad);
         # buffers change only in train mode (BatchNorm statistics)
-        with preserved_state(self.model, values=not self.eval_mode, copy_grads=False):
+        # autocast off: curvature in the parameters' dtype even when called inside an autocast region
+        with preserved_state(self.model, values=False if self.eval_mode else 'buffers', copy_grads=False), _no_autocast(self.model):
             if self.eval_mode: self.model.eval()
             yield
 
     def _validate(self):
         "One plain forward pass over every batch: counts samples, checks the loss is a finite scalar."
         total = 0
-        if not self.validate: return sum(self._batch_size(xb) for xb, _ in self._batches())
-        with self._ctx(), torch.no_grad():
-            fixed = self._fixed()
-            for i, (xb, yb) in enumerate(self._batches()):
-                if i == 0:
-                    loss = self._loss_fn(xb, yb, fixed)(*self._theta())
-                    self._check_loss(loss, i)
-                total += self._batch_size(xb)
+        if not self.validate: total = sum(self._batch_size(xb) for xb, _ in self._batches())
+        else:
+            with self._ctx(), torch.no_grad():
+                fixed = self._fixed()
+                for i, (xb, yb) in enumerate(self._batches()):
+                    if i == 0:
+                        loss = self._loss_fn(xb, yb, fixed)(*self._theta())
+                        self._check_loss(loss, i)
+                    total += self._batch_size(xb)
         if total == 0 and self.process_group is None:
             raise ValueError("data is empty: no batch (or only empty batches) to compute the Hessian on; pass at least one (x, y) batch")
         return total
@@ -443,7 +486,8 @@ class HessianOperator(LinearOperator):
                     # plain autograd (not torch.func.grad): it also differentiates custom autograd.Functions without setup_context
                     ps = tuple(t.detach().requires_grad_() for t in self._theta())
                     with torch.enable_grad():
-                        g = torch.autograd.grad(self._loss_fn(xb, yb, fixed)(*ps), ps, allow_unused=True)
+                        l = self._loss_fn(xb, yb, fixed)(*ps)
+                        g = torch.autograd.grad(l, ps, allow_unused=True) if l.requires_grad else (None,) * len(ps)
                     out += w * torch.cat([(torch.zeros_like(p) if t is None else t).reshape(-1) for t, p in zip(g, ps)])
             return out
         out = self._all_reduce(local, torch.zeros(self.num_params, dtype=self.dtype, device=self.device), 'gradient')
@@ -470,7 +514,10 @@ class HessianOperator(LinearOperator):
         if cache_key is not None: cache_key = (cache_key[0], [t.detach().clone() for t in cache_key[1]])  # values before the forward pass
         ps = tuple(t.detach().requires_grad_() for t in theta)
         with torch.enable_grad():
-            g = torch.autograd.grad(f(*ps), ps, create_graph=True)
+            l = f(*ps)
+            g = torch.autograd.grad(l, ps, create_graph=True, allow_unused=True) if l.requires_grad else (None,) * len(ps)
+        # None: the loss does not use that parameter; no grad_fn: its gradient is constant in the parameters
+        g = tuple(t if t is not None and t.requires_grad else None for t in g)
         if cache_key is not None: self._graph = (cache_key, ps, g)
         return ps, g
 
@@ -497,10 +544,14 @@ class HessianOperator(LinearOperator):
     def _hvp_batch_rev_loop(self, f, theta, V, cache_key=None):
         "Reverse-over-reverse with autograd: one gradient graph, then one double-backward pass per column of V."
         ps, g = self._rev_graph(f, theta, cache_key)
+        live = [i for i, t in enumerate(g) if t is not None]
+        if not live: return torch.zeros_like(V)  # the gradient does not depend on the parameters: H = 0
         out = torch.empty_like(V)
         with torch.enable_grad():
             for k in range(V.shape[1]):
-                hv = torch.autograd.grad(g, ps, grad_outputs=self.unflatten(V[:, k]), allow_unused=True, retain_graph=True)
+                vs = self.unflatten(V[:, k])
+                hv = torch.autograd.grad([g[i] for i in live], ps, grad_outputs=[vs[i] for i in live], allow_unused=True,
+                                         retain_graph=True)
                 for o, h in zip(out[:, k].split(self.sizes), hv):
                     if h is None: o.zero_()  # the loss does not depend on this parameter
                     else: o.view(h.shape).copy_(h)  # a view of `out` shaped like `h`: no reshaped copy of h
@@ -525,8 +576,9 @@ class HessianOperator(LinearOperator):
         # not autograd's version counters: `p.data` updates (fastai's optimizers, `p.data = ...`) do not bump them
         if not (isinstance(self.data, list) and len(self.data) == 1) or not self.cache_graph or self._at is not None: return None
         if any(m.training for m in self.model.modules()): return None  # train mode may be random (Dropout): no caching
-        ts = [*self.model.parameters(), *self.model.buffers(), *(o for o in self.data[0] if isinstance(o, Tensor))]
-        return [m.training for m in self.model.modules()], ts
+        state, attr_ts = _plain_attributes([*self.model.modules(), self.loss_func])
+        ts = [*self.model.parameters(), *self.model.buffers(), *(o for o in self.data[0] if isinstance(o, Tensor)), *attr_ts]
+        return [m.training for m in self.model.modules()] + state, ts
 
     def _matmat(self, V):
         K = V.shape[1]
@@ -610,6 +662,10 @@ def _sub_operator(op, names):
     sub = copy.copy(op)
     named = dict(op.model.named_parameters())
     sub.names, sub.params = list(names), [named[n] for n in names]
+    if op._at is not None:  # the given values: of the subset, and of the other selected parameters, now held fixed
+        at = dict(zip(op.names, op._at))
+        sub._at = tuple(at[n] for n in names)
+        sub._fixed_at = {**op._fixed_at, **{n: a for n, a in at.items() if n not in set(names)}}
     sub.shapes, sub.sizes = [p.shape for p in sub.params], [p.numel() for p in sub.params]
     sub.num_params, sub.num_matvecs = sum(sub.sizes), 0
     sub._graph, sub._per_vec_bytes, sub._auto, sub._vjp = None, None, {}, None

@@ -112,22 +112,9 @@ def mnist_dls(path, # folder containing torchvision's `MNIST/raw` (or `MNIST/pro
 # %% ../nbs/00_data.ipynb #f3b8d8f5
 from contextlib import contextmanager
 from fastai.torch_core import to_device
-from .core import preserved_rng as _rng_preserved, _plain
+from .core import preserved_rng as _rng_preserved, _plain, _validation_tfms
 
 # %% ../nbs/00_data.ipynb #84d323b6
-@contextmanager
-def _validation_tfms(dl):
-    "`dl`'s item and batch pipelines (and its dataset's) at split_idx 1, as for validation: no training-only augmentation."
-    old = {}
-    for nm in ('after_item', 'before_batch', 'after_batch'):
-        f = getattr(dl, nm, None)
-        if hasattr(f, 'split_idx'): old[nm], f.split_idx = f.split_idx, 1
-    ds = dl.dataset
-    try:
-        with (ds.set_split_idx(1) if hasattr(ds, 'set_split_idx') else contextmanager(lambda: (yield))()): yield
-    finally:
-        for nm, v in old.items(): getattr(dl, nm).split_idx = v
-
 def probe_batches(dl, # a fastai `DataLoader` (e.g. `dls.train`), or a torch `DataLoader`, over an indexed dataset
                   n:int=256, # number of items (all of them if the dataset is smaller)
                   seed:int=0, # seed of the subset

@@ -215,9 +215,9 @@ def eigsh(op, # a symmetric linear operator (e.g. `HessianOperator`) or a dense 
     n = op.num_params
     if which not in ('LA', 'SA', 'LM', 'BE'): raise ValueError(f"which must be one of 'LA', 'SA', 'LM', 'BE', got {which!r}")
     if not 1 <= k <= n: raise ValueError(f"k must be between 1 and n={n}, got {k}")
-    ncv = min(n, ncv or max(2 * k + 1, k + 16))
+    ncv = min(n, ncv if ncv is not None else max(2 * k + 1, k + 16))
     if ncv <= k and ncv < n: raise ValueError(f"ncv={ncv} must exceed k={k}")
-    max_matvecs = max_matvecs or max(20 * ncv, 200, n)
+    max_matvecs = max(20 * ncv, 200, n) if max_matvecs is None else max_matvecs
     if max_matvecs < 1: raise ValueError(f"max_matvecs must be ≥ 1, got {max_matvecs}")
     dtype, device = op.dtype, op.device
     start = op.num_matvecs
@@ -307,7 +307,9 @@ def power_iteration(op, # a symmetric linear operator or a square tensor
             w = op.matvec(v)
             new = torch.dot(w, v)
             w, _ = _orth_rows(w, R)
-            v = w / w.norm().clamp_min(torch.finfo(op.dtype).tiny)
+            nw = w.norm()
+            if nw == 0: lam = new; break  # H·v = 0 (v ⊥ the found eigenvectors): v is an eigenvector with λ = 0
+            v = w / nw
             if lam is not None and abs(new - lam) / (abs(lam) + 1e-6) < tol: lam = new; break
             lam = new
         vals.append(lam); vecs.append(v)

@@ -323,7 +323,7 @@ def _cg(op, B, damping, tol, max_iter, X):
     return X, R.norm(dim=0) / bnorm, its, negative
 
 # %% ../nbs/04_estimators.ipynb #3598a545
-def _lissa(ops, B, damping, scale, depth, repeats, tol, gen):
+def _lissa(ops, B, damping, scale, depth, repeats, tol, gen, w):
     single = len(ops) == 1
     eps = torch.finfo(B.dtype).eps
     bnorm = B.norm(dim=0)
@@ -335,7 +335,8 @@ def _lissa(ops, B, damping, scale, depth, repeats, tol, gen):
     for r in range(1 if single else repeats):
         X, prev = B.clone(), None
         for j in range(1, depth + 1):
-            op = ops[0] if single else ops[torch.randint(len(ops), (1,), generator=gen).item()]
+            # each operator with probability ∝ its samples: the expected H is the sample-weighted mean the operators' data define
+            op = ops[0] if single else ops[torch.multinomial(w, 1, generator=gen).item()]
             D = B - (op.matmat(X) + damping * X) / scale  # x_j - x_{j-1}; the residual of x_{j-1}/scale
             if not torch.isfinite(D).all(): diverged(j, 'non-finite values')
             dn, xn = D.norm(dim=0), X.norm(dim=0)
@@ -396,12 +397,16 @@ def solve(op, # linear operator or square tensor H, or for 'lissa' a list of ope
         if not lam > 0: raise ValueError(_not_pd_message(lam - damping, damping, 'largest eigenvalue').replace('shift', 'damping'))
         scale = 1.1 * lam
     if not scale > 0: raise ValueError(f"scale must be positive, got {scale}")
-    X, steps = _lissa(ops, B, damping, scale, depth, repeats, tol, _generator(seed))
-    w = torch.tensor([float(getattr(o, 'num_samples', 1)) for o in ops]); w = w / w.sum()
+    w = torch.tensor([float(getattr(o, 'num_samples', 1)) for o in ops], dtype=torch.float64); w = w / w.sum()
+    X, steps = _lissa(ops, B, damping, scale, depth, repeats, tol, _generator(seed), w)
     R = B - damping * X - sum(wi.item() * o.matmat(X) for wi, o in zip(w, ops))
     res = R.norm(dim=0) / B.norm(dim=0).clamp_min(torch.finfo(B.dtype).tiny)
     conv = bool((res <= tol * (1 + 1e-3)).all())
     if not conv and len(ops) == 1:
         warnings.warn(f"LiSSA did not reach tol = {tol:g} in depth = {depth} steps (relative residual {res.max().item():.3g}): "
                       f"raise `depth`, or lower `scale` towards λ_max(H) + damping (it converges at rate 1 − λ_min/scale).")
+    elif not conv:
+        warnings.warn(f"stochastic LiSSA over {len(ops)} operators: relative residual {res.max().item():.3g} > tol = {tol:g} "
+                      f"(sampling noise of one operator per step); raise `repeats` to average it down, or use CG on the "
+                      f"full-data operator for an exact solve.")
     return out(X, res, conv, steps, scale=scale)

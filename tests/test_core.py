@@ -789,3 +789,112 @@ def test_auto_mode_keeps_fwd_only_when_clearly_faster(monkeypatch, fwd_over_rev,
     close(op.matvec(v), H @ v)
     fct.test_eq(op._auto[False], expect)
     close(op.matvec(v), H @ v)  # and the chosen mode computes the same product
+
+
+# ---------------------------------------------------------------- review fixes (session 4)
+class _Partial(nn.Module):
+    "A model with an unused trainable parameter (`skip`) and a plain attribute the loss depends on (`temperature`)."
+    def __init__(self):
+        super().__init__(); torch.manual_seed(0)
+        self.a, self.skip, self.temperature = nn.Linear(4, 3), nn.Linear(4, 3), 1.0
+    def forward(self, x): return self.a(x) / self.temperature
+
+
+@pytest.mark.parametrize('mode', ['fwd', 'rev', 'auto'])
+def test_unused_parameters_and_zero_hessian(mode):
+    "A parameter the loss never uses has zero rows and columns; a loss linear in the parameters has H = 0 (every mode)."
+    m = _Partial().double()
+    x, y = make_data('mlp', n=10)
+    H_ref, g_ref, _ = reference(m, CE, [(x, y)])
+    op = HessianOperator(m, CE, (x, y), mode=mode)
+    close(op.to_dense(), H_ref); close(op.matmat(rand(op.num_params, 3)), H_ref @ rand(op.num_params, 3))
+    close(op.gradient(), g_ref)
+    fct.test_eq(op.to_dense()[15:].abs().max().item(), 0.)  # skip.weight, skip.bias
+    lin = nn.Linear(4, 3).double()
+    op = HessianOperator(lin, lambda pred, y: pred.mean(), (x, y), mode=mode)
+    for out in (op.matvec(rand(op.num_params)), op.matmat(rand(op.num_params, 2)), op.to_dense()):
+        fct.test_eq(out.abs().max().item(), 0.)
+    op = HessianOperator(lin, lambda pred, y: pred.mean(), (x, y), params=[lin.bias], mode=mode)  # loss - const in bias
+    fct.test_eq(op.matvec(rand(3)).abs().max().item(), 0.)
+
+
+@pytest.mark.parametrize('mode', ['rev', 'auto'])
+def test_kept_graph_sees_plain_attributes(mode):
+    "The kept gradient graph is rebuilt when a plain attribute the forward reads (a temperature) changes."
+    m = _Partial().double()
+    x, y = make_data('mlp', n=10)
+    op = HessianOperator(m, CE, (x, y), mode=mode)
+    v = rand(op.num_params)
+    op.matvec(v)
+    m.temperature = 0.25
+    close(op.matvec(v), reference(m, CE, [(x, y)])[0] @ v)
+
+
+def test_to_dense_at_given_values_across_modules():
+    "`at=` with parameters of several modules: the dense blocks hold the earlier modules at the given values too."
+    m = mlp()
+    x, y = make_data('mlp')
+    g = torch.Generator().manual_seed(5)
+    at = [p.detach() + 0.3 * torch.randn(p.shape, generator=g, dtype=F64) for p in m.parameters()]
+    m2 = copy.deepcopy(m)
+    with torch.no_grad():
+        for p, a in zip(m2.parameters(), at): p.copy_(a)
+    H_ref = reference(m2, CE, [(x, y)])[0]
+    for mode in ('fwd', 'rev'): close(HessianOperator(m, CE, (x, y), at=at, mode=mode).to_dense(), H_ref)
+
+
+def test_train_mode_operator_leaves_a_pending_backward_intact():
+    "eval_mode=False between a forward and its backward: no parameter is written, so the backward still runs."
+    m = mlp(bn=True).train()
+    x, y = make_data('mlp')
+    loss = CE(m(x), y)
+    versions = [p._version for p in m.parameters()]
+    op = HessianOperator(m, CE, (x, y), eval_mode=False)
+    op.matvec(rand(op.num_params)); op.gradient()
+    fct.test_eq([p._version for p in m.parameters()], versions)
+    loss.backward()
+
+
+def test_autocast_region_does_not_lower_the_precision():
+    m = mlp().float()
+    x, y = make_data('mlp')
+    op = HessianOperator(m, CE, (x.float(), y))
+    v = rand(op.num_params, dtype=torch.float32)
+    ref = op.matvec(v)
+    with torch.autocast('cpu', dtype=torch.bfloat16): out = op.matvec(v)
+    fct.test_eq(out.dtype, torch.float32)
+    close(out, ref, tol=1e-6)
+
+
+def test_fastai_training_loader_without_augmentation_or_rng_trace():
+    "A fastai training loader with a training-only augmentation: the Hessian of the clean items, the same every sweep."
+    from fastai.data.all import Transform, Datasets
+    class Noise(Transform):
+        split_idx, order = 0, 90
+        def encodes(self, x:torch.Tensor): return x + 0.5 * torch.randn_like(x) if x.is_floating_point() else x
+    x, y = make_data('mlp', n=40)
+    dsets = Datasets(list(range(40)), [[lambda i: x[i]], [lambda i: y[i]]], splits=(list(range(30)), list(range(30, 40))))
+    dls = dsets.dataloaders(bs=8, after_batch=[Noise()], device='cpu', num_workers=0)
+    m = mlp()
+    split = dls.train.after_batch.split_idx, dls.train.dataset.split_idx
+    op = HessianOperator(m, CE, dls.train)
+    state = torch.get_rng_state()
+    close(op.to_dense(), reference(m, CE, [(x[:30], y[:30])])[0])
+    fct.test_eq(torch.get_rng_state(), state)
+    op.check_determinism()
+    fct.test_eq((dls.train.after_batch.split_idx, dls.train.dataset.split_idx), split)  # the training loader's pipelines as they were
+    # a torch DataLoader draws a base seed on every iteration: restored too
+    op = HessianOperator(m, CE, DataLoader(TensorDataset(x, y), batch_size=16))
+    state = torch.get_rng_state(); op.matvec(rand(op.num_params)); fct.test_eq(torch.get_rng_state(), state)
+
+
+def test_empty_data_without_validation_pass():
+    x, y = make_data('mlp')
+    for data in ((x[:0], y[:0]), [], iter([])):
+        fct.test_fail(lambda: HessianOperator(mlp(), CE, data, validate=False), contains='data is empty')
+
+
+def test_dense_operator_refuses_a_non_symmetric_matrix():
+    fct.test_fail(lambda: DenseOperator(torch.tensor([[2., 1.], [0., 3.]])), contains='not symmetric')
+    A = torch.randn(5, 5, dtype=torch.float32); A = A + A.T
+    DenseOperator(A + 1e-6 * torch.randn(5, 5))  # round-off of a computed Hessian passes

@@ -278,6 +278,16 @@ def test_eigsh_bad_input(random_sym):
     fct.test_fail(lambda: eigsh(A, 2, v0=torch.ones(n + 1, dtype=F64)), contains='entries')
     fct.test_fail(lambda: power_iteration(A, n + 1), contains='k must be between 1 and n')
     fct.test_fail(lambda: power_iteration(A, 0), contains='k must be between 1 and n')
+    fct.test_fail(lambda: eigsh(A, 2, max_matvecs=0), contains='max_matvecs must be ≥ 1')
+    fct.test_fail(lambda: eigsh(A, 2, ncv=0), contains='must exceed k')
+
+
+def test_power_iteration_on_a_null_space_returns_unit_vectors():
+    "H·v = 0 after deflation: v itself is an eigenvector (λ = 0), not a zero vector."
+    for A in (torch.zeros(6, 6, dtype=F64), torch.diag(torch.tensor([3., 0., 0., 0.], dtype=F64))):
+        r = power_iteration(A, 2, seed=0)
+        fct.test_close(r.eigenvectors.norm(dim=0), torch.ones(2, dtype=F64), eps=1e-12)
+        fct.test_close(A @ r.eigenvectors, r.eigenvectors * r.eigenvalues, eps=1e-12)
 
 
 # ---------------------------------------------------------------- power iteration (PyHessian's semantics)

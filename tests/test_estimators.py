@@ -302,6 +302,25 @@ def test_lissa_stochastic_over_minibatch_operators():
     fct.test_fail(lambda: solve(ops, b), contains='one operator')
 
 
+def test_lissa_samples_operators_by_their_samples():
+    "Batches of 10 and 190 samples: LiSSA converges to the sample-weighted Hessian's solution (the data's), not the plain mean's."
+    g = torch.Generator().manual_seed(0)
+    m = torch.nn.Linear(3, 1, bias=False).double()
+    xa = torch.randn(10, 3, generator=g, dtype=D) * torch.tensor([3., .3, .3], dtype=D)
+    xb = torch.randn(190, 3, generator=g, dtype=D) * torch.tensor([.3, .3, 3.], dtype=D)
+    ya, yb = torch.randn(10, 1, generator=g, dtype=D), torch.randn(190, 1, generator=g, dtype=D)
+    mse = torch.nn.MSELoss()
+    ops = [HessianOperator(m, mse, (xa, ya)), HessianOperator(m, mse, (xb, yb))]
+    H = HessianOperator(m, mse, [(xa, ya), (xb, yb)]).to_dense()
+    Hu = (ops[0].to_dense() + ops[1].to_dense()) / 2
+    b, I = torch.ones(3, dtype=D), torch.eye(3, dtype=D)
+    ref, ref_u = torch.linalg.solve(H + 0.1 * I, b), torch.linalg.solve(Hu + 0.1 * I, b)
+    with pytest.warns(UserWarning, match='stochastic LiSSA over 2 operators'):
+        r = solve(ops, b, method='lissa', damping=0.1, scale=40., depth=400, repeats=200, seed=0)
+    err, err_u = ((r.x - ref).norm() / ref.norm()).item(), ((r.x - ref_u).norm() / ref_u.norm()).item()
+    assert err < 0.1 and err_u > 0.15, (err, err_u)
+
+
 def test_lissa_divergence_raises_with_scale_hint():
     A, lam = spd_matrix(top=(10., 5.), low=1.)
     b = torch.ones(150, dtype=D)
