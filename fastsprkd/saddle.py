@@ -52,6 +52,7 @@ class SaddlePoint:
             if not isinstance(t, Tensor): raise TypeError(f"params[{n!r}] must be a tensor, got {type(t).__name__}")
             ps[n] = t.detach().to('cpu', copy=True).contiguous()
         self.params = ps
+        if isinstance(self.eigenvalues, (str, bytes)): raise TypeError(f"eigenvalues must be numbers, got the string {self.eigenvalues!r}")
         self.eigenvalues = [float(e) for e in (self.eigenvalues.tolist() if isinstance(self.eigenvalues, Tensor) else self.eigenvalues)]
         self.loss, self.grad_norm = float(self.loss), float(self.grad_norm)
         self.step, self.epoch = int(self.step), int(self.epoch)
@@ -199,6 +200,8 @@ def _atomic_write(path:Path, data:bytes):
     "Write `data` to `path` atomically: temporary file in the same directory, fsync, rename."
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix='.tmp')
     try:
+        umask = os.umask(0); os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private (0600): give it the permissions of a plain open()
         with os.fdopen(fd, 'wb') as f:
             f.write(data); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -239,24 +242,43 @@ def save(self:SaddleBank,
     digest = hashlib.sha256(data).hexdigest()
     points = []
     for p in self.points:
-        try: meta = json.loads(json.dumps(p.meta))
+        try: meta = json.loads(json.dumps(p.meta, allow_nan=False))
         except (TypeError, ValueError) as e:
             raise TypeError(f"the metadata of the point of step {p.step} is not JSON-serializable ({e}); store plain "
                             f"numbers, strings, lists and dicts in `meta`") from None
-        points.append(dict(eigenvalues=p.eigenvalues, loss=p.loss, grad_norm=p.grad_norm, step=p.step, epoch=p.epoch, meta=meta))
+        fin = lambda x: x if math.isfinite(x) else None  # standard JSON has no NaN/inf: null (read back as NaN)
+        points.append(dict(eigenvalues=[fin(e) for e in p.eigenvalues], loss=fin(p.loss), grad_norm=fin(p.grad_norm), step=p.step,
+                           epoch=p.epoch, meta=meta))
     fname = f"tensors-{digest[:16]}.safetensors"
     manifest = dict(format=BANK_FORMAT, version=BANK_VERSION, fastsprkd=_version(),
                     fingerprint=[[n, list(s), d] for n, s, d in (self.fingerprint or [])],
                     tensor_file=fname, sha256=digest, num_points=len(self.points), points=points)
     path.mkdir(parents=True, exist_ok=True)
     _atomic_write(path/fname, data)
-    _atomic_write(path/'manifest.json', (json.dumps(manifest, indent=1) + '\n').encode())
+    _atomic_write(path/'manifest.json', (json.dumps(manifest, indent=1, allow_nan=False) + '\n').encode())
     _fsync_dir(path)
     for f in path.glob('tensors-*.safetensors'):
         if f.name != fname: f.unlink()
     return path
 
 # %% ../nbs/11_saddle.ipynb #2c222573
+def _point_fields(p) -> dict:
+    "A manifest point's fields, type-checked (JSON as `save` writes it: numbers, integers, a list of numbers, a dict)."
+    def num(v, k):
+        if v is None: return math.nan  # written for NaN/inf (older banks have NaN tokens, which json reads too)
+        if isinstance(v, bool) or not isinstance(v, (int, float)): raise TypeError(f"{k} must be a number, got {v!r}")
+        return v
+    if not isinstance(p, dict): raise TypeError(f"a point must be a JSON object, got {p!r}")
+    out = {k: num(p[k], k) for k in ('loss', 'grad_norm')}
+    for k in ('step', 'epoch'):
+        if isinstance(p[k], bool) or not isinstance(p[k], int): raise TypeError(f"{k} must be an integer, got {p[k]!r}")
+        out[k] = p[k]
+    if not isinstance(p['eigenvalues'], list): raise TypeError(f"eigenvalues must be a list, got {p['eigenvalues']!r}")
+    out['eigenvalues'] = [num(e, 'an eigenvalue') for e in p['eigenvalues']]
+    if not isinstance(p['meta'], dict): raise TypeError(f"meta must be a JSON object, got {p['meta']!r}")
+    out['meta'] = p['meta']
+    return out
+
 @patch(cls_method=True)
 def load(cls:SaddleBank, path) -> SaddleBank:
     "Load a bank saved by `save` (verifies format, version, checksum and shapes; never unpickles)."
@@ -299,7 +321,7 @@ def load(cls:SaddleBank, path) -> SaddleBank:
             if tuple(t.shape) != s or t.dtype != _dtype_of(d):
                 raise SaddleBankError(f"tensor {n!r} of point {i} is {tuple(t.shape)} {t.dtype}, the manifest says {s} {d}")
             ps[n] = t
-        try: bank.append(SaddlePoint(ps, **{k: p[k] for k in ('eigenvalues', 'loss', 'grad_norm', 'step', 'epoch', 'meta')}))
-        except (KeyError, TypeError) as e:
-            raise SaddleBankError(f"point {i} of {mpath} is malformed ({e!r}): the file was edited") from None
+        try: bank.append(SaddlePoint(ps, **_point_fields(p)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise SaddleBankError(f"point {i} of {mpath} is malformed ({e}): the file was edited") from None
     return bank

@@ -145,6 +145,33 @@ def test_load_errors(bank, tmp_path):
     with pytest.raises(FileNotFoundError, match='incomplete'): SaddleBank.load(path)
 
 
+def test_load_checks_point_field_types(bank, tmp_path):
+    "A manifest whose point fields were edited into the wrong JSON types raises SaddleBankError, never loads garbage."
+    path = bank.save(tmp_path/'b')
+    mf = path/'manifest.json'
+    m = json.loads(mf.read_text())
+    for key, val in (('loss', 'abc'), ('eigenvalues', '12'), ('eigenvalues', ['x']), ('step', '7a'), ('step', 1.5),
+                     ('epoch', True), ('meta', 'ab'), ('grad_norm', [1.])):
+        pts = [dict(m['points'][0], **{key: val})] + m['points'][1:]
+        mf.write_text(json.dumps({**m, 'points': pts}))
+        with pytest.raises(SaddleBankError, match=f'point 0 .* is malformed'): SaddleBank.load(path)
+    mf.write_text(json.dumps({**m, 'points': [5] + m['points'][1:]}))
+    with pytest.raises(SaddleBankError, match='malformed'): SaddleBank.load(path)
+    with pytest.raises(TypeError, match='string'): SaddlePoint({'w': torch.zeros(2)}, eigenvalues='12')
+
+
+def test_saved_files_are_standard_json_with_plain_permissions(tmp_path):
+    "NaN losses are written as null (strict JSON parsers reject NaN) and read back as NaN; files get the umask's mode."
+    b = SaddleBank([_point(1, float('nan'))])
+    path = b.save(tmp_path/'b')
+    def refuse(tok): raise AssertionError(f"non-standard JSON token {tok}")
+    m = json.loads((path/'manifest.json').read_text(), parse_constant=refuse)
+    assert m['points'][0]['loss'] is None
+    assert math.isnan(SaddleBank.load(path)[0].loss)
+    umask = os.umask(0); os.umask(umask)
+    for f in path.iterdir(): fct.test_eq(f.stat().st_mode & 0o777, 0o666 & ~umask)
+
+
 def test_meta_must_be_json(tmp_path):
     b = SaddleBank([_point(1, 0.1, meta={'f': object()})])
     with pytest.raises(TypeError, match='JSON-serializable'): b.save(tmp_path/'b')
