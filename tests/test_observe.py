@@ -7,6 +7,7 @@ from torch import nn
 from torch.func import functional_call
 import fastcore.test as fct
 from fastai.basics import Learner, Callback, SGD, Adam, CrossEntropyLossFlat, accuracy, set_seed
+from fastai.callback.core import CancelStepException
 from fastai.callback.training import GradientClip, GradientAccumulation
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.schedule import lr_find  # noqa: F401 (patches Learner.lr_find)
@@ -488,3 +489,43 @@ def test_values_under_to_fp16(device):
     for row, before, ((xb, yb),) in zip(sharp.history, spy.before, spy.batches):
         _, g64 = dense(ref, lf, xb.double().cpu(), yb.cpu(), theta=before.double().cpu())
         assert (row['grad'].double() - g64).norm() <= 1e-2 * g64.norm()  # unscaled (a scaled one is 256× larger)
+
+
+# ---------------------------------------------------------------- review fixes (session 4)
+class _CtrlC(Callback):
+    order = 90
+    def after_epoch(self): raise KeyboardInterrupt
+
+def test_one_fit_observer_takes_its_columns_along_when_interrupted():
+    "`fit(cbs=[observer])` interrupted: the callback leaves the learner and its columns leave `learn.metrics` with it."
+    dls, _, _ = tiny_data()
+    learn = Learner(dls, tiny_mlp(), loss_func=CrossEntropyLossFlat(), metrics=accuracy)
+    with pytest.raises(KeyboardInterrupt): quiet_fit(learn, 2, 1e-2, cbs=[SharpnessCallback(), _CtrlC()])
+    fct.test_eq([m.name for m in learn.metrics], ['accuracy'])
+    quiet_fit(learn, 1, 1e-2)
+    assert 'grad_corr' not in learn.recorder.metric_names
+    obs = HessianSpectrumCallback(every=1, n_probe=16, trace=False)
+    learn.add_cb(obs)
+    quiet_fit(learn, 1, 1e-2)
+    assert obs._op is None  # the operator (model, probe, kept graph) is not held after the fit
+    learn.remove_cb(obs)
+    fct.test_eq([m.name for m in learn.metrics], ['accuracy'])
+
+class _SkipOdd(Callback):
+    "Cancels every other step before the optimizer runs, as MixedPrecision does on an overflow."
+    order = 10
+    def before_fit(self): self.i, self.taken = 0, 0
+    def before_step(self):
+        self.i += 1
+        if self.i % 2: raise CancelStepException()
+        self.taken += 1
+
+def test_cancelled_steps_are_not_counted():
+    dls, _, _ = tiny_data(bs=8)
+    spec, sh, skip = HessianSpectrumCallback(every=1, n_probe=16, trace=False), SharpnessCallback(), _SkipOdd()
+    learn = Learner(dls, tiny_mlp(), loss_func=CrossEntropyLossFlat(), opt_func=SGD, cbs=[skip, spec, sh])
+    quiet_fit(learn, 1, 1e-2)
+    fct.test_eq((skip.i, skip.taken), (4, 2))
+    fct.test_eq([r['step'] for r in spec.history], [1, 2])
+    fct.test_eq([r['step'] for r in sh.history], [1, 2])
+    with pytest.raises(ValueError, match='trace_matvecs must be an integer ≥ 6'): HessianSpectrumCallback(trace_matvecs=4)

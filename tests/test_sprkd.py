@@ -379,3 +379,82 @@ def test_probe_is_fixed_and_leaves_rng_alone():
     assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a, b))
     assert not torch.equal(probe_batches(dls.train, 40, seed=4)[0][0], a[0][0])
     with pytest.raises(TypeError, match='fastai DataLoader'): probe_batches([(torch.zeros(1), torch.zeros(1))])
+
+
+# ---------------------------------------------------------------- review fixes (session 4)
+def test_validate_neither_saves_nor_checks_the_bank(tmp_path):
+    "learn.validate() is not a training fit: the teacher writes no bank, the student runs no bank check (nor locks up)."
+    bank_path = tmp_path/'bank'
+    SaddleBank([SaddlePoint.from_model(saddle_model(0.3), loss=0.1)]).save(bank_path)
+    teacher = saddle_learner(cbs=SaddleCaptureCallback(every=1000, save_path=bank_path))
+    with teacher.no_bar(): teacher.validate()
+    fct.test_eq(len(SaddleBank.load(bank_path)), 1)  # not replaced by the fresh teacher's empty bank
+    m = saddle_model(0.3)
+    names = [n for n, _ in m.named_parameters()]
+    student = saddle_learner(cbs=SaddleRecruitCallback(SaddleBank([SaddlePoint.from_model(m, meta={'hessian_params': names})]),
+                                                       generosity=1), model=m)
+    for p in m[0].parameters(): p.requires_grad_(False)  # would fail the strict parameter-set check of a fit
+    with student.no_bar(): student.validate(); student.get_preds()
+    assert not student.lock.locked()
+    with pytest.raises(SaddleBankError, match='other parameters'): _fit(student, 1)
+
+
+def test_revert_restores_by_name_after_the_trainable_set_changed():
+    "A perturbation made in one fit and reverted in the next, after a layer was frozen between them: all values come back."
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    cb = SaddleRecruitCallback(SaddleBank([SaddlePoint.from_model(m, loss=0.)]), generosity=1, grad_threshold=1e9, escape=False,
+                               perturb_every=1, cooldown=2, noise_var=1., min_decrease=1e9, n_probe=64, match='intersection')
+    learn = saddle_learner(cbs=cb, lr=0., model=m, bs=32)
+    before = [p.detach().clone() for p in m.parameters()]
+    _fit(learn, 1)  # 2 steps: arrive, perturb at step 1
+    assert [r['event'] for r in cb.history][:2] == ['arrived', 'perturb'] and cb.phase == 'perturb'
+    for p in m[0].parameters(): p.requires_grad_(False)
+    _fit(learn, 1)  # steps 2, 3: the check at step 3 reverts
+    fct.test_eq([r['event'] for r in cb.history], ['arrived', 'perturb', 'step', 'revert'])
+    for a, b in zip(before, m.parameters()): assert torch.equal(a, b)
+
+
+def test_pgd_epoch_limit_counts_epochs_across_fits():
+    def perturbs(fits):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(3, 1))
+        cb = SaddleRecruitCallback(SaddleBank([SaddlePoint.from_model(m, loss=0.)]), generosity=1, grad_threshold=1e9,
+                                   escape=False, perturb_every=1, cooldown=1, min_decrease=-1e9, pgd_epoch_limit=1, n_probe=64)
+        learn = saddle_learner(cbs=cb, lr=0.01, model=m)
+        out = []
+        for n in fits:
+            k = len(cb.history); _fit(learn, n)
+            out.append(sum(r['event'] == 'perturb' for r in cb.history[k:]))
+        return out
+    one, three = perturbs([3]), perturbs([1, 1, 1])
+    assert one[0] > 0 and three[0] == one[0] and three[1:] == [0, 0], (one, three)
+
+
+def test_capture_in_train_mode_leaves_training_bit_identical():
+    "eval_mode=False runs the probe with Dropout: the global RNG is restored, so the teacher trains as without the callback."
+    def run(cbs):
+        set_seed(0, reproducible=True)
+        dls = digits_dls(bs=32, n_train=96, device='cpu')
+        torch.manual_seed(1)
+        m = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 10))
+        _fit(Learner(dls, m, loss_func=CrossEntropyLossFlat(), opt_func=Adam, lr=1e-2, cbs=cbs), 1)
+        return [p.detach().clone() for p in m.parameters()]
+    ref = run([])
+    got = run([SaddleCaptureCallback(every=1, n_probe=32, max_matvecs=6, criterion='scale_free', tau=0., eval_mode=False, mode='rev')])
+    for a, b in zip(ref, got): assert torch.equal(a, b)
+
+
+def test_eigenstep_restores_the_model_when_interrupted(monkeypatch):
+    from fastsprkd.core import HessianOperator
+    m = saddle_model(0.)
+    x, y = saddle_dls().train_ds.tensors
+    op = HessianOperator(m, MSELossFlat(), (x, y))
+    orig, calls = HessianOperator.loss, [0]
+    def loss(self):
+        calls[0] += 1
+        if calls[0] == 3: raise KeyboardInterrupt  # at the second trial point of the line search
+        return orig(self)
+    monkeypatch.setattr(HessianOperator, 'loss', loss)
+    with pytest.raises(KeyboardInterrupt): negative_curvature_step(m, op.loss_func, op.data, eigenstep_size=100., op=op)
+    for p in m.parameters(): fct.test_eq(p.detach().abs().max().item(), 0.)

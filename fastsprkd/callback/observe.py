@@ -69,6 +69,21 @@ class _Observer(Callback):
     remove_on_fetch, _only_train_loop = True, True
     def __init__(self):
         self.history, self._n_steps, self._n_fits, self._cols, self._fit_idx, self._fit_start = [], 0, 0, [], None, 0
+        self._step_cancelled = False
+
+    def __setattr__(self, name, value):
+        # detached from its learner (the end of `fit(cbs=...)`, also on an exception; `remove_cb`): its columns go with it
+        if name == 'learn' and self.__dict__.get('_cols') and value is not self.__dict__.get('learn'): self._remove_metrics()
+        super().__setattr__(name, value)
+
+    # a step cancelled by `CancelStepException` (MixedPrecision's skipped overflow step, the SPRKD student's jumps) fires
+    # `after_cancel_step` and then `after_step`: it is not an optimizer step and is not counted
+    def after_cancel_step(self): self._step_cancelled = True
+    def _count_step(self) -> bool:
+        "Count the step that just ended (after_step); False if it was cancelled."
+        if self._step_cancelled: self._step_cancelled = False; return False
+        self._n_steps += 1
+        return True
 
     def _observing(self) -> bool:
         "False during `lr_find`, `get_preds` and `validate` (no optimizer steps there)."
@@ -92,6 +107,7 @@ class _Observer(Callback):
 
     def before_fit(self):
         self._remove_metrics()  # left over by a fit that stopped on an exception
+        self._step_cancelled = False
         self.run = self._observing()
         if not self.run: return
         self._fit_idx, self._n_fits = self._n_fits, self._n_fits + 1
@@ -171,6 +187,8 @@ class HessianSpectrumCallback(_Observer):
         if which not in ('LA', 'SA', 'LM', 'BE'): raise ValueError(f"which must be one of 'LA', 'SA', 'LM', 'BE', got {which!r}")
         if k < 1 or (which == 'BE' and k < 2): raise ValueError(f"k={k} is too small: which='BE' needs k ≥ 2 (one eigenvalue from each end)")
         if ncv is not None and ncv <= k: raise ValueError(f"ncv={ncv} must exceed k={k}")
+        if trace and (not isinstance(trace_matvecs, int) or trace_matvecs < 6):
+            raise ValueError(f"trace_matvecs must be an integer ≥ 6 (Hutch++ splits its budget in three), got {trace_matvecs!r}")
         at_epoch_end = bool(at_epoch_end)
         store_attr('every,k,which,trace,data,n_probe,probe_bs,at_epoch_end,tol,max_matvecs,trace_matvecs,seed,params,warm_start,mode,progress,'
                    'budget,ncv,train_bn,clock')
@@ -186,8 +204,13 @@ class HessianSpectrumCallback(_Observer):
 
     def before_fit(self):
         super().before_fit()
+        if not self.run: return  # validate/get_preds (also inside a fit): the fit's schedule and operator stay
         self._op, self._last_step = None, None
         self._t_fit, self._spent, self._others_at_last = self.clock(), 0., 0.
+
+    def after_fit(self):
+        super().after_fit()
+        self._op = None  # it holds the model, the probe and a kept gradient graph; the warm start (_v0) stays
 
     # ---- the schedule
     def _budget_allows(self) -> bool:
@@ -198,7 +221,7 @@ class HessianSpectrumCallback(_Observer):
                 and self._last_cost <= self.budget * (others - self._others_at_last))  # and since the last one: evenly spread
 
     def after_step(self):
-        self._n_steps += 1
+        if not self._count_step(): return
         if (self.every is not None and self._n_steps % self.every == 0) or self._budget_allows(): self.measure()
 
     def after_train(self):
@@ -344,13 +367,14 @@ class SharpnessCallback(_Observer):
         self._pending = (names, _flat(ps), _flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in ps]))  # copies
         if names != self._names: self._names, self._names_id = names, _params_id(names)
 
-    def after_cancel_step(self): self._batches, self._pending = [], None
+    def after_cancel_step(self):
+        super().after_cancel_step()
+        self._batches, self._pending = [], None
 
     def after_step(self):
         pending, batches = self._pending, self._batches
         self._pending, self._batches = None, []
-        self._n_steps += 1
-        if pending is None or not batches: return
+        if not self._count_step() or pending is None or not batches: return
         t0 = time.perf_counter()
         names, before, g = pending
         model = self.learn.model

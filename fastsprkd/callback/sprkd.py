@@ -20,7 +20,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientClip
 from fastai.learner import Learner
 from fastai.torch_core import to_device
-from ..core import HessianOperator, _select_params, unwrap_model, _params_id, _no_autocast
+from ..core import HessianOperator, _select_params, unwrap_model, _params_id, _no_autocast, preserved_rng
 from ..eigen import eigsh
 from ..saddle import SaddlePoint, SaddleBank, SaddleBankError, crop_params
 
@@ -62,8 +62,11 @@ def _loss_scale(learn) -> float:
     return float(s.get_scale()) if s is not None and hasattr(s, 'get_scale') and s.is_enabled() else 1.
 
 def _is_off(cb) -> bool:
-    "True during `lr_find` and `get_preds`, as in fastai's `TrackerCallback`."
-    return hasattr(cb.learn, 'lr_finder') or hasattr(cb.learn, 'gather_preds')
+    "True during `lr_find` and `get_preds` (as in fastai's `TrackerCallback`) and `validate` (which holds the learner's lock)."
+    learn = cb.learn
+    if hasattr(learn, 'lr_finder') or hasattr(learn, 'gather_preds'): return True
+    lock = getattr(learn, 'lock', None)
+    return lock is not None and hasattr(lock, 'locked') and lock.locked()
 
 # %% ../../nbs/12_sprkd.ipynb #d41b9d4d
 class SaddleCaptureCallback(Callback):
@@ -118,7 +121,7 @@ class SaddleCaptureCallback(Callback):
 
     def capture(self, step:int|None=None) -> dict:
         "Test the current parameters now; store a `SaddlePoint` if they pass the criterion. Returns the history row."
-        with _no_autocast(self.model):
+        with _no_autocast(self.model), preserved_rng():  # eval_mode=False: Dropout in the probe must not move training's RNG
             op = self._operator()
             # after_backward: under MixedPrecision the gradients are still multiplied by the loss scale
             gn = _grad_norm(op.params) / _loss_scale(self.learn)
@@ -200,12 +203,17 @@ def negative_curvature_step(model:nn.Module, # the model to move (in place, if t
     d = op.unflatten(-v if float(g @ v) >= 0 else v)  # −sign(gᵀv)·v, with sign(0) = +1
     saved = [p.detach().clone() for p in op.params]
     alpha = eigenstep_size
-    while alpha >= min_eigenstep:
+    try:
+        while alpha >= min_eigenstep:
+            with torch.no_grad():
+                for p, s, di in zip(op.params, saved, d): p.copy_(s + alpha * di)
+            l = float(op.loss())
+            if l < l0: return EigenStep(True, lam, alpha, l0, l, op.num_matvecs - start, 'decrease')
+            alpha /= 2
+    except BaseException:  # an error or an interrupt during the line search: not left at a rejected trial point
         with torch.no_grad():
-            for p, s, di in zip(op.params, saved, d): p.copy_(s + alpha * di)
-        l = float(op.loss())
-        if l < l0: return EigenStep(True, lam, alpha, l0, l, op.num_matvecs - start, 'decrease')
-        alpha /= 2
+            for p, s in zip(op.params, saved): p.copy_(s)
+        raise
     with torch.no_grad():
         for p, s in zip(op.params, saved): p.copy_(s)
     return EigenStep(False, lam, 0., l0, l0, op.num_matvecs - start, 'no decrease')
@@ -269,7 +277,7 @@ class SaddleRecruitCallback(Callback):
         self.bank = bank_or_path
         store_attr(but='bank_or_path')
         self.history, self.transitions, self.phase = [], [], 'approach'
-        self.n_steps, self.n_approach, self.n_eigensteps = 0, 0, 0
+        self.n_steps, self.n_approach, self.n_eigensteps, self.n_epochs = 0, 0, 0, 0  # n_epochs: training epochs of all fits
         self.t_noise, self.next_escape, self._saved, self._target, self._probe, self._op = -math.inf, 0, None, None, None, None
         self.recruited = None  # names of the parameters the student moves in the current fit
         self._gen = torch.Generator().manual_seed(seed)
@@ -285,6 +293,7 @@ class SaddleRecruitCallback(Callback):
         self._op = None  # built when first needed in each fit, on the model's device at that time
 
     def after_fit(self): self._op = None
+    def after_train(self): self.n_epochs += 1
 
     # ---- helpers
     def _operator(self):
@@ -356,7 +365,7 @@ class SaddleRecruitCallback(Callback):
                    distance=None, eigenvalue=None, alpha=None, probe_loss=None, probe_loss_after=None, recruited=self.recruited,
                    params_id=self._recruited_id)
         self.history.append(row)
-        with _no_autocast(self.model): cancel = getattr(self, f"_{self.phase}")(t, gn, row)
+        with _no_autocast(self.model), preserved_rng(): cancel = getattr(self, f"_{self.phase}")(t, gn, row)
         row['phase'] = self.phase
         if cancel: raise CancelStepException()
 
@@ -393,10 +402,11 @@ class SaddleRecruitCallback(Callback):
                 return True
             row['event'] = 'eigenstep_rejected' if r.reason == 'no decrease' else 'no_negative_curvature'
             self.next_escape = t + self.cooldown
-        if (self.perturb and self.epoch < self.pgd_epoch_limit and t % self.perturb_every == 0
+        if (self.perturb and self.n_epochs < self.pgd_epoch_limit and t % self.perturb_every == 0
                 and t - self.t_noise > self.cooldown):
             ps = self._params()
-            self._saved = [p.detach().clone() for p in ps]
+            # by name: the trainable set may change before the check (fine_tune's unfreeze, a freeze between fits)
+            self._saved = {n: p.detach().clone() for n, p in zip(self.recruited, ps)}
             self._saved_loss = self._probe_loss()
             xi = _noise(sum(p.numel() for p in ps), self.noise, self.noise_var, self._gen)
             with torch.no_grad():
@@ -415,8 +425,9 @@ class SaddleRecruitCallback(Callback):
         row.update(probe_loss=self._saved_loss, probe_loss_after=now)
         self._goto('train', t)
         if self._saved_loss - now < self.min_decrease:
+            named = dict(unwrap_model(self.model).named_parameters())
             with torch.no_grad():
-                for p, s in zip(self._params(), self._saved): p.copy_(s)
+                for n, s in self._saved.items(): named[n].copy_(s)
             self._saved = None
             row['event'] = 'revert'
             self._jumped()
