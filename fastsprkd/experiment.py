@@ -74,6 +74,9 @@ class StoryConfig:
     def __post_init__(self):
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
+        if self.dataset == 'digits' and self.data_dir:
+            raise ValueError(f"a data directory ({self.data_dir}) is only read for the mnist dataset (digits is bundled): add "
+                             f"--dataset mnist, or drop --data-dir")
         if self.dataset == 'mnist' and not self.data_dir:
             raise ValueError("the mnist dataset needs a data directory (--data-dir PATH) holding torchvision's MNIST/raw "
                              "files; fastsprkd never downloads data")

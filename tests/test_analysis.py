@@ -313,6 +313,14 @@ def test_loss_landscape_parameter_subset_and_restore_on_error():
     assert_same_state(model, before)
 
 
+def test_loss_landscape_records_overflow_as_gaps():
+    "Far steps where the loss overflows are NaN gaps (with a warning), not an error that loses the whole landscape."
+    model, ce, data = small_cnn_and_data()
+    with pytest.warns(UserWarning, match=r'not finite at 2 of 3 grid points'):
+        ls = loss_landscape(model, ce, data, 'random', alphas=[-1e30, 0., 1e30])
+    assert ls.losses[0].isnan() and ls.losses[2].isnan() and torch.isfinite(ls.losses[1])
+
+
 def test_loss_landscape_bad_input():
     model, ce, data = small_cnn_and_data()
     fct.test_fail(lambda: loss_landscape(model, ce, data, 'hessian'), contains='unknown direction')

@@ -120,7 +120,7 @@ def _unwritable(tmp_path):
 
 @pytest.mark.parametrize('case', ['unknown_dataset', 'mnist_no_files', 'mnist_no_dir', 'out_under_file', 'out_unwritable',
                                   'out_foreign_dir', 'bad_epochs', 'one_seed', 'n_train_below_batch', 'few_trace_matvecs',
-                                  'mnist_corrupt'])
+                                  'mnist_corrupt', 'data_dir_with_digits'])
 def test_bad_input(tmp_path, capsys, case):
     out = tmp_path/'out'
     cmd, expect, code_want = 'demo', None, 1
@@ -136,6 +136,7 @@ def test_bad_input(tmp_path, capsys, case):
     elif case == 'out_foreign_dir':
         out.mkdir(); (out/'thesis.tex').write_text('keep me'); expect = 'not written by fastsprkd'
     elif case == 'bad_epochs': extra, expect = ['--epochs', '0'], 'epochs must be a positive integer'
+    elif case == 'data_dir_with_digits': extra, expect = ['--data-dir', str(tmp_path)], 'only read for the mnist dataset'
     elif case == 'n_train_below_batch': extra, expect = ['--n-train', '10'], 'n_train (10) is smaller than one batch (bs=64)'
     elif case == 'few_trace_matvecs': extra, expect = ['--trace-matvecs', '5'], 'trace_matvecs must be an integer ≥ 6'
     elif case == 'mnist_corrupt':
