@@ -215,6 +215,13 @@ def _select_params(model, params):
     return [n for n in named if n in chosen]
 
 # %% ../nbs/02_core.ipynb #8b3a9a25
+def _dtype_hint(e, xb, dtype):
+    "`e`, or a clearer error when the batch's floating-point inputs and the parameters have different dtypes."
+    bad = sorted({str(o.dtype) for o in xb if isinstance(o, Tensor) and o.is_floating_point() and o.dtype != dtype})
+    if not bad: return e
+    return TypeError(f"the model's forward pass failed ({str(e).splitlines()[0][:150]}): the batch's inputs are {', '.join(bad)} "
+                     f"but the parameters are {dtype}; convert one to the other (e.g. x.to({dtype}) or model.to({bad[0]}))")
+
 def _plain_attributes(objs):
     "Plain attributes of `objs` (numbers, strings, None; tensors that are not parameters or buffers): what else a loss may read."
     state, ts = [], []
@@ -396,7 +403,8 @@ class HessianOperator(LinearOperator):
                 fixed = self._fixed()
                 for i, (xb, yb) in enumerate(self._batches()):
                     if i == 0:
-                        loss = self._loss_fn(xb, yb, fixed)(*self._theta())
+                        try: loss = self._loss_fn(xb, yb, fixed)(*self._theta())
+                        except RuntimeError as e: raise _dtype_hint(e, xb, self.dtype) from e
                         self._check_loss(loss, i)
                     total += self._batch_size(xb)
         if total == 0 and self.process_group is None:

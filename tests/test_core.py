@@ -898,3 +898,8 @@ def test_dense_operator_refuses_a_non_symmetric_matrix():
     fct.test_fail(lambda: DenseOperator(torch.tensor([[2., 1.], [0., 3.]])), contains='not symmetric')
     A = torch.randn(5, 5, dtype=torch.float32); A = A + A.T
     DenseOperator(A + 1e-6 * torch.randn(5, 5))  # round-off of a computed Hessian passes
+
+
+def test_input_dtype_mismatch_names_both_dtypes():
+    x, y = make_data('mlp')
+    fct.test_fail(lambda: HessianOperator(mlp(), CE, (x.float(), y)), contains='inputs are torch.float32 but the parameters are torch.float64')
