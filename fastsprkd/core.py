@@ -354,9 +354,18 @@ class HessianOperator(LinearOperator):
     def _batches(self):
         "The (inputs, targets) of every non-empty batch, on the operator's device."
         if isinstance(self.data, (list, tuple)): yield from self._split(self.data); return
-        # a DataLoader: fastai's with its validation transforms (no training-time augmentation: the same matrix on every
-        # sweep); torch's draws a base seed from the global RNG on each iteration, which is restored (no trace on training)
-        with preserved_rng(), _validation_tfms(self.data): yield from self._split(self.data)
+        yield from self._split(self._fetched())
+    def _fetched(self):
+        """The batches of a DataLoader: fastai's with its validation transforms (no training-time augmentation: the same
+        matrix on every sweep); torch's draws a base seed from the global RNG on each iteration, which is restored. Both
+        only while a batch is fetched, so that nothing is left changed between batches, nor by a sweep abandoned midway."""
+        it = None
+        while True:
+            with preserved_rng(), _validation_tfms(self.data):
+                if it is None: it = iter(self.data)
+                try: b = next(it)
+                except StopIteration: return
+            yield b
     def _split(self, data):
         for b in data:
             xb, yb = _split_batch(b, self.n_inp, self.device)

@@ -886,6 +886,11 @@ def test_fastai_training_loader_without_augmentation_or_rng_trace():
     # a torch DataLoader draws a base seed on every iteration: restored too
     op = HessianOperator(m, CE, DataLoader(TensorDataset(x, y), batch_size=16))
     state = torch.get_rng_state(); op.matvec(rand(op.num_params)); fct.test_eq(torch.get_rng_state(), state)
+    # a sweep abandoned midway (an error in a product, kept alive by a traceback) leaves the pipelines as they were
+    op = HessianOperator(m, CE, dls.train)
+    sweep = op._batches(); next(sweep)
+    fct.test_eq((dls.train.after_batch.split_idx, dls.train.dataset.split_idx), split)
+    fct.test_eq(torch.get_rng_state(), state)
 
 
 def test_empty_data_without_validation_pass():
