@@ -301,8 +301,8 @@ def loss_landscape(model:nn.Module, # the model (restored exactly afterwards)
                     v = t + a * steps[0][k]
                     if two: v = v + b * steps[1][k]
                     p.copy_(v)
-            try: losses[i] = op.loss().item()
-            except FloatingPointError: losses[i] = math.nan  # the model overflows this far out: a gap in the landscape
+            l = op.loss(check_finite=False).item()  # all-reduced: every rank sees the same value, also when non-finite
+            losses[i] = l if math.isfinite(l) else math.nan  # the model overflows this far out: a gap in the landscape
     bad = int(losses.isnan().sum())
     if bad: warnings.warn(f"the loss is not finite at {bad} of {len(grid)} grid points (recorded as NaN): the model overflows "
                           f"that far from the parameters; use smaller alphas/betas to see the landscape there")

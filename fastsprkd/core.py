@@ -250,6 +250,12 @@ def _inner_names(wrapper, inner, params):
     one = lambda o: o[len(prefix):] if isinstance(o, str) and o.startswith(prefix) else o
     return one(params) if isinstance(params, (str, Tensor, nn.Module)) else [one(o) for o in params]
 
+def _select_unwrapped(model, params) -> list:
+    "Names (in the wrapped model's terms) of the selected parameters of `unwrap_model(model)`; `params` may name either."
+    inner = unwrap_model(model)
+    if inner is not model and params is not None: params = _inner_names(model, inner, params)
+    return _select_params(inner, params)
+
 def _resolve_group(process_group):
     "The process group to all-reduce over, or None: 'auto' is the default group when torch.distributed is initialized."
     if process_group is None or process_group is False: return None
@@ -404,7 +410,7 @@ class HessianOperator(LinearOperator):
             yield
 
     def _validate(self):
-        "One plain forward pass over every batch: counts samples, checks the loss is a finite scalar."
+        "Counts the samples of every batch; the first batch's loss is computed and checked (a finite scalar). Others: at the first use."
         total = 0
         if not self.validate: total = sum(self._batch_size(xb) for xb, _ in self._batches())
         else:
@@ -460,12 +466,12 @@ class HessianOperator(LinearOperator):
             if t_rev > 0: self._auto[many] = _pick_mode(t_fwd if self._fwd_ok else math.inf, t_rev)
         return out
 
-    def _check_loss(self, loss, i):
+    def _check_loss(self, loss, i, check_finite=True):
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"loss_func must return a scalar (a mean over the batch), got shape {shape} on batch {i}; "
                              f"use reduction='mean'")
-        if not torch.isfinite(loss): raise FloatingPointError(f"the loss is {loss.item()} on batch {i}: fix the data or the model (NaN/inf loss)")
+        if check_finite and not torch.isfinite(loss): raise FloatingPointError(f"the loss is {loss.item()} on batch {i}: fix the data or the model (NaN/inf loss)")
 
     def _check_result(self, out, what):
         # a sum is non-finite when an entry is (NaN and inf propagate); only then (or if the sum overflows) look at the entries
@@ -479,7 +485,9 @@ class HessianOperator(LinearOperator):
         return out
 
     # ---- public quantities
-    def loss(self) -> Tensor:
+    def loss(self,
+             check_finite:bool=True, # raise on a NaN/inf batch loss; False: return the non-finite mean (the same on every rank)
+            ) -> Tensor:
         "The sample-weighted mean loss over the data (of all ranks)."
         def local():
             total = torch.zeros((), dtype=self.dtype, device=self.device)
@@ -487,7 +495,7 @@ class HessianOperator(LinearOperator):
                 fixed = self._fixed()
                 for i, (xb, yb) in enumerate(self._batches()):
                     l = self._loss_fn(xb, yb, fixed)(*self._theta())
-                    self._check_loss(l, i)
+                    self._check_loss(l, i, check_finite)
                     total = total + l * (self._batch_size(xb) / self.num_samples)
             return total
         return self._all_reduce(local, torch.zeros((), dtype=self.dtype, device=self.device), 'loss')

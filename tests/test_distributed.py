@@ -6,7 +6,7 @@ fastai 2.8's `learn.distrib_ctx()`/`DistributedTrainer` cannot run here: `fastai
 import at all, and its `DistributedDL` broadcasts the shuffled indices as CUDA tensors (NCCL only). The fits below therefore wrap
 the model in `DistributedDataParallel` in a small callback (as `DistributedTrainer` does) and give each rank a loader that, like
 `DistributedDL`, keeps the whole dataset and reads its share of an identically seeded permutation."""
-import datetime, os, socket, time, traceback
+import datetime, os, socket, time, traceback, warnings
 from pathlib import Path
 import pytest, torch
 import torch.distributed as dist
@@ -155,6 +155,30 @@ def _checks(rank, out):
                spectrum=[{k: v for k, v in r.items() if k != 'seconds'} for r in spec.history],
                sharpness=[{k: v for k, v in r.items() if k not in ('seconds', 'loss')} for r in sharp.history])
 
+    # 3b. the default time-budget schedule with clocks that run differently on the two ranks, a probe set smaller than the
+    #     ranks (rank 1's share is empty) and a plain parameter name on the DDP model: every rank measures at the same steps
+    clock = [0.]
+    class Tick(Callback):
+        def after_batch(self): clock[0] += 1. + 2. * rank  # training time: rank 1's batches "take" 3× longer
+    def clk(): clock[0] += 0.5; return clock[0]  # a measurement "takes" about 1
+    spec2 = HessianSpectrumCallback(k=2, n_probe=1, max_matvecs=10, trace=False, params=['fc'], clock=clk)
+    built, make = [], spec2._operator
+    spec2._operator = lambda: (built.append(id(spec2._op)), make())[1]
+    learn = Learner(_fit_dls(rank), _model(1), loss_func=ce, lr=1e-2, cbs=[DDPCallback(), Tick(), spec2])
+    with learn.no_bar(), learn.no_logging(): learn.fit(4)
+    res.update(budget=[(r['step'], r['eigenvalues'], r['params_id']) for r in spec2.history], budget_ops=len(set(built)))
+
+    # 3c. a loss landscape whose far point overflows on rank 1's shard only: a NaN gap on every rank, no error, no hang
+    from fastsprkd.analysis import loss_landscape
+    with torch.random.fork_rng():
+        torch.manual_seed(0); lin = nn.Linear(3, 2)
+    lx = torch.zeros(4, 3) if rank == 0 else torch.full((4, 3), 1e3)
+    d = torch.zeros(8); d[:6] = 1.  # moves the weight only: rank 0's logits stay the bias
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        res['landscape'] = loss_landscape(lin, ce, [(lx, torch.zeros(4, dtype=torch.long))], directions=d,
+                                          alphas=torch.tensor([0., 1e36])).losses
+
     # 4. a student recruited from the saved bank: approach, eigenstep and perturbation identical on both ranks
     dist.barrier()  # rank 0 has written the bank
     rec = SaddleRecruitCallback(out/'bank', generosity=2, epsilon=1e9, grad_threshold=1e9, cooldown=1, perturb_every=1, max_negative_eigensteps=2,
@@ -204,6 +228,21 @@ def test_operator_matches_single_process(ranks):
     for k in ('loss', 'grad', 'mv', 'mm', 'lmax', 'lmin', 'trace', 'dense'):  # every rank holds the same bits
         assert torch.equal(torch.as_tensor(rs[0][k]), torch.as_tensor(rs[1][k])), k
     fct.test_eq(rs[0]['auto'], rs[1]['auto'])  # 'auto' mode: one choice for all ranks
+
+def test_budget_schedule_probe_share_and_names_agree_across_ranks(ranks):
+    "Rank-dependent clocks, an empty probe share on rank 1, `params=['fc']` on a DDP model: one schedule, one operator."
+    from fastsprkd.core import _params_id
+    _, rs = ranks
+    fct.test_eq(rs[0]['budget'], rs[1]['budget'])
+    assert len(rs[0]['budget']) >= 2, rs[0]['budget']
+    fct.test_eq({pid for *_, pid in rs[0]['budget']}, {_params_id(['fc.weight', 'fc.bias'])})  # the plain model's names
+    fct.test_eq([r['budget_ops'] for r in rs], [2, 2])  # one operator (None before it), not one per measurement
+
+def test_landscape_gap_on_one_shard_is_a_gap_everywhere(ranks):
+    _, rs = ranks
+    for r in rs:
+        assert torch.isfinite(r['landscape'][0]) and r['landscape'][1].isnan(), r['landscape']
+    assert torch.equal(rs[0]['landscape'][0], rs[1]['landscape'][0])
 
 def test_failing_shard_fails_every_rank(ranks):
     _, rs = ranks

@@ -19,7 +19,8 @@ from fastai.learner import Learner, Recorder, ValueMetric
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientClip
 from fastai.data.load import DataLoader as FastaiDataLoader
-from ..core import HessianOperator, preserved_state, _select_params, _params_id, _no_autocast
+import torch.distributed as dist
+from ..core import HessianOperator, preserved_state, _select_unwrapped, _params_id, _no_autocast, unwrap_model
 from ..eigen import eigsh
 from ..estimators import trace as trace_estimate
 from ..analysis import gradient_correlation, directional_sharpness
@@ -64,6 +65,14 @@ def _as_probe(data) -> list:
     return batches
 
 # %% ../../nbs/10_observe.ipynb #8531aca2
+def _all_ranks_agree(ok:bool, device) -> bool:
+    """Under torch.distributed (default group, several ranks): whether every rank's clock allows a measurement, so that
+    all ranks measure at the same steps (a measurement is collective); otherwise `ok`."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return ok
+    flag = torch.tensor([0. if ok else 1.], device=device if dist.get_backend() == 'nccl' else 'cpu')
+    dist.all_reduce(flag)  # the number of ranks that say no
+    return flag.item() == 0
+
 class _Observer(Callback):
     "Base of the observer callbacks: on only in training fits, epoch-table columns, step counting, `.history`."
     remove_on_fetch, _only_train_loop = True, True
@@ -128,8 +137,9 @@ class _Observer(Callback):
                     lr=self._hyper('lr'))
 
     def _select(self, model) -> list:
-        "Names of the parameters observed: `self.params` (tensors, modules or names) or all that require grad *now*."
-        return _select_params(model, self.params)
+        """Names of the parameters observed: `self.params` (tensors, modules or names) or all that require grad *now*; names of
+        the plain model (a `DistributedDataParallel` wrapper's `module.` prefix is dropped: the same ids as the SPRKD callbacks')."""
+        return _select_unwrapped(model, self.params)
 
 # %% ../../nbs/10_observe.ipynb #3a718f91
 def _mark_param_changes(ax, rows):
@@ -217,8 +227,9 @@ class HessianSpectrumCallback(_Observer):
         "Whether one more measurement (expected to last as long as the previous one) keeps the fit, and the time since the last one, within budget."
         if self.budget is None or self._last_cost is None: return False
         others = self.clock() - self._t_fit - self._spent  # wall time of the rest of the fit so far
-        return (self._spent + self._last_cost <= self.budget * others  # the whole fit
-                and self._last_cost <= self.budget * (others - self._others_at_last))  # and since the last one: evenly spread
+        ok = (self._spent + self._last_cost <= self.budget * others  # the whole fit
+              and self._last_cost <= self.budget * (others - self._others_at_last))  # and since the last one: evenly spread
+        return _all_ranks_agree(ok, next(self.learn.model.parameters()).device)
 
     def after_step(self):
         if not self._count_step(): return
@@ -233,14 +244,14 @@ class HessianSpectrumCallback(_Observer):
     def _probe(self, device):
         if self.probe is None:
             self.probe = _as_probe(self.data) if self.data is not None else _probe_batches(self.dls, self.n_probe, self.seed, self.probe_bs)
-        if self.probe[0][0].device != device: self.probe = [tuple(to_device(list(b), device)) for b in self.probe]
+        if self.probe and self.probe[0][0].device != device: self.probe = [tuple(to_device(list(b), device)) for b in self.probe]
         return self.probe
 
     def _operator(self):
         "The operator for the parameters trainable now (rebuilt, without warm start, when the set has changed)."
         model = self.learn.model
         names = self._select(model)
-        if self._op is None or self._op.model is not model or self._op.names != names:
+        if self._op is None or self._op.model is not unwrap_model(model) or self._op.names != names:
             device = next(model.parameters()).device
             n_inp = getattr(self.dls, 'n_inp', None) if self.data is None else None
             self._op = HessianOperator(model, self.learn.loss_func, self._probe(device), names, n_inp=n_inp, mode=self.mode,
@@ -361,7 +372,7 @@ class SharpnessCallback(_Observer):
     def before_step(self):
         if self._n_steps % self.every or not self._batches: return
         model = self.learn.model
-        named = dict(model.named_parameters())
+        named = dict(unwrap_model(model).named_parameters())
         names = self._select(model)
         ps = [named[n] for n in names]
         self._pending = (names, _flat(ps), _flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in ps]))  # copies
@@ -378,7 +389,7 @@ class SharpnessCallback(_Observer):
         t0 = time.perf_counter()
         names, before, g = pending
         model = self.learn.model
-        named = dict(model.named_parameters())
+        named = dict(unwrap_model(model).named_parameters())
         ps = [named[n] for n in names]
         after = _flat(ps)
         update = (after.double() - before.double())  # the exact difference of the stored values

@@ -20,7 +20,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientClip
 from fastai.learner import Learner
 from fastai.torch_core import to_device
-from ..core import HessianOperator, _select_params, unwrap_model, _params_id, _no_autocast, preserved_rng
+from ..core import HessianOperator, _select_unwrapped, unwrap_model, _params_id, _no_autocast, preserved_rng
 from ..eigen import eigsh
 from ..saddle import SaddlePoint, SaddleBank, SaddleBankError, crop_params
 
@@ -106,7 +106,7 @@ class SaddleCaptureCallback(Callback):
     def _operator(self):
         if self._probe is None:
             self._probe = self.probe if self.probe is not None else probe_batches(self.dls.train, self.n_probe, self.seed, bs=self.n_probe)
-        names = _select_params(unwrap_model(self.model), self.params)  # the trainable set changes at fine_tune's unfreeze
+        names = _select_unwrapped(self.model, self.params)  # the trainable set changes at fine_tune's unfreeze
         if self._op is None or self._op.names != names or self._op.model is not unwrap_model(self.model):
             self._op = HessianOperator(self.model, self.learn.loss_func, self._probe, names, eval_mode=self.eval_mode, mode=self.mode)
             self._names = tuple(names)  # one shared tuple per parameter set: rows refer to it without copying
@@ -303,7 +303,7 @@ class SaddleRecruitCallback(Callback):
             self._op = HessianOperator(self.model, self.learn.loss_func, self._probe, list(self.recruited), eval_mode=self.eval_mode,
                                        mode=self.mode)
         return self._op
-    def _trainable(self) -> tuple: return tuple(_select_params(unwrap_model(self.model), self.params))
+    def _trainable(self) -> tuple: return tuple(_select_unwrapped(self.model, self.params))
     def _refresh(self):
         "Recompute the recruited parameters (and drop the operator) for the current trainable set."
         self._trainable_now = self._trainable()
