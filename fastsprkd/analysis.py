@@ -138,7 +138,7 @@ def influence(model:nn.Module, # the trained model
               params=None, # parameter subset (parameters, modules or names); default all that require grad
               damping:float=0.01, # added to the Hessian: weight decay plus any extra damping
               method:str='cg', # 'cg', 'lissa' or 'exact' (dense Hessian)
-              tol:float=1e-8, # CG/LiSSA relative residual
+              tol:float|None=None, # CG/LiSSA relative residual (default 1e-8, or 100·eps of the dtype if larger: 1.2e-5 in float32)
               max_iter:int|None=None, # CG iteration limit
               scale:float|None=None, # LiSSA scale (default from λ_max)
               depth:int=5000, # LiSSA steps
@@ -152,6 +152,7 @@ def influence(model:nn.Module, # the trained model
         raise ValueError("train_data shuffles: the influence matrix has one row per training item in data order, which a "
                          "shuffling DataLoader does not keep; pass a DataLoader with shuffle=False")
     op = HessianOperator(model, loss_func, train_data, params, eval_mode=eval_mode, n_inp=n_inp)
+    if tol is None: tol = max(1e-8, 100 * torch.finfo(op.dtype).eps)  # float32 CG stalls near 3e-8
     kw = dict(eval_mode=eval_mode, n_inp=n_inp, chunk_size=chunk_size)
     G_test = per_sample_gradients(model, loss_func, test_data, op.names, **kw)
     rhs = G_test.T.contiguous()
@@ -277,8 +278,10 @@ def loss_landscape(model:nn.Module, # the model (restored exactly afterwards)
     if len(alphas) == 0 or (betas is not None and len(betas) == 0): raise ValueError("alphas and betas must not be empty")
     op = HessianOperator(model, loss_func, data, params, eval_mode=eval_mode, n_inp=n_inp)
     two = betas is not None
-    pair = two and isinstance(directions, (list, tuple)) and len(directions) == 2 and \
-           all(isinstance(o, str) or (isinstance(o, Tensor) and o.dim() == 1 and len(o) == op.num_params) for o in directions)
+    def one_direction(o):  # a name, a flat tensor, or per-parameter tensors (a list in `params` order, or a dict by name)
+        return (isinstance(o, str) or (isinstance(o, Tensor) and o.dim() == 1 and len(o) == op.num_params) or isinstance(o, dict)
+                or (isinstance(o, (list, tuple)) and len(o) == len(op.shapes) and all(isinstance(t, Tensor) for t in o)))
+    pair = two and isinstance(directions, (list, tuple)) and len(directions) == 2 and all(one_direction(o) for o in directions)
     if pair and all(isinstance(o, str) for o in directions) and directions[0] == directions[1] != 'random':
         directions = directions[0]  # ('top_eigenvector', 'top_eigenvector'): the top two eigenvectors, as the string gives
     if pair and not isinstance(directions, str):

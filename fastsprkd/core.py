@@ -192,6 +192,8 @@ def _select_params(model, params):
         if not names: raise ValueError("the model has no parameter that requires grad; pass `params` to choose some")
         return names
     if isinstance(params, (Tensor, nn.Module, str)): params = [params]
+    if not isinstance(params, Iterable):
+        raise TypeError(f"`params` must be parameters, modules or names (one, or a list of them), got {type(params).__name__}")
     by_id = {id(p): n for n, p in named.items()}
     mod_names = {id(m): n for n, m in model.named_modules()}
     chosen = set()

@@ -36,6 +36,10 @@ def split_idxs(n:int, # number of items
     return perm[n_valid:].sort().values, perm[:n_valid].sort().values
 
 # %% ../nbs/00_data.ipynb #e63dd75b
+class _TensorDataset(TensorDataset):
+    "A `TensorDataset` that fastai's `Learner.export` can empty (`DataLoaders.new_empty` calls `dataset.new_empty()`)."
+    def new_empty(self): return type(self)(*(t[:0] for t in self.tensors))
+
 def tensor_dls(x:torch.Tensor, # inputs, one row per item
                y:torch.Tensor, # targets
                train_idx:torch.Tensor, # indices of the training items
@@ -50,8 +54,8 @@ def tensor_dls(x:torch.Tensor, # inputs, one row per item
         raise ValueError(f"the training set has {len(train_idx)} items, fewer than one batch (bs={bs}): fastai's training "
                          f"DataLoader drops the last partial batch, so training would take no step; lower bs or use at "
                          f"least {bs} training items")
-    train_ds = TensorDataset(x[train_idx], y[train_idx])
-    valid_ds = TensorDataset(x[valid_idx], y[valid_idx])
+    train_ds = _TensorDataset(x[train_idx], y[train_idx])
+    valid_ds = _TensorDataset(x[valid_idx], y[valid_idx])
     return DataLoaders.from_dsets(train_ds, valid_ds, bs=bs, device=device, **kwargs)
 
 # %% ../nbs/00_data.ipynb #d863a36f

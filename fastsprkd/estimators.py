@@ -387,8 +387,13 @@ def solve(op, # linear operator or square tensor H, or for 'lissa' a list of ope
         X, res, its, neg = _cg(ops[0], B, damping, tol, max_iter, X)
         conv = bool((res <= tol).all())
         if not conv and not neg.any():
-            warnings.warn(f"CG did not converge in {its} iterations: relative residual {res.max().item():.3g} > tol = {tol:g}. "
-                          f"Raise max_iter or damping (a larger damping improves the conditioning).")
+            if its < max_iter:  # stopped after its restarts, not at max_iter: the residual stalled at round-off
+                warnings.warn(f"CG stalled at relative residual {res.max().item():.3g} > tol = {tol:g} after {its} iterations: "
+                              f"tol is below what {B.dtype} arithmetic reaches for this system (max_iter would not help); "
+                              f"use a looser tol or float64.")
+            else:
+                warnings.warn(f"CG did not converge in {its} iterations: relative residual {res.max().item():.3g} > tol = {tol:g}. "
+                              f"Raise max_iter or damping (a larger damping improves the conditioning).")
         return out(X, res, conv, its, neg.any())
     _check_count('depth', depth, 1); _check_count('repeats', repeats, 1)
     if scale is None:

@@ -369,3 +369,27 @@ def test_sharpness_bad_input():
     fct.test_fail(lambda: directional_sharpness(H, torch.zeros(4), normalize=True), contains='zero')
     fct.test_fail(lambda: gradient_correlation(torch.ones(4), torch.ones(5)), contains='different sizes')
     fct.test_fail(lambda: gradient_correlation([], torch.ones(5)), contains='non-empty list')
+
+
+
+def test_influence_float32_default_tol_is_reachable():
+    "influence's default tolerance follows the dtype: a float32 model does not warn about an unreachable 1e-8."
+    Xtr, Ytr, Xte, Yte = digits_1_vs_7(40)
+    torch.manual_seed(0)
+    model = nn.Linear(64, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        I = influence(model, nn.BCEWithLogitsLoss(), (Xtr.float(), Ytr.float()), (Xte[:3].float(), Yte[:3].float()), damping=0.1)
+    ref = influence(model.double(), nn.BCEWithLogitsLoss(), (Xtr, Ytr), (Xte[:3], Yte[:3]), damping=0.1, method='exact')
+    fct.test_close(I.double(), ref, eps=1e-3 * ref.abs().max().item())
+
+
+def test_landscape_pair_of_per_parameter_directions():
+    model, ce, data = small_cnn_and_data()
+    g = torch.Generator().manual_seed(0)
+    d1 = [torch.randn(p.shape, generator=g) for p in model.parameters()]
+    d2 = [torch.randn(p.shape, generator=g) for p in model.parameters()]
+    ls = loss_landscape(model, ce, data, (d1, d2), alphas=[0., 0.1], betas=[0., 0.1], normalize='none')
+    flat = lambda d: torch.cat([t.reshape(-1) for t in d]).double()
+    fct.test_close(ls.directions[0].double(), flat(d1)); fct.test_close(ls.directions[1].double(), flat(d2))
+    fct.test_eq(ls.losses.shape, (2, 2))

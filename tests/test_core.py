@@ -908,3 +908,8 @@ def test_dense_operator_refuses_a_non_symmetric_matrix():
 def test_input_dtype_mismatch_names_both_dtypes():
     x, y = make_data('mlp')
     fct.test_fail(lambda: HessianOperator(mlp(), CE, (x.float(), y)), contains='inputs are torch.float32 but the parameters are torch.float64')
+
+
+def test_params_of_the_wrong_type():
+    for bad in (3, 2.5, nn.Linear):
+        fct.test_fail(lambda: HessianOperator(mlp(), CE, make_data('mlp'), params=bad), contains='must be parameters, modules or names')

@@ -355,3 +355,17 @@ def test_estimators_on_device(device):
     sd = spectral_density(A, num_probes=2, num_steps=10)
     assert sd.nodes.device.type == 'cpu'
     fct.test_close(logdet(A, shift=1.).estimate, torch.log(lam + 1).sum().item(), eps=1e-8)
+
+
+
+def test_cg_says_when_tol_is_below_the_dtypes_reach():
+    "float32 CG stalls near 3e-8: the warning says so (raising max_iter would not help) instead of asking for more iterations."
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(60, 60, generator=g); A = (A @ A.T / 60 + torch.eye(60)).float()
+    b = torch.randn(60, generator=g)
+    with pytest.warns(UserWarning, match='stalled .* below what torch.float32 arithmetic reaches'):
+        r = solve(A, b, tol=1e-12, max_iter=10_000)
+    assert r.iterations < 10_000 and not r.converged
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert solve(A, b, tol=1e-5).converged

@@ -55,3 +55,14 @@ def test_cli_help_lists_commands():
     out = subprocess.run([sys.executable, '-m', 'fastsprkd', '--help'], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert 'demo' in out.stdout and 'experiment' in out.stdout
+
+
+def test_export_and_load_learner_with_the_bundled_data(tmp_path):
+    "fastai's `Learner.export` empties the loaders (`dataset.new_empty()`): the bundled data supports it."
+    from fastai.learner import Learner, load_learner
+    dls = digits_dls(bs=32, n_train=64, device='cpu')
+    learn = Learner(dls, DigitsCNN(4), loss_func=torch.nn.CrossEntropyLoss(), path=tmp_path)
+    learn.export('m.pkl')
+    back = load_learner(tmp_path / 'm.pkl')
+    x = dls.valid.one_batch()[0][:5]
+    fct.test_eq(back.model.eval()(x), learn.model.eval()(x))

@@ -119,7 +119,7 @@ def test_criteria_and_gradient_gate():
     assert saddle_criterion([-1., -0.5], 'scale_free')  # no positive curvature at all: still negative curvature
     assert not saddle_criterion([float('nan'), 1.]) and not saddle_criterion([])
     with pytest.raises(ValueError, match='ratio.*scale_free'): saddle_criterion([1.], 'magic')
-    with pytest.raises(ValueError, match='at least 2'): SaddleCaptureCallback(k=1)
+    with pytest.raises(ValueError, match='integer ≥ 2'): SaddleCaptureCallback(k=1)
     # a gradient-norm gate that the (non-stationary) point fails: tested, not captured
     learn = _fit(saddle_learner(cbs=SaddleCaptureCallback(every=1, max_grad_norm=1e-3), model=saddle_model(0.3)), 1)
     h = learn.saddle_capture.history
@@ -458,3 +458,25 @@ def test_eigenstep_restores_the_model_when_interrupted(monkeypatch):
     monkeypatch.setattr(HessianOperator, 'loss', loss)
     with pytest.raises(KeyboardInterrupt): negative_curvature_step(m, op.loss_func, op.data, eigenstep_size=100., op=op)
     for p in m.parameters(): fct.test_eq(p.detach().abs().max().item(), 0.)
+
+
+
+def test_capture_and_recruit_follow_the_loaders_n_inp():
+    "Batches (x, y, weight) with n_inp=1 and a weighted loss: the default probe calls model(x) and loss(pred, y, weight)."
+    from fastai.data.core import Datasets
+    from fastsprkd.data import _digits_arrays
+    x, y = _digits_arrays(); x, y = x[:96], y[:96]
+    w = torch.linspace(0.5, 1.5, 96)
+    get = lambda t: (lambda i: t[i])
+    dls = Datasets(list(range(96)), tfms=[[get(x)], [get(y)], [get(w)]], n_inp=1,
+                   splits=[list(range(64)), list(range(64, 96))]).dataloaders(bs=16, device='cpu', num_workers=0)
+    def wloss(pred, y, w): return (F.cross_entropy(pred, y, reduction='none') * w).mean()
+    cap = SaddleCaptureCallback(every=1, n_probe=16, max_matvecs=8)
+    _fit(Learner(dls, DigitsCNN(4), loss_func=wloss, cbs=cap), 1)
+    assert len(cap.history) == 3 and all(math.isfinite(e) for r in cap.history for e in r['eigenvalues'])
+    t = DigitsCNN(4)
+    rec = SaddleRecruitCallback(SaddleBank([SaddlePoint.from_model(t, loss=1.)]), generosity=1, max_approach_steps=1,
+                                grad_threshold=1e9, perturb_every=1, cooldown=1, n_probe=16, max_matvecs=10)
+    _fit(Learner(dls, DigitsCNN(4), loss_func=wloss, cbs=rec), 1)
+    assert any(r['probe_loss'] is not None for r in rec.history)  # the probe loss was evaluated
+    with pytest.raises(ValueError, match='k must be an integer'): SaddleCaptureCallback(k=2.5)

@@ -195,7 +195,8 @@ class HessianSpectrumCallback(_Observer):
         if every is None and not at_epoch_end and budget is None:
             raise ValueError("nothing to measure: set `every` (steps), at_epoch_end=True and/or a time `budget`")
         if which not in ('LA', 'SA', 'LM', 'BE'): raise ValueError(f"which must be one of 'LA', 'SA', 'LM', 'BE', got {which!r}")
-        if k < 1 or (which == 'BE' and k < 2): raise ValueError(f"k={k} is too small: which='BE' needs k ≥ 2 (one eigenvalue from each end)")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1: raise ValueError(f"k must be a positive integer, got {k!r}")
+        if which == 'BE' and k < 2: raise ValueError(f"k={k} is too small: which='BE' needs k ≥ 2 (one eigenvalue from each end)")
         if ncv is not None and ncv <= k: raise ValueError(f"ncv={ncv} must exceed k={k}")
         if trace and (not isinstance(trace_matvecs, int) or trace_matvecs < 6):
             raise ValueError(f"trace_matvecs must be an integer ≥ 6 (Hutch++ splits its budget in three), got {trace_matvecs!r}")

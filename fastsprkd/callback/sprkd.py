@@ -61,6 +61,10 @@ def _loss_scale(learn) -> float:
     s = getattr(learn, 'scaler', None)
     return float(s.get_scale()) if s is not None and hasattr(s, 'get_scale') and s.is_enabled() else 1.
 
+def _n_inp(cb):
+    "Inputs per batch of the default probe (the loaders' `n_inp`, e.g. 1 for `(x, y, weight)` batches); None for a given probe."
+    return getattr(cb.dls, 'n_inp', None) if cb.probe is None else None
+
 def _is_off(cb) -> bool:
     "True during `lr_find` and `get_preds` (as in fastai's `TrackerCallback`) and `validate` (which holds the learner's lock)."
     learn = cb.learn
@@ -93,7 +97,8 @@ class SaddleCaptureCallback(Callback):
                  mode:str='auto', # Hessian-vector products: 'auto' (times both once per operator), 'rev' or 'fwd' (see `HessianOperator`)
                 ):
         if not isinstance(every, int) or every < 1: raise ValueError(f"every must be a positive integer, got {every!r}")
-        if k < 2: raise ValueError(f"k must be at least 2 (one eigenvalue from each end of the spectrum), got {k}")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 2:
+            raise ValueError(f"k must be an integer ≥ 2 (one eigenvalue from each end of the spectrum), got {k!r}")
         saddle_criterion([1.], criterion)  # validates the name
         store_attr(but='meta')
         self.meta = dict(meta or {})
@@ -108,7 +113,8 @@ class SaddleCaptureCallback(Callback):
             self._probe = self.probe if self.probe is not None else probe_batches(self.dls.train, self.n_probe, self.seed, bs=self.n_probe)
         names = _select_unwrapped(self.model, self.params)  # the trainable set changes at fine_tune's unfreeze
         if self._op is None or self._op.names != names or self._op.model is not unwrap_model(self.model):
-            self._op = HessianOperator(self.model, self.learn.loss_func, self._probe, names, eval_mode=self.eval_mode, mode=self.mode)
+            self._op = HessianOperator(self.model, self.learn.loss_func, self._probe, names, eval_mode=self.eval_mode, mode=self.mode,
+                                       n_inp=_n_inp(self))
             self._names = tuple(names)  # one shared tuple per parameter set: rows refer to it without copying
             self._names_id = _params_id(names)
         return self._op
@@ -300,7 +306,8 @@ class SaddleRecruitCallback(Callback):
         if self._probe is None:
             self._probe = self.probe if self.probe is not None else probe_batches(self.dls.train, self.n_probe, self.seed, bs=self.n_probe)
         if self._op is None:
-            self._op = HessianOperator(self.model, self.learn.loss_func, self._probe, list(self.recruited), eval_mode=self.eval_mode,
+            self._op = HessianOperator(self.model, self.learn.loss_func, self._probe, list(self.recruited), n_inp=_n_inp(self),
+                                       eval_mode=self.eval_mode,
                                        mode=self.mode)
         return self._op
     def _trainable(self) -> tuple: return tuple(_select_unwrapped(self.model, self.params))
