@@ -164,8 +164,11 @@ def influence(model:nn.Module, # the trained model
         S = solve(op, rhs, method=method, damping=damping, tol=tol, max_iter=max_iter, scale=scale, depth=depth).x
     with preserved_state(model):
         if eval_mode: model.eval()
-        # the operator's own batches: a one-shot iterator is consumed once, a fastai loader without shuffling
-        rows = [-(G @ S) for G in _per_sample_grad_batches(model, loss_func, op.data, op.names, op.n_inp, chunk_size)]
+        # the operator's own batches, as it read them: a one-shot iterator consumed once, a fastai loader unshuffled and
+        # with its validation transforms (no training-time augmentation), the global RNG restored
+        pairs = list(op._batches())
+        batches, n_in = [(*xb, *yb) for xb, yb in pairs], len(pairs[0][0])
+        rows = [-(G @ S) for G in _per_sample_grad_batches(model, loss_func, batches, op.names, n_in, chunk_size)]
     return torch.cat(rows)
 
 # %% ../nbs/05_analysis.ipynb #725b01bb

@@ -81,10 +81,23 @@ def as_operator(op) -> LinearOperator:
     raise TypeError(f"expected a linear operator (with matvec and num_params) or a square tensor, got {type(op).__name__}")
 
 # %% ../nbs/02_core.ipynb #dfdf6052
+def _equal(a:Tensor, b:Tensor) -> bool:
+    "`torch.equal`, also for sparse tensors (COO, CSR/BSR, CSC/BSC: their index and value tensors)."
+    if a.layout == torch.strided and b.layout == torch.strided: return torch.equal(a, b)
+    if a.layout != b.layout or a.shape != b.shape: return False
+    if a.layout == torch.sparse_coo:
+        a, b = a.coalesce(), b.coalesce()
+        parts = lambda t: (t.indices(), t.values())
+    elif a.layout in (torch.sparse_csr, torch.sparse_bsr): parts = lambda t: (t.crow_indices(), t.col_indices(), t.values())
+    elif a.layout in (torch.sparse_csc, torch.sparse_bsc): parts = lambda t: (t.ccol_indices(), t.row_indices(), t.values())
+    else: return False  # an unknown layout: treated as changed
+    return all(torch.equal(x, y) for x, y in zip(parts(a), parts(b)))
+
 def _identical(a:Tensor, b:Tensor) -> bool:
     "Same values, NaNs in the same places counting as equal."
-    return torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and
-                                 torch.equal(a.nan_to_num(0.), b.nan_to_num(0.)))
+    if _equal(a, b): return True
+    return (a.layout == torch.strided and a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and
+            torch.equal(a.nan_to_num(0.), b.nan_to_num(0.)))
 
 @contextmanager
 def preserved_state(model:nn.Module, # the model to restore
@@ -218,10 +231,12 @@ def _select_params(model, params):
 
 # %% ../nbs/02_core.ipynb #8b3a9a25
 def _dtype_hint(e, xb, dtype):
-    "`e`, or a clearer error when the batch's floating-point inputs and the parameters have different dtypes."
+    "`e`, or a clearer error when it is a dtype error and the batch's floating-point inputs and the parameters differ in dtype."
     bad = sorted({str(o.dtype) for o in xb if isinstance(o, Tensor) and o.is_floating_point() and o.dtype != dtype})
-    if not bad: return e
-    return TypeError(f"the model's forward pass failed ({str(e).splitlines()[0][:150]}): the batch's inputs are {', '.join(bad)} "
+    msg = str(e)
+    about_dtype = 'dtype' in msg.lower() or any(w in msg for w in ('Double', 'Float', 'Half', 'BFloat16'))
+    if not bad or not about_dtype or isinstance(e, torch.OutOfMemoryError): return e
+    return RuntimeError(f"the model's forward pass failed ({str(e).splitlines()[0][:150]}): the batch's inputs are {', '.join(bad)} "
                      f"but the parameters are {dtype}; convert one to the other (e.g. x.to({dtype}) or model.to({bad[0]}))")
 
 def _plain_attributes(objs):
@@ -236,7 +251,7 @@ def _plain_attributes(objs):
 def _same_key(a, b):
     "Whether two cache keys `(modes, tensors)` have equal modes and equal tensor values."
     return a[0] == b[0] and len(a[1]) == len(b[1]) and all(
-        x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y) for x, y in zip(a[1], b[1]))
+        x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and _equal(x, y) for x, y in zip(a[1], b[1]))
 
 # %% ../nbs/02_core.ipynb #8d461050
 import torch.distributed as dist
@@ -249,7 +264,9 @@ def unwrap_model(model:nn.Module) -> nn.Module:
 def _inner_names(wrapper, inner, params):
     "`params` with names given on the wrapper (`'module.fc.weight'`) turned into names of the wrapped model (`'fc.weight'`)."
     prefix = next(n for n, m in wrapper.named_modules() if m is inner) + '.'
-    one = lambda o: o[len(prefix):] if isinstance(o, str) and o.startswith(prefix) else o
+    def one(o):
+        if o is wrapper or (isinstance(o, str) and o == prefix[:-1]): return inner  # the wrapper itself, or 'module'
+        return o[len(prefix):] if isinstance(o, str) and o.startswith(prefix) else o
     return one(params) if isinstance(params, (str, Tensor, nn.Module)) else [one(o) for o in params]
 
 def _select_unwrapped(model, params) -> list:
@@ -538,14 +555,17 @@ class HessianOperator(LinearOperator):
         "Leaf copies of the parameters and the graph of the gradient (kept between calls for single-batch data)."
         if cache_key is not None and self._graph is not None: return self._graph[1:]  # `_matmat` checked it against the model
         self._graph = None
-        if cache_key is not None: cache_key = (cache_key[0], [t.detach().clone() for t in cache_key[1]])  # values before the forward pass
         ps = tuple(t.detach().requires_grad_() for t in theta)
         with torch.enable_grad():
             l = f(*ps)
             g = torch.autograd.grad(l, ps, create_graph=True, allow_unused=True) if l.requires_grad else (None,) * len(ps)
         # None: the loss does not use that parameter; no grad_fn: its gradient is constant in the parameters
         g = tuple(t if t is not None and t.requires_grad else None for t in g)
-        if cache_key is not None: self._graph = (cache_key, ps, g)
+        if cache_key is not None:
+            # the state after this forward pass: what the forward itself changes (a call counter, stored activations) is
+            # then unchanged at the next call, which reuses the graph; what the user changes in between is not
+            after = self._cache_key()
+            self._graph = ((after[0], [t.detach().clone() for t in after[1]]), ps, g)
         return ps, g
 
     def _hvp_batch_rev(self, f, theta, V, cache_key=None):

@@ -242,7 +242,7 @@ def save(self:SaddleBank,
     digest = hashlib.sha256(data).hexdigest()
     points = []
     for p in self.points:
-        try: meta = json.loads(json.dumps(p.meta, allow_nan=False))
+        try: meta = json.loads(json.dumps(_finite_json(p.meta), allow_nan=False))
         except (TypeError, ValueError) as e:
             raise TypeError(f"the metadata of the point of step {p.step} is not JSON-serializable ({e}); store plain "
                             f"numbers, strings, lists and dicts in `meta`") from None
@@ -262,6 +262,13 @@ def save(self:SaddleBank,
     return path
 
 # %% ../nbs/11_saddle.ipynb #2c222573
+def _finite_json(o):
+    "`o` with every non-finite float replaced by None (standard JSON has no NaN/inf)."
+    if isinstance(o, float): return o if math.isfinite(o) else None
+    if isinstance(o, dict): return {k: _finite_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return [_finite_json(v) for v in o]
+    return o
+
 def _point_fields(p) -> dict:
     "A manifest point's fields, type-checked (JSON as `save` writes it: numbers, integers, a list of numbers, a dict)."
     def num(v, k):

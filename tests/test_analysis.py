@@ -393,3 +393,21 @@ def test_landscape_pair_of_per_parameter_directions():
     flat = lambda d: torch.cat([t.reshape(-1) for t in d]).double()
     fct.test_close(ls.directions[0].double(), flat(d1)); fct.test_close(ls.directions[1].double(), flat(d2))
     fct.test_eq(ls.losses.shape, (2, 2))
+
+
+
+def test_influence_on_a_fastai_training_loader_uses_the_clean_items():
+    "A training-only augmentation (+100 on x) is off for the Hessian and for the rows alike: the influence of the clean items."
+    from fastai.data.core import Datasets
+    from fastai.data.transforms import ItemTransform
+    class TrainOnly(ItemTransform):
+        split_idx = 0
+        def encodes(self, o): return (o[0] + 100., o[1])
+    torch.manual_seed(0)
+    X, Y = torch.randn(64, 4, dtype=D), torch.randint(0, 3, (64,))
+    dls = Datasets(list(range(64)), [[lambda i: X[i]], [lambda i: Y[i]]], splits=[list(range(48)), list(range(48, 64))]
+                  ).dataloaders(bs=16, after_item=[TrainOnly()], device='cpu', num_workers=0)
+    m = nn.Linear(4, 3).double()
+    test = (X[48:52], Y[48:52])
+    ref = influence(m, nn.CrossEntropyLoss(), [(X[:48], Y[:48])], test, method='exact')
+    fct.test_close(influence(m, nn.CrossEntropyLoss(), dls.train, test, method='exact'), ref, eps=1e-10)

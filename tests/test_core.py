@@ -908,8 +908,55 @@ def test_dense_operator_refuses_a_non_symmetric_matrix():
 def test_input_dtype_mismatch_names_both_dtypes():
     x, y = make_data('mlp')
     fct.test_fail(lambda: HessianOperator(mlp(), CE, (x.float(), y)), contains='inputs are torch.float32 but the parameters are torch.float64')
+    with pytest.raises(RuntimeError, match='inputs are torch.float32'): HessianOperator(mlp(), CE, (x.float(), y))
 
 
 def test_params_of_the_wrong_type():
     for bad in (3, 2.5, nn.Linear):
         fct.test_fail(lambda: HessianOperator(mlp(), CE, make_data('mlp'), params=bad), contains='must be parameters, modules or names')
+
+
+
+class _GCN(nn.Module):
+    "A sparse adjacency as a buffer and as a plain attribute, and a call counter the forward pass increments."
+    def __init__(self, adj):
+        super().__init__(); torch.manual_seed(0)
+        self.register_buffer('adj', adj); self.adj_attr = adj.to_sparse_csr(); self.lin = nn.Linear(5, 3).double()
+        self.n_calls = 0
+    def forward(self, x):
+        self.n_calls += 1
+        return torch.sparse.mm(self.adj, self.lin(x)) + self.adj_attr.to_dense() @ self.lin(x)
+
+
+def test_sparse_tensors_and_a_call_counter():
+    "Sparse buffers/attributes are compared without torch.equal's dense-only path; a forward-pass counter does not defeat the kept graph."
+    g = torch.Generator().manual_seed(0)
+    A = torch.sparse_coo_tensor(torch.randint(0, 20, (2, 60), generator=g), torch.ones(60, dtype=F64), (20, 20)).coalesce()
+    m = _GCN(A)
+    x, y = torch.randn(20, 5, generator=g, dtype=F64), torch.randint(0, 3, (20,), generator=g)
+    with preserved_state(m): pass
+    HessianOperator(m, CE, [(x, y), (x, y)], eval_mode=False, mode='rev').matvec(rand(18))
+    op = HessianOperator(m, CE, (x, y), mode='rev')
+    v = rand(op.num_params)
+    n0 = m.n_calls
+    ref = op.matvec(v)
+    for _ in range(3): close(op.matvec(v), ref, tol=0.)
+    fct.test_eq(m.n_calls - n0, 1)  # one forward pass built the graph; the next products reused it
+    close(ref, HessianOperator(m, CE, (x, y), mode='fwd').matvec(v))  # (deepcopy, which the dense reference needs, refuses CSR)
+
+
+def test_dtype_hint_only_for_dtype_errors():
+    class Reshaping(nn.Module):
+        def __init__(self): super().__init__(); self.lin = nn.Linear(4, 3)
+        def forward(self, x): return self.lin(x.float()).view(-1, 7)  # casts its input itself, fails for another reason
+    x, y = make_data('mlp')
+    with pytest.raises(RuntimeError, match='is invalid for input of size') as e: HessianOperator(Reshaping(), CE, (x, y))
+    assert 'parameters are' not in str(e.value)
+
+
+def test_the_wrapper_itself_selects_the_wrapped_model():
+    from fastsprkd.core import _select_unwrapped
+    m = mlp()
+    w = nn.DataParallel(m)
+    for sel in (w, [w], 'module', m):
+        fct.test_eq(_select_unwrapped(w, sel), [n for n, _ in m.named_parameters()])

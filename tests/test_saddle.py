@@ -216,3 +216,9 @@ def test_centre_crop_odd_difference():
     fct.test_eq(centre_crop(t, (4,)), torch.tensor([1., 2., 3., 4.]))
     fct.test_eq(centre_crop(t, (7,)), t)
     fct.test_eq(centre_crop(t, (0,)).shape, (0,))
+
+
+
+def test_nan_in_meta_is_saved_as_null(tmp_path):
+    b = SaddleBank([_point(1, 0.1, meta={'valid_loss': float('nan'), 'note': 'x'})])
+    fct.test_eq(SaddleBank.load(b.save(tmp_path/'b'))[0].meta, {'valid_loss': None, 'note': 'x'})
