@@ -110,9 +110,7 @@ def preserved_state(model:nn.Module, # the model to restore
     flags = [p.requires_grad for p in params]
     grads = [None if p.grad is None else p.grad.detach().clone() if copy_grads else p.grad for p in params]
     if values not in (True, False, 'buffers'): raise ValueError(f"values must be True, False or 'buffers', got {values!r}")
-    saved = [t.detach().clone() for t in params] if values is True else None
-    buffers = [(b, b.detach().clone()) for b in model.buffers()] if values else []
-    values = values is True
+    saved = [(t, t.detach().clone()) for t in ([*params] if values is True else []) + ([*model.buffers()] if values else [])]
     try: yield model
     finally:
         with torch.no_grad():
@@ -122,7 +120,7 @@ def preserved_state(model:nn.Module, # the model to restore
                 p.grad = g
             # only tensors that changed are written back: an in-place copy bumps autograd's version counter, which
             # would break a backward pass still pending through the unchanged ones
-            for t, s in ([*zip(params, saved)] if values else []) + buffers:
+            for t, s in saved:
                 if not _identical(t, s): t.copy_(s)
 
 # %% ../nbs/02_core.ipynb #8db7b821
@@ -156,6 +154,13 @@ def _params_id(names) -> str:
     "A short stable id of a parameter set: the first 8 hex digits of the SHA-1 of the names (the callbacks' `params_id`)."
     import hashlib
     return hashlib.sha1('\n'.join(names).encode()).hexdigest()[:8]
+
+def _training_fit(learn) -> bool:
+    """Whether a fastai `learn` is running a training fit: not `lr_find` nor `get_preds` (the checks of fastai's
+    `TrackerCallback`), nor `validate` (which holds the learner's lock). The callbacks switch themselves off otherwise."""
+    if hasattr(learn, 'lr_finder') or hasattr(learn, 'gather_preds'): return False
+    lock = getattr(learn, 'lock', None)
+    return not (lock is not None and hasattr(lock, 'locked') and lock.locked())
 
 def _no_autocast(where):
     "A context with autocast off on a device (or a model's device): curvature in the parameters' dtype, never in fp16/bf16."
@@ -239,6 +244,11 @@ def _dtype_hint(e, xb, dtype):
     return RuntimeError(f"the model's forward pass failed ({str(e).splitlines()[0][:150]}): the batch's inputs are {', '.join(bad)} "
                      f"but the parameters are {dtype}; convert one to the other (e.g. x.to({dtype}) or model.to({bad[0]}))")
 
+def _grad(loss, ps, create_graph=False):
+    "Gradient of `loss` w.r.t. `ps`, None for a parameter it does not use (all None when it uses none)."
+    if not loss.requires_grad: return (None,) * len(ps)
+    return torch.autograd.grad(loss, ps, create_graph=create_graph, allow_unused=True)
+
 def _plain_attributes(objs):
     "Plain attributes of `objs` (numbers, strings, None; tensors that are not parameters or buffers): what else a loss may read."
     state, ts = [], []
@@ -270,7 +280,7 @@ def _inner_names(wrapper, inner, params):
     return one(params) if isinstance(params, (str, Tensor, nn.Module)) else [one(o) for o in params]
 
 def _select_unwrapped(model, params) -> list:
-    "Names (in the wrapped model's terms) of the selected parameters of `unwrap_model(model)`; `params` may name either."
+    "Names (on the unwrapped model, without DDP's `module.`) of the selected parameters of `unwrap_model(model)`; `params` may name either."
     inner = unwrap_model(model)
     if inner is not model and params is not None: params = _inner_names(model, inner, params)
     return _select_params(inner, params)
@@ -329,16 +339,14 @@ class HessianOperator(LinearOperator):
                  validate:bool=True, # one checking forward pass at construction (False: only count the samples, e.g. for a batch whose loss was just computed)
                 ):
         if mode not in ('auto', 'fwd', 'rev'): raise ValueError(f"mode must be 'auto', 'fwd' or 'rev', got {mode!r}")
-        inner = unwrap_model(model)  # products never go through DDP's gradient hooks
-        if inner is not model and params is not None: params = _inner_names(model, inner, params)
-        model = inner
+        self.names = _select_unwrapped(model, params)
+        model = unwrap_model(model)  # products never go through DDP's gradient hooks
         self.process_group = _resolve_group(process_group)
         if self.process_group is not None and dist.get_world_size(self.process_group) == 1: self.process_group = None
         self.rank = dist.get_rank(self.process_group) if self.process_group is not None else 0
         self.world_size = dist.get_world_size(self.process_group) if self.process_group is not None else 1
         self.model, self.loss_func, self.eval_mode, self.mode = model, loss_func, eval_mode, mode
         self.memory_budget, self.chunk_size, self.max_dense_bytes = memory_budget, chunk_size, max_dense_bytes
-        self.names = _select_params(model, params)
         named = dict(model.named_parameters())
         self.params = [named[n] for n in self.names]
         dtypes = {p.dtype for p in self.params}
@@ -529,9 +537,7 @@ class HessianOperator(LinearOperator):
                     w = self._batch_size(xb) / self.num_samples
                     # plain autograd (not torch.func.grad): it also differentiates custom autograd.Functions without setup_context
                     ps = tuple(t.detach().requires_grad_() for t in self._theta())
-                    with torch.enable_grad():
-                        l = self._loss_fn(xb, yb, fixed)(*ps)
-                        g = torch.autograd.grad(l, ps, allow_unused=True) if l.requires_grad else (None,) * len(ps)
+                    with torch.enable_grad(): g = _grad(self._loss_fn(xb, yb, fixed)(*ps), ps)
                     out += w * torch.cat([(torch.zeros_like(p) if t is None else t).reshape(-1) for t, p in zip(g, ps)])
             return out
         out = self._all_reduce(local, torch.zeros(self.num_params, dtype=self.dtype, device=self.device), 'gradient')
@@ -556,9 +562,7 @@ class HessianOperator(LinearOperator):
         if cache_key is not None and self._graph is not None: return self._graph[1:]  # `_matmat` checked it against the model
         self._graph = None
         ps = tuple(t.detach().requires_grad_() for t in theta)
-        with torch.enable_grad():
-            l = f(*ps)
-            g = torch.autograd.grad(l, ps, create_graph=True, allow_unused=True) if l.requires_grad else (None,) * len(ps)
+        with torch.enable_grad(): g = _grad(f(*ps), ps, create_graph=True)
         # None: the loss does not use that parameter; no grad_fn: its gradient is constant in the parameters
         g = tuple(t if t is not None and t.requires_grad else None for t in g)
         if cache_key is not None:

@@ -25,7 +25,7 @@ from .core import HessianOperator
 from .eigen import eigsh
 from .estimators import trace, spectral_density
 from .analysis import loss_landscape
-from .saddle import SaddleBank, SaddlePoint
+from .saddle import SaddleBank, SaddlePoint, _finite_json, _plain_mode
 from .callback.observe import HessianSpectrumCallback
 from .callback.sprkd import SaddleCaptureCallback, SaddleRecruitCallback, DistillationCallback
 from .data import probe_batches
@@ -391,8 +391,7 @@ def atomic_output_dir(target, # the directory to create (or replace, if it is a 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f'.{target.name}.', suffix='.tmp', dir=target.parent))
-        umask = os.umask(0); os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700): give the report the permissions of a plain mkdir
+        _plain_mode(tmp, 0o777)  # mkdtemp makes it private (0700): the report gets the permissions of a plain mkdir
     except OSError as e:
         for d in created:
             try: d.rmdir()
@@ -555,20 +554,9 @@ def write_demo_report(story:Story, # a finished `run_story`
     (out/'report.html').write_text(_html_page('fastsprkd demo report', '\n'.join(body)))
     return data
 
-def _finite_or_none(x):
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-def _json_safe(o):
-    "`o` with every non-finite float (NaN: an untestable comparison; ±inf) replaced by None, so the file is standard JSON."
-    if isinstance(o, float): return _finite_or_none(o)
-    if isinstance(o, dict): return {k: _json_safe(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)): return [_json_safe(v) for v in o]
-    return o
-
 def _json_dumps(o) -> str:
-    "Standard JSON (no NaN/Infinity tokens, which strict parsers reject): non-finite numbers are written as null."
-    return json.dumps(_json_safe(o), indent=1, allow_nan=False, default=_finite_or_none)
+    "Standard JSON: non-finite numbers (NaN: an untestable comparison; ±inf) as null; numpy/torch scalars as numbers."
+    return json.dumps(_finite_json(o), indent=1, allow_nan=False, default=lambda x: _finite_json(float(x)))
 
 def _inline_html(text:str) -> str:
     "Escape `text` for HTML and render its inline markdown: `code` and **bold**."

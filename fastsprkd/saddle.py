@@ -196,12 +196,23 @@ def _fp_diff(a, b):
     return "the tensors are in a different order"
 
 # %% ../nbs/11_saddle.ipynb #4c98d876
+def _plain_mode(path, mode:int):
+    "Give `path` the permissions a plain `open`/`mkdir` would (`mode` less the umask), not `tempfile`'s private ones."
+    umask = os.umask(0); os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+def _finite_json(o):
+    "`o` with every non-finite float replaced by None: standard JSON has no NaN/inf (strict parsers reject the tokens)."
+    if isinstance(o, float): return o if math.isfinite(o) else None
+    if isinstance(o, dict): return {k: _finite_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return [_finite_json(v) for v in o]
+    return o
+
 def _atomic_write(path:Path, data:bytes):
     "Write `data` to `path` atomically: temporary file in the same directory, fsync, rename."
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix='.tmp')
     try:
-        umask = os.umask(0); os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private (0600): give it the permissions of a plain open()
+        _plain_mode(tmp, 0o666)  # mkstemp makes it private (0600): the permissions of a plain open()
         with os.fdopen(fd, 'wb') as f:
             f.write(data); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -246,29 +257,21 @@ def save(self:SaddleBank,
         except (TypeError, ValueError) as e:
             raise TypeError(f"the metadata of the point of step {p.step} is not JSON-serializable ({e}); store plain "
                             f"numbers, strings, lists and dicts in `meta`") from None
-        fin = lambda x: x if math.isfinite(x) else None  # standard JSON has no NaN/inf: null (read back as NaN)
-        points.append(dict(eigenvalues=[fin(e) for e in p.eigenvalues], loss=fin(p.loss), grad_norm=fin(p.grad_norm), step=p.step,
-                           epoch=p.epoch, meta=meta))
+        points.append(dict(eigenvalues=p.eigenvalues, loss=p.loss, grad_norm=p.grad_norm, step=p.step, epoch=p.epoch, meta=meta))
     fname = f"tensors-{digest[:16]}.safetensors"
     manifest = dict(format=BANK_FORMAT, version=BANK_VERSION, fastsprkd=_version(),
                     fingerprint=[[n, list(s), d] for n, s, d in (self.fingerprint or [])],
                     tensor_file=fname, sha256=digest, num_points=len(self.points), points=points)
     path.mkdir(parents=True, exist_ok=True)
     _atomic_write(path/fname, data)
-    _atomic_write(path/'manifest.json', (json.dumps(manifest, indent=1, allow_nan=False) + '\n').encode())
+    # NaN/inf (a default loss of NaN, user meta) as null, read back as NaN
+    _atomic_write(path/'manifest.json', (json.dumps(_finite_json(manifest), indent=1, allow_nan=False) + '\n').encode())
     _fsync_dir(path)
     for f in path.glob('tensors-*.safetensors'):
         if f.name != fname: f.unlink()
     return path
 
 # %% ../nbs/11_saddle.ipynb #2c222573
-def _finite_json(o):
-    "`o` with every non-finite float replaced by None (standard JSON has no NaN/inf)."
-    if isinstance(o, float): return o if math.isfinite(o) else None
-    if isinstance(o, dict): return {k: _finite_json(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)): return [_finite_json(v) for v in o]
-    return o
-
 def _point_fields(p) -> dict:
     "A manifest point's fields, type-checked (JSON as `save` writes it: numbers, integers, a list of numbers, a dict)."
     def num(v, k):

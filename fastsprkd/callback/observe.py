@@ -20,7 +20,7 @@ from fastai.callback.core import Callback
 from fastai.callback.training import GradientClip
 from fastai.data.load import DataLoader as FastaiDataLoader
 import torch.distributed as dist
-from ..core import HessianOperator, preserved_state, _select_unwrapped, _params_id, _no_autocast, unwrap_model
+from ..core import HessianOperator, preserved_state, _select_unwrapped, _params_id, _no_autocast, unwrap_model, _training_fit
 from ..eigen import eigsh
 from ..estimators import trace as trace_estimate
 from ..analysis import gradient_correlation, directional_sharpness
@@ -94,13 +94,6 @@ class _Observer(Callback):
         self._n_steps += 1
         return True
 
-    def _observing(self) -> bool:
-        "False during `lr_find`, `get_preds` and `validate` (no optimizer steps there)."
-        learn = self.learn
-        if hasattr(learn, 'lr_finder') or hasattr(learn, 'gather_preds'): return False
-        lock = getattr(learn, 'lock', None)
-        return not (lock is not None and hasattr(lock, 'locked') and lock.locked())
-
     def _column_names(self) -> list: return []
     def _column_value(self, name): raise NotImplementedError
 
@@ -117,7 +110,7 @@ class _Observer(Callback):
     def before_fit(self):
         self._remove_metrics()  # left over by a fit that stopped on an exception
         self._step_cancelled = False
-        self.run = self._observing()
+        self.run = _training_fit(self.learn)  # off in lr_find, get_preds, validate: no optimizer steps there
         if not self.run: return
         self._fit_idx, self._n_fits = self._n_fits, self._n_fits + 1
         self._fit_start = len(self.history)

@@ -20,7 +20,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientClip
 from fastai.learner import Learner
 from fastai.torch_core import to_device
-from ..core import HessianOperator, _select_unwrapped, unwrap_model, _params_id, _no_autocast, preserved_rng
+from ..core import HessianOperator, _select_unwrapped, unwrap_model, _params_id, _no_autocast, preserved_rng, _training_fit
 from ..eigen import eigsh
 from ..saddle import SaddlePoint, SaddleBank, SaddleBankError, crop_params
 
@@ -65,13 +65,6 @@ def _n_inp(cb):
     "Inputs per batch of the default probe (the loaders' `n_inp`, e.g. 1 for `(x, y, weight)` batches); None for a given probe."
     return getattr(cb.dls, 'n_inp', None) if cb.probe is None else None
 
-def _is_off(cb) -> bool:
-    "True during `lr_find` and `get_preds` (as in fastai's `TrackerCallback`) and `validate` (which holds the learner's lock)."
-    learn = cb.learn
-    if hasattr(learn, 'lr_finder') or hasattr(learn, 'gather_preds'): return True
-    lock = getattr(learn, 'lock', None)
-    return lock is not None and hasattr(lock, 'locked') and lock.locked()
-
 # %% ../../nbs/12_sprkd.ipynb #d41b9d4d
 class SaddleCaptureCallback(Callback):
     "Teacher side of SPRKD: every `every` steps, test the Hessian's extreme eigenvalues on a probe set and bank saddle points."
@@ -105,7 +98,7 @@ class SaddleCaptureCallback(Callback):
         self.bank, self.history, self.n_steps, self._probe, self._op = SaddleBank(), [], 0, None, None
 
     def before_fit(self):
-        self.run = not _is_off(self)
+        self.run = _training_fit(self.learn)
         self._op = None  # built at the first test of each fit, on the model's device at that time
 
     def _operator(self):
@@ -209,19 +202,20 @@ def negative_curvature_step(model:nn.Module, # the model to move (in place, if t
     d = op.unflatten(-v if float(g @ v) >= 0 else v)  # −sign(gᵀv)·v, with sign(0) = +1
     saved = [p.detach().clone() for p in op.params]
     alpha = eigenstep_size
+    taken = False
     try:
         while alpha >= min_eigenstep:
             with torch.no_grad():
                 for p, s, di in zip(op.params, saved, d): p.copy_(s + alpha * di)
             l = float(op.loss())
-            if l < l0: return EigenStep(True, lam, alpha, l0, l, op.num_matvecs - start, 'decrease')
+            if l < l0:
+                taken = True
+                return EigenStep(True, lam, alpha, l0, l, op.num_matvecs - start, 'decrease')
             alpha /= 2
-    except BaseException:  # an error or an interrupt during the line search: not left at a rejected trial point
-        with torch.no_grad():
-            for p, s in zip(op.params, saved): p.copy_(s)
-        raise
-    with torch.no_grad():
-        for p, s in zip(op.params, saved): p.copy_(s)
+    finally:  # no decrease, an error or an interrupt: the model is not left at a rejected trial point
+        if not taken:
+            with torch.no_grad():
+                for p, s in zip(op.params, saved): p.copy_(s)
     return EigenStep(False, lam, 0., l0, l0, op.num_matvecs - start, 'no decrease')
 
 # %% ../../nbs/12_sprkd.ipynb #bf0432ea
@@ -289,7 +283,7 @@ class SaddleRecruitCallback(Callback):
         self._gen = torch.Generator().manual_seed(seed)
 
     def before_fit(self):
-        self.run = not _is_off(self)
+        self.run = _training_fit(self.learn)
         if not self.run: return
         if self._target is None:
             self.bank.check_compatible(self.model)
