@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
 from torch.func import functional_call, grad, vmap
-from .core import as_operator, preserved_state, HessianOperator, _select_params, _prepare_data, _split_batch
+from .core import as_operator, preserved_state, HessianOperator, _select_params, _prepare_data, _split_batch, _fetched
 from .eigen import eigsh
 from .estimators import Estimate, logdet, solve, spectral_density, _not_pd_message, _dense_eigvals
 
@@ -97,7 +97,7 @@ def _per_sample_grad_batches(model, loss_func, data, names, n_inp=None, chunk_si
     fixed.update(dict(model.named_buffers()))
     batches, data_n_inp = _prepare_data(data)
     n_inp = n_inp if n_inp is not None else data_n_inp
-    for b in batches:
+    for b in _fetched(batches):  # as the operator reads them: a fastai loader with its validation transforms
         xb, yb = _split_batch(b, n_inp, device)
         items = (*xb, *yb)
         dims = tuple(0 if isinstance(o, Tensor) and o.dim() > 0 else None for o in items)
@@ -164,11 +164,8 @@ def influence(model:nn.Module, # the trained model
         S = solve(op, rhs, method=method, damping=damping, tol=tol, max_iter=max_iter, scale=scale, depth=depth).x
     with preserved_state(model):
         if eval_mode: model.eval()
-        # the operator's own batches, as it read them: a one-shot iterator consumed once, a fastai loader unshuffled and
-        # with its validation transforms (no training-time augmentation), the global RNG restored
-        pairs = list(op._batches())
-        batches, n_in = [(*xb, *yb) for xb, yb in pairs], len(pairs[0][0])
-        rows = [-(G @ S) for G in _per_sample_grad_batches(model, loss_func, batches, op.names, n_in, chunk_size)]
+        # the operator's own batches: a one-shot iterator is consumed once, a fastai loader read unshuffled
+        rows = [-(G @ S) for G in _per_sample_grad_batches(model, loss_func, op.data, op.names, op.n_inp, chunk_size)]
     return torch.cat(rows)
 
 # %% ../nbs/05_analysis.ipynb #725b01bb

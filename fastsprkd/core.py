@@ -179,6 +179,20 @@ def _plain(t):
     "Strip tensor subclasses (fastai's `TensorBase`), which `torch.func` does not need."
     return t.as_subclass(Tensor) if isinstance(t, Tensor) and type(t) is not Tensor and not isinstance(t, nn.Parameter) else t
 
+def _fetched(data):
+    """The batches of `data` (as `_prepare_data` returns it): a list as it is; a DataLoader's with its validation transforms
+    for fastai's (no training-time augmentation: the same batches on every sweep) and with the global RNG restored (torch's
+    draws a base seed on each iteration). Both only while a batch is fetched, so that nothing is left changed between
+    batches, nor by a sweep abandoned midway."""
+    if isinstance(data, (list, tuple)): yield from data; return
+    it = None
+    while True:
+        with preserved_rng(), _validation_tfms(data):
+            if it is None: it = iter(data)
+            try: b = next(it)
+            except StopIteration: return
+        yield b
+
 def _prepare_data(data):
     "A re-iterable of batches and the batches' `n_inp` (None when unknown)."
     if _is_batch(data): return [tuple(data)], None
@@ -386,21 +400,7 @@ class HessianOperator(LinearOperator):
     # ---- the loss as a function of the selected parameters
     def _batches(self):
         "The (inputs, targets) of every non-empty batch, on the operator's device."
-        if isinstance(self.data, (list, tuple)): yield from self._split(self.data); return
-        yield from self._split(self._fetched())
-    def _fetched(self):
-        """The batches of a DataLoader: fastai's with its validation transforms (no training-time augmentation: the same
-        matrix on every sweep); torch's draws a base seed from the global RNG on each iteration, which is restored. Both
-        only while a batch is fetched, so that nothing is left changed between batches, nor by a sweep abandoned midway."""
-        it = None
-        while True:
-            with preserved_rng(), _validation_tfms(self.data):
-                if it is None: it = iter(self.data)
-                try: b = next(it)
-                except StopIteration: return
-            yield b
-    def _split(self, data):
-        for b in data:
+        for b in _fetched(self.data):
             xb, yb = _split_batch(b, self.n_inp, self.device)
             if self._batch_size(xb) > 0: yield xb, yb  # an empty batch has weight 0 (and a NaN mean loss): skip it
     def _batch_size(self, xb):
