@@ -65,7 +65,9 @@ class DenseOperator(LinearOperator):
         if not isinstance(A, Tensor) or A.dim() != 2 or A.shape[0] != A.shape[1]:
             raise ValueError(f"expected a square matrix, got {getattr(A, 'shape', type(A))}")
         if A.is_floating_point() and A.numel():
-            asym, scale = (A - A.T).abs().max(), A.abs().max()
+            # by blocks of rows: no n×n temporary (a dense Hessian may fill most of the memory)
+            asym = max((A[i:i+1024] - A[:, i:i+1024].T).abs().max() for i in range(0, A.shape[0], 1024))
+            scale = A.abs().max()
             if asym > (torch.finfo(A.dtype).eps ** 0.5) * scale:  # round-off of a computed Hessian stays far below this
                 raise ValueError(f"the matrix is not symmetric (max |A − Aᵀ| = {asym.item():.3g}, max |A| = {scale.item():.3g}); "
                                  f"the eigen-solvers and estimators need a symmetric matrix: pass (A + A.T) / 2 if A is one up to round-off")

@@ -903,6 +903,8 @@ def test_dense_operator_refuses_a_non_symmetric_matrix():
     fct.test_fail(lambda: DenseOperator(torch.tensor([[2., 1.], [0., 3.]])), contains='not symmetric')
     A = torch.randn(5, 5, dtype=torch.float32); A = A + A.T
     DenseOperator(A + 1e-6 * torch.randn(5, 5))  # round-off of a computed Hessian passes
+    B = torch.eye(1100, dtype=F64); B[1050, 3] = 1.  # checked by blocks of 1024 rows: the asymmetry is in the second block
+    fct.test_fail(lambda: DenseOperator(B), contains='not symmetric')
 
 
 def test_input_dtype_mismatch_names_both_dtypes():
