@@ -7,9 +7,11 @@ Docs: https://github.com/fastsprkd/fastsprkd/tree/main/nbs/saddle.html.md"""
 # %% ../nbs/11_saddle.ipynb #4ae84cc1
 from __future__ import annotations
 import hashlib, json, math, os, tempfile
+import re, stat, time
 from dataclasses import dataclass, field
 from collections.abc import Mapping
 from pathlib import Path
+from pathlib import PurePosixPath, PureWindowsPath
 import torch
 from torch import nn, Tensor
 import safetensors.torch
@@ -18,7 +20,8 @@ from fastcore.basics import patch
 from .core import unwrap_model
 
 # %% auto #0
-__all__ = ['BANK_FORMAT', 'BANK_VERSION', 'SaddleBankError', 'SaddlePoint', 'centre_crop', 'crop_params', 'inject', 'SaddleBank']
+__all__ = ['BANK_FORMAT', 'BANK_VERSION', 'MAX_MANIFEST_BYTES', 'MAX_JSON_DEPTH', 'SaddleBankError', 'SaddlePoint', 'centre_crop',
+           'crop_params', 'inject', 'SaddleBank']
 
 # %% ../nbs/11_saddle.ipynb #ff529117
 def _dtype_name(dt:torch.dtype) -> str: return str(dt).replace('torch.', '')
@@ -209,8 +212,8 @@ def _finite_json(o):
     return o
 
 def _atomic_write(path:Path, data:bytes):
-    "Write `data` to `path` atomically: temporary file in the same directory, fsync, rename."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix='.tmp')
+    "Write `data` to `path` atomically: temporary file `.NAME.PID.XXXX.tmp` in the same directory, fsync, rename."
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix='.tmp')
     try:
         _plain_mode(tmp, 0o666)  # mkstemp makes it private (0600): the permissions of a plain open()
         with os.fdopen(fd, 'wb') as f:
@@ -237,6 +240,120 @@ def _rank() -> int:
     if dist.is_available() and dist.is_initialized(): return dist.get_rank()
     return int(os.environ.get('RANK', 0) or 0)
 
+# %% ../nbs/11_saddle.ipynb #544d19ac
+MAX_MANIFEST_BYTES, MAX_JSON_DEPTH = 64 * 2**20, 64  # bounds on what `load` reads from a manifest
+_LOAD_RETRIES = 20  # re-reads of the manifest when a concurrent save removed the tensor file it named
+_TMP_FILE = re.compile(r'^\.(manifest\.json|tensors-[0-9a-f]{16}\.safetensors)\.(?:(\d+)\.)?[A-Za-z0-9_]+\.tmp$')
+_STALE_TMP_S = 3600.  # a temporary file without a process id (older fastsprkd) is stale after an hour
+
+class _MissingFileError(SaddleBankError, FileNotFoundError):
+    "A file the manifest names is missing: a `SaddleBankError` that is also a `FileNotFoundError`."
+
+def _json_depth(o) -> int:
+    "Nesting depth of parsed JSON (a scalar is 0), without recursion."
+    depth, todo = 0, [(o, 1)]
+    while todo:
+        o, d = todo.pop()
+        items = o.values() if isinstance(o, dict) else o if isinstance(o, list) else None
+        if items is None: continue
+        depth = max(depth, d)
+        if depth > MAX_JSON_DEPTH: return depth
+        todo.extend((v, d + 1) for v in items)
+    return depth
+
+def _pid_alive(pid:int) -> bool:
+    if os.name == 'nt': return True  # os.kill(pid, 0) would terminate the process on Windows: age decides there
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except OSError: return True  # another user's process
+    return True
+
+def _remove_stale_tmp(folder:Path):
+    "Remove the temporary files of bank saves that were killed (their process is gone, or an hour old without a process id)."
+    try: names = os.listdir(folder)
+    except OSError: return
+    for name in names:
+        mt = _TMP_FILE.match(name)
+        if mt is None: continue
+        pid = mt.group(2)
+        try:
+            if pid is None or int(pid) == os.getpid() or os.name == 'nt':
+                if time.time() - os.lstat(folder/name).st_mtime < _STALE_TMP_S: continue
+            elif _pid_alive(int(pid)): continue
+            os.unlink(folder/name)
+        except OSError: pass  # removed meanwhile, or not ours to remove
+
+def _check_name(folder:Path, name, what:str):
+    "Refuse a file name from the manifest unless it is a plain name of a file directly inside the bank folder."
+    plain = (isinstance(name, str) and name not in ('', '.', '..') and '\0' not in name
+             and PurePosixPath(name).name == name and PureWindowsPath(name).name == name)
+    if not plain:
+        raise SaddleBankError(f"{folder/'manifest.json'} names the {what} {name!r}, which is not a plain file name: a bank reads "
+                              f"only files inside its own folder (no directories, '..' or absolute paths); the manifest was edited")
+
+def _kind(mode:int) -> str:
+    for test, kind in ((stat.S_ISDIR, 'a directory'), (stat.S_ISFIFO, 'a FIFO (named pipe)'), (stat.S_ISCHR, 'a character device'),
+                       (stat.S_ISBLK, 'a block device'), (stat.S_ISSOCK, 'a socket'), (stat.S_ISLNK, 'a symbolic link')):
+        if test(mode): return kind
+    return 'not a regular file'
+
+def _read_exact(fd:int, n:int, path) -> bytes:
+    "Exactly `n` bytes of `fd` (never more); refuses a file that is shorter or grows while it is read."
+    chunks, got = [], 0
+    while got < n:
+        b = os.read(fd, min(n - got, 1 << 30))
+        if not b: raise SaddleBankError(f"{path} shrank to {got:,} bytes while it was read (expected {n:,}): a concurrent write?")
+        chunks.append(b); got += len(b)
+    if os.read(fd, 1): raise SaddleBankError(f"{path} grew beyond its {n:,} bytes while it was read: a concurrent write?")
+    return chunks[0] if len(chunks) == 1 else b''.join(chunks)
+
+def _safetensors_size(fd:int, st_size:int, path) -> int:
+    "The size a safetensors file must have, from its header (for manifests that do not state `tensor_size`)."
+    os.lseek(fd, 0, os.SEEK_SET)
+    head = os.read(fd, 8)
+    h = int.from_bytes(head, 'little') if len(head) == 8 else -1
+    if not 0 < h <= min(100 * 2**20, st_size - 8): raise SaddleBankError(f"{path} is not a valid safetensors file (header length {h})")
+    try:
+        raw = os.read(fd, h)
+        os.lseek(fd, 0, os.SEEK_SET)
+        header = json.loads(raw)
+        end = max([0] + [int(v['data_offsets'][1]) for k, v in header.items() if k != '__metadata__'])
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as e:
+        raise SaddleBankError(f"{path} is not a valid safetensors file (its header: {e!r})") from None
+    return 8 + h + end
+
+def _read_bank_file(folder:Path, name:str, what:str, size:int|None=None, limit:int|None=None, header_size:bool=False) -> bytes:
+    "The bytes of `folder/name`: a regular file inside `folder` (a symlink only if it stays inside) of `size` (at most `limit`) bytes."
+    path = folder/name
+    st = os.lstat(path)  # FileNotFoundError: the caller's message
+    target = path
+    if stat.S_ISLNK(st.st_mode):
+        real, inside = os.path.realpath(path), os.path.realpath(folder)
+        if os.path.commonpath([real, inside]) != inside:
+            raise SaddleBankError(f"{path} is a symbolic link to {real}, outside the bank folder: a bank reads only files inside "
+                                  f"its own folder; replace the link by a copy of the file")
+        target, st = real, os.stat(real)
+    if not stat.S_ISREG(st.st_mode):
+        raise SaddleBankError(f"{path} is {_kind(st.st_mode)}, not a regular file: the bank's {what} must be a plain file")
+    flags = os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_NONBLOCK', 0) | getattr(os, 'O_BINARY', 0) | getattr(os, 'O_CLOEXEC', 0)
+    try: fd = os.open(target, flags)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError): raise
+        raise SaddleBankError(f"cannot open {path} ({e.strerror}): the bank's {what} changed while it was opened, or is not readable") from None
+    try:
+        st = os.fstat(fd)  # the file actually opened (it may have been swapped since the checks above)
+        if not stat.S_ISREG(st.st_mode):
+            raise SaddleBankError(f"{path} is {_kind(st.st_mode)}, not a regular file: the bank's {what} must be a plain file")
+        if limit is not None and st.st_size > limit:
+            raise SaddleBankError(f"{path} is {st.st_size:,} bytes, more than the {limit:,} a saddle bank's {what} may have: "
+                                  f"not a file written by SaddleBank.save")
+        if size is None and header_size: size = _safetensors_size(fd, st.st_size, path)
+        if size is not None and st.st_size != size:
+            raise SaddleBankError(f"{path} is {st.st_size:,} bytes, the manifest says {size:,}: the file was truncated, "
+                                  f"extended or replaced after it was saved")
+        return _read_exact(fd, st.st_size, path)
+    finally: os.close(fd)
+
 # %% ../nbs/11_saddle.ipynb #8c408cf2
 @patch
 def save(self:SaddleBank,
@@ -253,6 +370,9 @@ def save(self:SaddleBank,
     digest = hashlib.sha256(data).hexdigest()
     points = []
     for p in self.points:
+        if _json_depth(p.meta) > MAX_JSON_DEPTH - 3:
+            raise TypeError(f"the metadata of the point of step {p.step} is nested deeper than {MAX_JSON_DEPTH - 3} levels, "
+                            f"which SaddleBank.load refuses; store flatter metadata in `meta`")
         try: meta = json.loads(json.dumps(_finite_json(p.meta), allow_nan=False))
         except (TypeError, ValueError) as e:
             raise TypeError(f"the metadata of the point of step {p.step} is not JSON-serializable ({e}); store plain "
@@ -261,14 +381,22 @@ def save(self:SaddleBank,
     fname = f"tensors-{digest[:16]}.safetensors"
     manifest = dict(format=BANK_FORMAT, version=BANK_VERSION, fastsprkd=_version(),
                     fingerprint=[[n, list(s), d] for n, s, d in (self.fingerprint or [])],
-                    tensor_file=fname, sha256=digest, num_points=len(self.points), points=points)
-    path.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path/fname, data)
+                    tensor_file=fname, tensor_size=len(data), sha256=digest, num_points=len(self.points), points=points)
     # NaN/inf (a default loss of NaN, user meta) as null, read back as NaN
-    _atomic_write(path/'manifest.json', (json.dumps(_finite_json(manifest), indent=1, allow_nan=False) + '\n').encode())
+    mdata = (json.dumps(_finite_json(manifest), indent=1, allow_nan=False) + '\n').encode()
+    if len(mdata) > MAX_MANIFEST_BYTES:
+        raise ValueError(f"the manifest would be {len(mdata):,} bytes, more than the {MAX_MANIFEST_BYTES:,} SaddleBank.load "
+                         f"reads: store less metadata per point (`meta`)")
+    path.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(path)  # left by saves that were killed
+    _atomic_write(path/fname, data)
+    _atomic_write(path/'manifest.json', mdata)  # the commit point
     _fsync_dir(path)
     for f in path.glob('tensors-*.safetensors'):
-        if f.name != fname: f.unlink()
+        # a load that read the previous manifest and finds its tensor file gone re-reads the manifest (see `load`)
+        if f.name != fname:
+            try: f.unlink()
+            except FileNotFoundError: pass  # removed by a concurrent save
     return path
 
 # %% ../nbs/11_saddle.ipynb #2c222573
@@ -289,19 +417,21 @@ def _point_fields(p) -> dict:
     out['meta'] = p['meta']
     return out
 
-@patch(cls_method=True)
-def load(cls:SaddleBank, path) -> SaddleBank:
-    "Load a bank saved by `save` (verifies format, version, checksum and shapes; never unpickles)."
-    path = Path(path)
-    if path.is_file() and path.name == 'manifest.json': path = path.parent
-    if not path.exists(): raise FileNotFoundError(f"no saddle bank at {path}: expected a directory written by SaddleBank.save")
-    if not path.is_dir(): raise SaddleBankError(f"{path} is a file, not a saddle bank: SaddleBank.save writes a directory "
-                                                f"(manifest.json + a .safetensors file)")
-    mpath = path/'manifest.json'
-    if not mpath.exists(): raise FileNotFoundError(f"{mpath} is missing: {path} is not a saddle bank written by SaddleBank.save")
-    try: m = json.loads(mpath.read_text())
+def _is_int(v, lo=0) -> bool: return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+def _read_manifest(path:Path, mpath:Path) -> tuple:
+    "The manifest's raw bytes and its parsed, checked top level."
+    try: raw = _read_bank_file(path, 'manifest.json', 'manifest', limit=MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{mpath} is missing: {path} is not a saddle bank written by SaddleBank.save") from None
+    try: m = json.loads(raw.decode('utf-8'))
     except (ValueError, UnicodeDecodeError) as e:
         raise SaddleBankError(f"{mpath} is not valid JSON ({e}): the file was truncated or edited; save the bank again") from None
+    except RecursionError:
+        raise SaddleBankError(f"{mpath} is nested too deeply to parse (more than {MAX_JSON_DEPTH} levels): not a manifest "
+                              f"written by SaddleBank.save") from None
+    if _json_depth(m) > MAX_JSON_DEPTH:
+        raise SaddleBankError(f"{mpath} is nested deeper than {MAX_JSON_DEPTH} levels: not a manifest written by SaddleBank.save")
     if not isinstance(m, dict) or m.get('format') != BANK_FORMAT:
         raise SaddleBankError(f"{mpath} is not a saddle bank manifest (format {m.get('format') if isinstance(m, dict) else None!r}, "
                               f"expected {BANK_FORMAT!r})")
@@ -310,12 +440,44 @@ def load(cls:SaddleBank, path) -> SaddleBank:
         raise SaddleBankError(f"{mpath} has format version {v!r}, this fastsprkd reads version {BANK_VERSION}"
                               + ("; upgrade fastsprkd" if isinstance(v, int) and v > BANK_VERSION else ""))
     try:
-        fingerprint = [(n, tuple(s), d) for n, s, d in m['fingerprint']]
-        tpath, digest, points = path/m['tensor_file'], m['sha256'], m['points']
+        fp, tfile, digest, points = m['fingerprint'], m['tensor_file'], m['sha256'], m['points']
+        size = m.get('tensor_size')  # banks saved before it was recorded: the safetensors header gives the size
+        if not isinstance(fp, list) or not all(isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and isinstance(e[1], list)
+                                               and all(_is_int(s) for s in e[1]) and isinstance(e[2], str) for e in fp):
+            raise ValueError("fingerprint must be a list of [name, shape, dtype]")
+        if not isinstance(digest, str): raise ValueError(f"sha256 must be a string, got {digest!r}")
+        if not isinstance(points, list): raise ValueError(f"points must be a list, got {type(points).__name__}")
+        if size is not None and not _is_int(size): raise ValueError(f"tensor_size must be a non-negative integer, got {size!r}")
+        if 'num_points' in m and m['num_points'] != len(points):
+            raise ValueError(f"num_points is {m['num_points']!r} but {len(points)} points are listed")
     except (KeyError, TypeError, ValueError) as e:
         raise SaddleBankError(f"{mpath} lacks a field or has a malformed one ({e!r}): the file was edited") from None
-    if not tpath.exists(): raise FileNotFoundError(f"{tpath} is missing: the bank at {path} is incomplete")
-    data = tpath.read_bytes()
+    _check_name(path, tfile, 'tensor file')
+    fingerprint = [(n, tuple(s), _dtype_of(d)) for n, s, d in fp]
+    return raw, (fingerprint, tfile, size, digest, points)
+
+@patch(cls_method=True)
+def load(cls:SaddleBank, path) -> SaddleBank:
+    "Load a bank saved by `save` (verifies format, version, sizes, checksum and shapes; reads only its own files; never unpickles)."
+    path = Path(path)
+    if path.is_file() and path.name == 'manifest.json': path = path.parent
+    if not path.exists(): raise FileNotFoundError(f"no saddle bank at {path}: expected a directory written by SaddleBank.save")
+    if not path.is_dir(): raise SaddleBankError(f"{path} is a file, not a saddle bank: SaddleBank.save writes a directory "
+                                                f"(manifest.json + a .safetensors file)")
+    mpath = path/'manifest.json'
+    for attempt in range(_LOAD_RETRIES):
+        raw, (fingerprint, tfile, size, digest, points) = _read_manifest(path, mpath)
+        tpath = path/tfile
+        try:
+            data = _read_bank_file(path, tfile, 'tensor file', size=size, header_size=size is None)
+            break
+        except FileNotFoundError:
+            # a save that replaced the bank meanwhile removed the tensor file the manifest we read named: read the new one
+            try: changed = _read_bank_file(path, 'manifest.json', 'manifest', limit=MAX_MANIFEST_BYTES) != raw
+            except FileNotFoundError: changed = False
+            if not changed or attempt == _LOAD_RETRIES - 1:
+                raise _MissingFileError(f"{tpath} is missing: the bank at {path} is incomplete" +
+                                        ("" if not changed else f" (it changed {_LOAD_RETRIES} times while being read)")) from None
     if hashlib.sha256(data).hexdigest() != digest:
         raise SaddleBankError(f"checksum mismatch for {tpath}: the tensor file was truncated or edited after it was saved")
     try: tensors = safetensors.torch.load(data)
@@ -326,12 +488,13 @@ def load(cls:SaddleBank, path) -> SaddleBank:
     bank = cls()
     for i, p in enumerate(points):
         ps = {}
-        for n, s, d in fingerprint:
+        for n, s, dt in fingerprint:
             t = tensors[f"{i}/{n}"]
-            if tuple(t.shape) != s or t.dtype != _dtype_of(d):
-                raise SaddleBankError(f"tensor {n!r} of point {i} is {tuple(t.shape)} {t.dtype}, the manifest says {s} {d}")
+            if tuple(t.shape) != s or t.dtype != dt:
+                raise SaddleBankError(f"tensor {n!r} of point {i} is {tuple(t.shape)} {t.dtype}, the manifest says {s} {dt}")
             ps[n] = t
         try: bank.append(SaddlePoint(ps, **_point_fields(p)))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            if isinstance(e, SaddleBankError): raise
             raise SaddleBankError(f"point {i} of {mpath} is malformed ({e}): the file was edited") from None
     return bank

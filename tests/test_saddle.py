@@ -117,7 +117,8 @@ def test_load_errors(bank, tmp_path):
     tf = next(path.glob('*.safetensors'))
     good = tf.read_bytes()
     tf.write_bytes(good[:len(good) // 2])  # truncated
-    with pytest.raises(SaddleBankError, match='checksum mismatch.*truncated or edited'): SaddleBank.load(path)
+    with pytest.raises(SaddleBankError, match=r'is [\d,]+ bytes, the manifest says [\d,]+: the file was truncated'):
+        SaddleBank.load(path)  # refused from its size, before it is read
     edited = bytearray(good); edited[-5] ^= 0xFF  # one byte of tensor data changed, same length
     tf.write_bytes(bytes(edited))
     with pytest.raises(SaddleBankError, match='checksum mismatch'): SaddleBank.load(path)
@@ -137,7 +138,7 @@ def test_load_errors(bank, tmp_path):
     junk = b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": broken json'
     import hashlib
     tf.write_bytes(junk)
-    mf.write_text(json.dumps({**m, 'sha256': hashlib.sha256(junk).hexdigest()}))
+    mf.write_text(json.dumps({**m, 'sha256': hashlib.sha256(junk).hexdigest(), 'tensor_size': len(junk)}))
     with pytest.raises(SaddleBankError, match='not a valid safetensors'): SaddleBank.load(path)
     mf.write_text(json.dumps({k: v for k, v in m.items() if k != 'points'}))
     with pytest.raises(SaddleBankError, match='edited'): SaddleBank.load(path)
@@ -222,3 +223,156 @@ def test_centre_crop_odd_difference():
 def test_nan_in_meta_is_saved_as_null(tmp_path):
     b = SaddleBank([_point(1, 0.1, meta={'valid_loss': float('nan'), 'note': 'x'})])
     fct.test_eq(SaddleBank.load(b.save(tmp_path/'b'))[0].meta, {'valid_loss': None, 'note': 'x'})
+
+
+# ---- hostile and careless bank folders (issue 19) ----
+def _small_bank(v=1., n=1):
+    return SaddleBank([SaddlePoint({'w': torch.full((3, 4), v + i), 'b': torch.full((3,), -v - i)}, loss=v + i, step=i, grad_norm=0.5,
+                                   meta={'v': v}) for i in range(n)])
+
+
+def _manifest(path): return json.loads((path/'manifest.json').read_text())
+
+
+def _write_manifest(path, m): (path/'manifest.json').write_text(json.dumps(m))
+
+
+def test_load_reads_only_files_inside_the_bank_folder(tmp_path):
+    bank = _small_bank()
+    path = bank.save(tmp_path/'b')
+    m = _manifest(path)
+    tf = path/m['tensor_file']
+    (tmp_path/'outside.safetensors').write_bytes(tf.read_bytes())  # a valid tensor file one level up
+    for name in ('../outside.safetensors', str(tmp_path/'outside.safetensors'), 'sub/x.safetensors', '..', '', 'C:x', 5, None):
+        _write_manifest(path, {**m, 'tensor_file': name})
+        with pytest.raises(SaddleBankError, match=r"names the tensor file .* not a plain file name"): SaddleBank.load(path)
+    _write_manifest(path, m)
+    tf.unlink(); tf.symlink_to(tmp_path/'outside.safetensors')  # an outward symlink: not followed
+    with pytest.raises(SaddleBankError, match=r"symbolic link to .*outside\.safetensors, outside the bank folder"):
+        SaddleBank.load(path)
+    tf.unlink(); (path/'copy.bin').write_bytes((tmp_path/'outside.safetensors').read_bytes())
+    tf.symlink_to('copy.bin')  # a symlink that stays inside the folder is read
+    _assert_same(bank, SaddleBank.load(path))
+    mf = path/'manifest.json'
+    (tmp_path/'m.json').write_text(mf.read_text()); mf.unlink(); mf.symlink_to(tmp_path/'m.json')
+    with pytest.raises(SaddleBankError, match=r"manifest\.json is a symbolic link .* outside the bank folder"): SaddleBank.load(path)
+
+
+def test_load_refuses_devices_fifos_and_oversized_files_without_reading_them(tmp_path, monkeypatch):
+    import threading, time
+    bank = _small_bank()
+    path = bank.save(tmp_path/'b')
+    m = _manifest(path)
+    tf = path/m['tensor_file']
+    good = tf.read_bytes()
+    read = []
+    real_read = os.read
+    def counting_read(fd, n):
+        b = real_read(fd, n); read.append(len(b)); return b
+    monkeypatch.setattr(os, 'read', counting_read)
+
+    def load_within(seconds, match):
+        "SaddleBank.load(path) must raise a SaddleBankError matching `match` within `seconds` (run in a thread: a FIFO would block)."
+        box = []
+        def go():
+            try: SaddleBank.load(path)
+            except BaseException as e: box.append(e)
+        t0 = time.perf_counter()
+        th = threading.Thread(target=go, daemon=True); th.start(); th.join(seconds)
+        assert not th.is_alive(), f"load blocked for more than {seconds} s"
+        assert time.perf_counter() - t0 < seconds and box and isinstance(box[0], SaddleBankError), box
+        assert re.search(match, str(box[0])), str(box[0])
+    import re
+    tf.unlink(); tf.symlink_to('/dev/zero')
+    load_within(1, r"symbolic link to /dev/zero, outside the bank folder")
+    _write_manifest(path, {**m, 'tensor_file': '/dev/zero'})
+    load_within(1, r"not a plain file name")
+    _write_manifest(path, m)
+    tf.unlink(); os.mkfifo(tf)
+    try: load_within(1, r"is a FIFO \(named pipe\), not a regular file")
+    finally: tf.unlink()
+    tf.write_bytes(good); os.truncate(tf, 64 * 2**30)  # a sparse 64 GiB file
+    del read[:]
+    load_within(1, r"is 68,719,476,736 bytes, the manifest says [\d,]+")
+    assert sum(read) <= len((path/'manifest.json').read_bytes()) + 1, "the oversized tensor file was read"
+    _write_manifest(path, {k: v for k, v in m.items() if k != 'tensor_size'})  # a bank saved before tensor_size existed
+    del read[:]
+    load_within(1, r"is 68,719,476,736 bytes, the manifest says [\d,]+")  # the size comes from the safetensors header
+    assert sum(read) < 4096 + len((path/'manifest.json').read_bytes())
+    tf.write_bytes(good)
+    _assert_same(bank, SaddleBank.load(path))  # without tensor_size, a good file still loads
+    mf = path/'manifest.json'
+    mf.write_bytes(b' '); os.truncate(mf, 2**36)  # a 64 GiB manifest
+    del read[:]
+    load_within(1, r"manifest\.json is 68,719,476,736 bytes, more than the [\d,]+ a saddle bank's manifest may have")
+    assert sum(read) == 0
+    mf.unlink(); os.mkfifo(mf)
+    try: load_within(1, r"manifest\.json is a FIFO")
+    finally: mf.unlink()
+
+
+def test_deeply_nested_manifests_are_refused(tmp_path):
+    from fastsprkd.saddle import MAX_JSON_DEPTH
+    bank = _small_bank()
+    path = bank.save(tmp_path/'b')
+    m = _manifest(path)
+    (path/'manifest.json').write_text('[' * 100_000 + ']' * 100_000)
+    with pytest.raises(SaddleBankError, match='nested too deeply'): SaddleBank.load(path)
+    deep = 0
+    for _ in range(100): deep = [deep]
+    _write_manifest(path, {**m, 'points': [{**m['points'][0], 'meta': {'x': deep}}]})
+    with pytest.raises(SaddleBankError, match=f'nested deeper than {MAX_JSON_DEPTH} levels'): SaddleBank.load(path)
+    bank[0].meta = {'x': deep}
+    with pytest.raises(TypeError, match='nested deeper'): bank.save(tmp_path/'c')  # save never writes what load refuses
+    assert not (tmp_path/'c').exists()
+
+
+def test_save_removes_the_temporary_files_of_killed_saves(tmp_path):
+    import subprocess, sys, time
+    path = _small_bank().save(tmp_path/'b')
+    dead = subprocess.Popen([sys.executable, '-c', 'pass']); dead.wait()
+    tensor = next(path.glob('*.safetensors')).name
+    stale = [f'.manifest.json.{dead.pid}.k2j4_x9a.tmp', f'.{tensor}.{dead.pid}.abcdefgh.tmp', '.manifest.json.zz81lq0_.tmp']
+    keep = [f'.manifest.json.{os.getppid()}.live1234.tmp',  # a save running in a live process
+            '.manifest.json.recent12.tmp',  # an older fastsprkd's, recent: maybe still being written
+            'notes.tmp']  # not a bank save's
+    for f in stale + keep: (path/f).write_bytes(b'partial')
+    old = time.time() - 2 * 3600
+    os.utime(path/stale[2], (old, old))
+    _small_bank(2.).save(path)
+    left = sorted(f.name for f in path.iterdir())
+    fct.test_eq(left, sorted(keep + ['manifest.json', next(path.glob('*.safetensors')).name]))
+
+
+_SAVER = r'''
+import sys, torch
+from fastsprkd.saddle import SaddleBank, SaddlePoint
+path, n = sys.argv[1], int(sys.argv[2])
+for i in range(n):
+    v = float(i % 7)
+    SaddleBank([SaddlePoint({'w': torch.full((64, 64), v), 'b': torch.full((64,), -v)}, loss=v, meta={'v': v}) for _ in range(1 + i % 3)]).save(path)
+'''
+
+
+def test_load_racing_saves_returns_a_complete_old_or_new_bank(tmp_path):
+    "A process saves a bank 150 times while this one loads it in a loop: every load succeeds with one of the saved versions."
+    import subprocess, sys, time
+    path = tmp_path/'b'
+    SaddleBank([SaddlePoint({'w': torch.full((64, 64), 0.), 'b': torch.full((64,), -0.)}, loss=0., meta={'v': 0.})]).save(path)
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(sys.path)}
+    saver = subprocess.Popen([sys.executable, '-c', _SAVER, str(path), '150'], env=env)
+    loads, versions, t0 = 0, set(), time.monotonic()
+    try:
+        while saver.poll() is None:
+            assert time.monotonic() - t0 < 120, "the saver did not finish in 120 s"
+            b = SaddleBank.load(path)  # never an error
+            for p in b:
+                v = p.meta['v']
+                assert p.loss == v and torch.equal(p.params['w'], torch.full((64, 64), v)) and torch.equal(p.params['b'], torch.full((64,), -v))
+            versions.add(p.meta['v']); loads += 1
+    finally:
+        if saver.poll() is None: saver.kill()
+        saver.wait()
+    assert saver.returncode == 0
+    assert loads >= 20 and len(versions) >= 2, (loads, versions)
+    fct.test_eq(SaddleBank.load(path)[0].meta['v'], float(149 % 7))
