@@ -376,3 +376,80 @@ def test_load_racing_saves_returns_a_complete_old_or_new_bank(tmp_path):
     assert saver.returncode == 0
     assert loads >= 20 and len(versions) >= 2, (loads, versions)
     fct.test_eq(SaddleBank.load(path)[0].meta['v'], float(149 % 7))
+
+
+def _paths(o, prefix=()):
+    "Every (path, value) of a JSON document, iteratively."
+    out, todo = [], [(prefix, o)]
+    while todo:
+        p, v = todo.pop()
+        out.append(p)
+        if isinstance(v, dict): todo.extend((p + (k,), x) for k, x in v.items())
+        elif isinstance(v, list): todo.extend((p + (i,), x) for i, x in enumerate(v))
+    return sorted(out, key=repr)
+
+
+def test_fuzzed_banks_load_or_raise_saddle_bank_error(tmp_path):
+    "Mutated bytes or JSON fields of a valid bank: `load` returns the saved tensors or raises SaddleBankError, within 5 s each."
+    import signal, shutil, tempfile
+    from datetime import timedelta
+    from pathlib import Path
+    from hypothesis import given, settings, HealthCheck, strategies as st
+    scalars = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=12)
+               | st.sampled_from(['../x', '/dev/zero', 'manifest.json', '.', '', 'float64', 'int8', 'w', '0/w']))
+    _json = st.recursive(scalars, lambda ch: st.lists(ch, max_size=4) | st.dictionaries(st.text(max_size=6), ch, max_size=4),
+                         max_leaves=8)
+    bank = SaddleBank([_point(1, 0.7, model=nn.Linear(3, 2)), _point(2, float('nan'), model=nn.Linear(3, 2), meta={'a': [1, 2]})])
+    src = bank.save(tmp_path/'src')
+    files = {f.name: f.read_bytes() for f in src.iterdir()}
+    tname = next(n for n in files if n.endswith('.safetensors'))
+    manifest = json.loads(files['manifest.json'])
+    paths = _paths(manifest)
+
+    byte_edit = st.tuples(st.just('bytes'), st.sampled_from(sorted(files)),
+                          st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4),
+                          st.none() | st.integers(0, 10**6))
+    json_edit = st.tuples(st.just('json'), st.sampled_from(paths), st.sampled_from(['set', 'delete']), _json)
+
+    def timeout(*a): raise TimeoutError("SaddleBank.load took more than 5 s")
+
+    @settings(max_examples=150, deadline=timedelta(seconds=5), database=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(byte_edit | json_edit, min_size=1, max_size=3))
+    def check(edits):
+        d = Path(tempfile.mkdtemp(dir=tmp_path))
+        try:
+            fs, m = dict(files), json.loads(files['manifest.json'])
+            for e in edits:
+                if e[0] == 'bytes':
+                    _, name, subs, cut = e
+                    b = bytearray(fs[name])
+                    for pos, val in subs:
+                        if b: b[pos % len(b)] = val
+                    fs[name] = bytes(b if cut is None else b[:cut % (len(b) + 1)])
+                    if name == 'manifest.json':
+                        try: m = json.loads(fs[name])
+                        except Exception: m = None
+                elif m is not None:
+                    _, path, how, val = e
+                    parent = m
+                    for k in path[:-1]:
+                        parent = parent[k] if isinstance(parent, (dict, list)) and (k in parent if isinstance(parent, dict) else k < len(parent)) else None
+                    if not path: m = val
+                    elif isinstance(parent, dict) and path[-1] in parent:
+                        if how == 'delete': del parent[path[-1]]
+                        else: parent[path[-1]] = val
+                    elif isinstance(parent, list) and path[-1] < len(parent):
+                        if how == 'delete': del parent[path[-1]]
+                        else: parent[path[-1]] = val
+                    fs['manifest.json'] = json.dumps(m).encode()
+            for name, b in fs.items(): (d/name).write_bytes(b)
+            old = signal.signal(signal.SIGALRM, timeout); signal.alarm(5)
+            try: got = SaddleBank.load(d)
+            except SaddleBankError: return
+            finally: signal.alarm(0); signal.signal(signal.SIGALRM, old)
+            # the tensors are checksummed: whatever loads has the saved ones (scalars and meta are the manifest's, maybe edited)
+            assert len(got) == len(bank) and got.fingerprint == bank.fingerprint
+            for p, q in zip(bank, got):
+                for n in p.params: assert torch.equal(p.params[n], q.params[n])
+        finally: shutil.rmtree(d)
+    check()
