@@ -106,15 +106,21 @@ def preserved_state(model:nn.Module, # the model to restore
                     values:bool|str=True, # restore parameter and buffer values (True), only buffer values ('buffers'), or none (False)
                     copy_grads:bool=True, # snapshot `.grad` by copy; False restores the same `.grad` tensors (for code that never writes them in place)
                    ):
-    "Restore modes, `.grad`, `requires_grad` and (optionally) parameter and buffer values of `model` on exit."
-    modes = [(m, m.training) for m in model.modules()]
+    "Restore modes, parameter and buffer slots, `.grad`, `requires_grad` and (optionally) values of `model` on exit (also on Ctrl-C)."
+    mods = list(model.modules())
+    modes = [(m, m.training) for m in mods]
+    # the slots themselves: an interrupt inside torch.func's reparametrization (before its own try/finally) leaves its
+    # tensors in the modules' `_parameters`/`_buffers`; the same Parameter objects go back, not just their flags and values
+    slots = [(d, dict(d)) for m in mods for d in (m._parameters, m._buffers)]
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [None if p.grad is None else p.grad.detach().clone() if copy_grads else p.grad for p in params]
     if values not in (True, False, 'buffers'): raise ValueError(f"values must be True, False or 'buffers', got {values!r}")
     saved = [(t, t.detach().clone()) for t in ([*params] if values is True else []) + ([*model.buffers()] if values else [])]
     try: yield model
-    finally:
+    finally:  # also on BaseException (KeyboardInterrupt): `finally` runs for every exit
+        for d, s in slots:
+            if d.keys() != s.keys() or any(d[k] is not v for k, v in s.items()): d.clear(); d.update(s)
         with torch.no_grad():
             for m, t in modes: m.training = t
             for p, f, g in zip(params, flags, grads):
@@ -252,13 +258,16 @@ def _select_params(model, params):
 
 # %% ../nbs/02_core.ipynb #8b3a9a25
 def _dtype_hint(e, xb, dtype):
-    "`e`, or a clearer error when it is a dtype error and the batch's floating-point inputs and the parameters differ in dtype."
-    bad = sorted({str(o.dtype) for o in xb if isinstance(o, Tensor) and o.is_floating_point() and o.dtype != dtype})
+    "`e`, or a clearer error when it is a dtype error and the batch's floating-point inputs (tensors or dtypes) and the parameters differ in dtype."
+    dts = (o.dtype if isinstance(o, Tensor) else o for o in xb)
+    bad = sorted({str(d) for d in dts if isinstance(d, torch.dtype) and d.is_floating_point and d != dtype})
     msg = str(e)
     about_dtype = 'dtype' in msg.lower() or any(w in msg for w in ('Double', 'Float', 'Half', 'BFloat16'))
-    if not bad or not about_dtype or isinstance(e, torch.OutOfMemoryError): return e
-    return RuntimeError(f"the model's forward pass failed ({str(e).splitlines()[0][:150]}): the batch's inputs are {', '.join(bad)} "
+    if not bad or not about_dtype or isinstance(e, torch.OutOfMemoryError) or getattr(e, '_dtype_hint', False): return e
+    h = RuntimeError(f"the model's forward pass failed ({str(e).splitlines()[0][:150]}): the batch's inputs are {', '.join(bad)} "
                      f"but the parameters are {dtype}; convert one to the other (e.g. x.to({dtype}) or model.to({bad[0]}))")
+    h._dtype_hint = True  # not rewritten again by an outer handler
+    return h
 
 def _grad(loss, ps, create_graph=False):
     "Gradient of `loss` w.r.t. `ps`, None for a parameter it does not use (all None when it uses none)."
@@ -404,7 +413,9 @@ class HessianOperator(LinearOperator):
         "The (inputs, targets) of every non-empty batch, on the operator's device."
         for b in _fetched(self.data):
             xb, yb = _split_batch(b, self.n_inp, self.device)
-            if self._batch_size(xb) > 0: yield xb, yb  # an empty batch has weight 0 (and a NaN mean loss): skip it
+            if self._batch_size(xb) > 0:  # an empty batch has weight 0 (and a NaN mean loss): skip it
+                self._in_dtypes = [o.dtype for o in xb if isinstance(o, Tensor)]  # for `_ctx`'s dtype message
+                yield xb, yb
     def _batch_size(self, xb):
         t = next((o for o in xb if isinstance(o, Tensor) and o.dim() > 0), None)
         if t is None: raise ValueError("cannot find the batch size: no input of the batch is a tensor with a batch dimension")
@@ -436,7 +447,11 @@ class HessianOperator(LinearOperator):
         # autocast off: curvature in the parameters' dtype even when called inside an autocast region
         with preserved_state(self.model, values=False if self.eval_mode else 'buffers', copy_grads=False), _no_autocast(self.model):
             if self.eval_mode: self.model.eval()
-            yield
+            try: yield
+            except RuntimeError as e:  # also without validation (`validate=False`): the helpful dtype message
+                h = _dtype_hint(e, getattr(self, '_in_dtypes', ()), self.dtype)
+                if h is e: raise
+                raise h from e
 
     def _validate(self):
         "Counts the samples of every batch; the first batch's loss is computed and checked (a finite scalar). Others: at the first use."

@@ -431,14 +431,12 @@ def test_fuzzed_banks_load_or_raise_saddle_bank_error(tmp_path):
                         except Exception: m = None
                 elif m is not None:
                     _, path, how, val = e
+                    has = lambda o, k: ((isinstance(o, dict) and isinstance(k, str) and k in o)
+                                        or (isinstance(o, list) and isinstance(k, int) and k < len(o)))
                     parent = m
-                    for k in path[:-1]:
-                        parent = parent[k] if isinstance(parent, (dict, list)) and (k in parent if isinstance(parent, dict) else k < len(parent)) else None
+                    for k in path[:-1]: parent = parent[k] if has(parent, k) else None
                     if not path: m = val
-                    elif isinstance(parent, dict) and path[-1] in parent:
-                        if how == 'delete': del parent[path[-1]]
-                        else: parent[path[-1]] = val
-                    elif isinstance(parent, list) and path[-1] < len(parent):
+                    elif has(parent, path[-1]):
                         if how == 'delete': del parent[path[-1]]
                         else: parent[path[-1]] = val
                     fs['manifest.json'] = json.dumps(m).encode()
