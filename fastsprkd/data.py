@@ -104,6 +104,12 @@ def mnist_dls(path, # folder containing torchvision's `MNIST/raw` (or `MNIST/pro
             f"MNIST files not found under {path/'MNIST'/'raw'} (looked for train-images-idx3-ubyte and friends). "
             f"Copy the MNIST files there (torchvision layout); fastsprkd never downloads data.") from e
     except (AssertionError, ValueError, OSError, EOFError, IndexError) as e: raise _unreadable_mnist(path, e) from e
+    for d, split in ((train, 'train'), (test, 't10k')):
+        if len(d.data) != len(d.targets):  # torchvision reads the two files independently: the mismatch surfaces as an IndexError later
+            raw = Path(d.raw_folder)
+            raise ValueError(f"corrupt MNIST files: {raw/f'{split}-labels-idx1-ubyte'} holds {len(d.targets):,} labels but "
+                             f"{raw/f'{split}-images-idx3-ubyte'} holds {len(d.data):,} images; one of them is truncated or from another "
+                             f"data set: replace both with the original files (torchvision layout)")
     xs = [d.data.unsqueeze(1).float() / 255. for d in (train, test)]
     ys = [d.targets.long() for d in (train, test)]
     train_idx = torch.arange(len(xs[0]))
