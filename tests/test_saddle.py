@@ -451,3 +451,13 @@ def test_fuzzed_banks_load_or_raise_saddle_bank_error(tmp_path):
                 for n in p.params: assert torch.equal(p.params[n], q.params[n])
         finally: shutil.rmtree(d)
     check()
+
+
+def test_bad_input_tables_in_the_notebooks_are_current():
+    "The saddle-bank and core notebooks' bad-input tables are what the code says (regenerate with tests/_bad_inputs.py)."
+    from pathlib import Path
+    from _bad_inputs import tables
+    nbs = Path(__file__).parent.parent/'nbs'
+    for table, nb in zip(tables(), ('11_saddle.ipynb', '02_core.ipynb')):
+        cells = [''.join(c['source']) for c in json.loads((nbs/nb).read_text())['cells'] if c['cell_type'] == 'markdown']
+        assert any(table in c for c in cells), f"the bad-input table of {nb} is out of date: run tests/_bad_inputs.py and paste it"
