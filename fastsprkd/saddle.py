@@ -325,14 +325,18 @@ def _safetensors_size(fd:int, st_size:int, path) -> int:
 def _read_bank_file(folder:Path, name:str, what:str, size:int|None=None, limit:int|None=None, header_size:bool=False) -> bytes:
     "The bytes of `folder/name`: a regular file inside `folder` (a symlink only if it stays inside) of `size` (at most `limit`) bytes."
     path = folder/name
-    st = os.lstat(path)  # FileNotFoundError: the caller's message
-    target = path
-    if stat.S_ISLNK(st.st_mode):
-        real, inside = os.path.realpath(path), os.path.realpath(folder)
-        if os.path.commonpath([real, inside]) != inside:
-            raise SaddleBankError(f"{path} is a symbolic link to {real}, outside the bank folder: a bank reads only files inside "
-                                  f"its own folder; replace the link by a copy of the file")
-        target, st = real, os.stat(real)
+    try:
+        st = os.lstat(path)  # FileNotFoundError: the caller's message
+        target = path
+        if stat.S_ISLNK(st.st_mode):
+            real, inside = os.path.realpath(path), os.path.realpath(folder)
+            if os.path.commonpath([real, inside]) != inside:
+                raise SaddleBankError(f"{path} is a symbolic link to {real}, outside the bank folder: a bank reads only files inside "
+                                      f"its own folder; replace the link by a copy of the file")
+            target, st = real, os.stat(real)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError): raise
+        raise SaddleBankError(f"cannot read {path} ({e.strerror or e}): the bank's {what} is not a readable file") from None
     if not stat.S_ISREG(st.st_mode):
         raise SaddleBankError(f"{path} is {_kind(st.st_mode)}, not a regular file: the bank's {what} must be a plain file")
     flags = os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_NONBLOCK', 0) | getattr(os, 'O_BINARY', 0) | getattr(os, 'O_CLOEXEC', 0)
@@ -351,7 +355,8 @@ def _read_bank_file(folder:Path, name:str, what:str, size:int|None=None, limit:i
         if size is not None and st.st_size != size:
             raise SaddleBankError(f"{path} is {st.st_size:,} bytes, the manifest says {size:,}: the file was truncated, "
                                   f"extended or replaced after it was saved")
-        return _read_exact(fd, st.st_size, path)
+        try: return _read_exact(fd, st.st_size, path)
+        except OSError as e: raise SaddleBankError(f"cannot read {path} ({e.strerror or e}): the bank's {what} is unreadable") from None
     finally: os.close(fd)
 
 # %% ../nbs/11_saddle.ipynb #8c408cf2

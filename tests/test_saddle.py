@@ -345,8 +345,10 @@ def test_save_removes_the_temporary_files_of_killed_saves(tmp_path):
 
 
 _SAVER = r'''
-import sys, torch
+import os, sys, torch
 from fastsprkd.saddle import SaddleBank, SaddlePoint
+os.fsync = lambda fd: None  # durability is not under test (no crash here), and fsync makes 150 saves slow on a busy disk
+print('ready', flush=True)  # imports done: the saves start now
 path, n = sys.argv[1], int(sys.argv[2])
 for i in range(n):
     v = float(i % 7)
@@ -360,9 +362,10 @@ def test_load_racing_saves_returns_a_complete_old_or_new_bank(tmp_path):
     path = tmp_path/'b'
     SaddleBank([SaddlePoint({'w': torch.full((64, 64), 0.), 'b': torch.full((64,), -0.)}, loss=0., meta={'v': 0.})]).save(path)
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join(sys.path)}
-    saver = subprocess.Popen([sys.executable, '-c', _SAVER, str(path), '150'], env=env)
+    saver = subprocess.Popen([sys.executable, '-c', _SAVER, str(path), '150'], env=env, stdout=subprocess.PIPE, text=True)
     loads, versions, t0 = 0, set(), time.monotonic()
     try:
+        fct.test_eq(saver.stdout.readline().strip(), 'ready')  # load while the saves run, not while the saver imports torch
         while saver.poll() is None:
             assert time.monotonic() - t0 < 120, "the saver did not finish in 120 s"
             b = SaddleBank.load(path)  # never an error
@@ -396,7 +399,7 @@ def test_fuzzed_banks_load_or_raise_saddle_bank_error(tmp_path):
     from pathlib import Path
     from hypothesis import given, settings, HealthCheck, strategies as st
     scalars = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=12)
-               | st.sampled_from(['../x', '/dev/zero', 'manifest.json', '.', '', 'float64', 'int8', 'w', '0/w']))
+               | st.sampled_from(['../x', '/dev/zero', 'manifest.json', '.', '', 'float64', 'int8', 'w', '0/w', 'x' * 300, 'a\x00b']))
     _json = st.recursive(scalars, lambda ch: st.lists(ch, max_size=4) | st.dictionaries(st.text(max_size=6), ch, max_size=4),
                          max_leaves=8)
     bank = SaddleBank([_point(1, 0.7, model=nn.Linear(3, 2)), _point(2, float('nan'), model=nn.Linear(3, 2), meta={'a': [1, 2]})])
