@@ -259,7 +259,7 @@ def test_load_reads_only_files_inside_the_bank_folder(tmp_path):
 
 
 def test_load_refuses_devices_fifos_and_oversized_files_without_reading_them(tmp_path, monkeypatch):
-    import threading, time
+    import re, threading, time
     bank = _small_bank()
     path = bank.save(tmp_path/'b')
     m = _manifest(path)
@@ -282,7 +282,6 @@ def test_load_refuses_devices_fifos_and_oversized_files_without_reading_them(tmp
         assert not th.is_alive(), f"load blocked for more than {seconds} s"
         assert time.perf_counter() - t0 < seconds and box and isinstance(box[0], SaddleBankError), box
         assert re.search(match, str(box[0])), str(box[0])
-    import re
     tf.unlink(); tf.symlink_to('/dev/zero')
     load_within(1, r"symbolic link to /dev/zero, outside the bank folder")
     _write_manifest(path, {**m, 'tensor_file': '/dev/zero'})
@@ -394,7 +393,7 @@ def _paths(o, prefix=()):
 
 def test_fuzzed_banks_load_or_raise_saddle_bank_error(tmp_path):
     "Mutated bytes or JSON fields of a valid bank: `load` returns the saved tensors or raises SaddleBankError, within 5 s each."
-    import signal, shutil, tempfile
+    import signal, shutil, tempfile, time
     from datetime import timedelta
     from pathlib import Path
     from hypothesis import given, settings, HealthCheck, strategies as st
@@ -444,10 +443,14 @@ def test_fuzzed_banks_load_or_raise_saddle_bank_error(tmp_path):
                         else: parent[path[-1]] = val
                     fs['manifest.json'] = json.dumps(m).encode()
             for name, b in fs.items(): (d/name).write_bytes(b)
-            old = signal.signal(signal.SIGALRM, timeout); signal.alarm(5)
+            # a 5 s real-time limit; pytest-timeout's own timer (the same ITIMER_REAL) is restored afterwards
+            old, t0 = signal.signal(signal.SIGALRM, timeout), time.monotonic()
+            outer = signal.setitimer(signal.ITIMER_REAL, 5)
             try: got = SaddleBank.load(d)
             except SaddleBankError: return
-            finally: signal.alarm(0); signal.signal(signal.SIGALRM, old)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0); signal.signal(signal.SIGALRM, old)
+                if outer[0] > 0: signal.setitimer(signal.ITIMER_REAL, max(outer[0] - (time.monotonic() - t0), 1e-3), outer[1])
             # the tensors are checksummed: whatever loads has the saved ones (scalars and meta are the manifest's, maybe edited)
             assert len(got) == len(bank) and got.fingerprint == bank.fingerprint
             for p, q in zip(bank, got):
