@@ -301,7 +301,7 @@ def _read_exact(fd:int, n:int, path) -> bytes:
     "Exactly `n` bytes of `fd` (never more); refuses a file that is shorter or grows while it is read."
     chunks, got = [], 0
     while got < n:
-        b = os.read(fd, min(n - got, 1 << 30))
+        b = os.read(fd, min(n - got, 0x7ffff000))  # Linux's largest read: a file below 2 GiB is one bytes object, never joined
         if not b: raise SaddleBankError(f"{path} shrank to {got:,} bytes while it was read (expected {n:,}): a concurrent write?")
         chunks.append(b); got += len(b)
     if os.read(fd, 1): raise SaddleBankError(f"{path} grew beyond its {n:,} bytes while it was read: a concurrent write?")
