@@ -7,7 +7,7 @@ Docs: https://github.com/fastsprkd/fastsprkd/tree/main/nbs/saddle.html.md"""
 # %% ../nbs/11_saddle.ipynb #4ae84cc1
 from __future__ import annotations
 import hashlib, json, math, os, tempfile
-import re, stat, time
+import contextlib, re, stat, time
 from dataclasses import dataclass, field
 from collections.abc import Mapping
 from pathlib import Path
@@ -283,6 +283,20 @@ def _remove_stale_tmp(folder:Path):
             os.unlink(folder/name)
         except OSError: pass  # removed meanwhile, or not ours to remove
 
+@contextlib.contextmanager
+def _folder_lock(folder:Path):
+    "An exclusive advisory lock (`flock` on the folder's own handle: no lock file) so that concurrent saves take turns; none where unsupported."
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield; return
+    try:
+        try: fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError: pass  # a file system without flock: saves are not serialized
+        yield
+    finally: os.close(fd)  # releases the lock
+
 def _check_name(folder:Path, name, what:str):
     "Refuse a file name from the manifest unless it is a plain name of a file directly inside the bank folder."
     plain = (isinstance(name, str) and name not in ('', '.', '..') and '\0' not in name
@@ -393,15 +407,16 @@ def save(self:SaddleBank,
         raise ValueError(f"the manifest would be {len(mdata):,} bytes, more than the {MAX_MANIFEST_BYTES:,} SaddleBank.load "
                          f"reads: store less metadata per point (`meta`)")
     path.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(path)  # left by saves that were killed
-    _atomic_write(path/fname, data)
-    _atomic_write(path/'manifest.json', mdata)  # the commit point
-    _fsync_dir(path)
-    for f in path.glob('tensors-*.safetensors'):
-        # a load that read the previous manifest and finds its tensor file gone re-reads the manifest (see `load`)
-        if f.name != fname:
-            try: f.unlink()
-            except FileNotFoundError: pass  # removed by a concurrent save
+    with _folder_lock(path):  # two saves of the same folder take turns: the last one wins, its tensor file is kept
+        _remove_stale_tmp(path)  # left by saves that were killed
+        _atomic_write(path/fname, data)
+        _atomic_write(path/'manifest.json', mdata)  # the commit point
+        _fsync_dir(path)
+        for f in path.glob('tensors-*.safetensors'):
+            # a load that read the previous manifest and finds its tensor file gone re-reads the manifest (see `load`)
+            if f.name != fname:
+                try: f.unlink()
+                except FileNotFoundError: pass
     return path
 
 # %% ../nbs/11_saddle.ipynb #2c222573

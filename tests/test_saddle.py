@@ -348,36 +348,40 @@ import os, sys, torch
 from fastsprkd.saddle import SaddleBank, SaddlePoint
 os.fsync = lambda fd: None  # durability is not under test (no crash here), and fsync makes 150 saves slow on a busy disk
 print('ready', flush=True)  # imports done: the saves start now
-path, n = sys.argv[1], int(sys.argv[2])
+path, n, offset = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 for i in range(n):
-    v = float(i % 7)
+    v = offset + i % 7
     SaddleBank([SaddlePoint({'w': torch.full((64, 64), v), 'b': torch.full((64,), -v)}, loss=v, meta={'v': v}) for _ in range(1 + i % 3)]).save(path)
 '''
 
 
 def test_load_racing_saves_returns_a_complete_old_or_new_bank(tmp_path):
-    "A process saves a bank 150 times while this one loads it in a loop: every load succeeds with one of the saved versions."
+    """A process saves a bank 150 times (and a second one 50 times, concurrently) while this one loads it in a loop: every
+    load succeeds with one of the saved versions; the concurrent saves leave one consistent bank."""
     import subprocess, sys, time
     path = tmp_path/'b'
     SaddleBank([SaddlePoint({'w': torch.full((64, 64), 0.), 'b': torch.full((64,), -0.)}, loss=0., meta={'v': 0.})]).save(path)
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join(sys.path)}
-    saver = subprocess.Popen([sys.executable, '-c', _SAVER, str(path), '150'], env=env, stdout=subprocess.PIPE, text=True)
+    savers = [subprocess.Popen([sys.executable, '-c', _SAVER, str(path), str(n), str(off)], env=env, stdout=subprocess.PIPE, text=True)
+              for n, off in ((150, 0.), (50, 100.))]
     loads, versions, t0 = 0, set(), time.monotonic()
     try:
-        fct.test_eq(saver.stdout.readline().strip(), 'ready')  # load while the saves run, not while the saver imports torch
-        while saver.poll() is None:
-            assert time.monotonic() - t0 < 120, "the saver did not finish in 120 s"
+        for s in savers: fct.test_eq(s.stdout.readline().strip(), 'ready')  # load while the saves run, not during imports
+        while any(s.poll() is None for s in savers):
+            assert time.monotonic() - t0 < 120, "the savers did not finish in 120 s"
             b = SaddleBank.load(path)  # never an error
             for p in b:
                 v = p.meta['v']
                 assert p.loss == v and torch.equal(p.params['w'], torch.full((64, 64), v)) and torch.equal(p.params['b'], torch.full((64,), -v))
             versions.add(p.meta['v']); loads += 1
     finally:
-        if saver.poll() is None: saver.kill()
-        saver.wait()
-    assert saver.returncode == 0
+        for s in savers:
+            if s.poll() is None: s.kill()
+            s.wait()
+    fct.test_eq([s.returncode for s in savers], [0, 0])
     assert loads >= 20 and len(versions) >= 2, (loads, versions)
-    fct.test_eq(SaddleBank.load(path)[0].meta['v'], float(149 % 7))
+    assert SaddleBank.load(path)[0].meta['v'] in (float(149 % 7), 100. + 49 % 7)  # the last save wins
+    fct.test_eq(sorted(f.name.split('-')[0] for f in path.iterdir()), ['manifest.json', 'tensors'])  # no stale file
 
 
 def _paths(o, prefix=()):
