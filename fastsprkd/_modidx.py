@@ -507,4 +507,6 @@ d = { 'settings': { 'branch': 'main',
                                                                                 'fastsprkd/stability.py'),
                                      'fastsprkd.stability.preconditioned_sharpness': ( 'stability.html#preconditioned_sharpness',
                                                                                        'fastsprkd/stability.py'),
+                                     'fastsprkd.stability.preload_torch_func': ( 'stability.html#preload_torch_func',
+                                                                                 'fastsprkd/stability.py'),
                                      'fastsprkd.stability.refine_smallest': ('stability.html#refine_smallest', 'fastsprkd/stability.py')}}}
