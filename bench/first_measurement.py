@@ -1,6 +1,6 @@
 """The observer's first measurement in a process vs the later ones (issue 21), on MNIST-1D and a small 1-D CNN.
 
-    python bench/first_measurement.py [preload]   # 'preload': import torch._dynamo before the fit (what the observer's before_fit now does)
+    python bench/first_measurement.py [preload]   # 'preload': import torch._dynamo before the fit (the observer itself now calls fastsprkd.stability.preload_torch_func before each measurement's clock)
 
 Prints the seconds of each measurement, the reverse-over-reverse path the operator chose ('vmap' or 'loop'), and the number of
 modules imported during the fit."""
