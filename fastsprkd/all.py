@@ -5,6 +5,7 @@ from .core import *
 from .eigen import *
 from .saddle import *
 from .estimators import *
+from .stability import *
 from .analysis import *
 from .callback.sprkd import *
 from .callback.observe import *

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from ..core import HessianOperator, preserved_state, _select_unwrapped, _params_id, _no_autocast, unwrap_model, _training_fit
 from ..eigen import eigsh
 from ..estimators import trace as trace_estimate
+from ..stability import edge_of_stability, refine_smallest, preload_torch_func
 from ..analysis import gradient_correlation, directional_sharpness
 from ..data import probe_batches
 
@@ -168,7 +169,7 @@ class HessianSpectrumCallback(_Observer):
                  at_epoch_end:bool|None=None, # measure at the end of every training epoch (a fixed schedule)
                  tol:float=1e-2, # relative residual tolerance of the eigenpairs (‖Hv−λv‖ ≤ tol·‖H‖)
                  max_matvecs:int=40, # budget of Hessian-vector products per eigenvalue computation
-                 trace_matvecs:int=12, # Hessian-vector products per trace estimate
+                 trace_matvecs:int=60, # the most Hessian-vector products per trace estimate (Hutch++: two thirds sketch the top of the spectrum)
                  seed:int=0, # seed of the probe subset, the Lanczos start vector and the trace probes
                  params=None, # parameters (tensors, modules or names) the Hessian is taken w.r.t. (default: those requiring grad at each measurement)
                  warm_start:bool=True, # start Lanczos from the previous eigenvectors (of the same parameter set)
@@ -178,6 +179,10 @@ class HessianSpectrumCallback(_Observer):
                  ncv:int|None=10, # Lanczos basis size before a restart (None: `eigsh`'s default)
                  train_bn:bool=False, # evaluate BatchNorm with the probe batch's statistics (train mode, fixed batch) instead of eval mode
                  clock=time.perf_counter, # the timer of the budget schedule (seconds; tests pass a fake clock)
+                 # ---- issue 21: numbers a user can read, and Adam's edge of stability (fastsprkd.stability)
+                 trace_rtol:float|None=0.05, # stop the trace estimate once its standard error is ≤ trace_rtol·|trace| (None: always trace_matvecs products)
+                 lambda_min_rtol:float|None=0.05, # refine λ_min until its residual (a bound on its error) is ≤ lambda_min_rtol·|λ_min|, within max_matvecs more products (None: tol·‖H‖ only)
+                 precond:bool|None=None, # also λ_max(D^{-1/2}HD^{-1/2}) of an adaptive optimizer's preconditioner D and its edge of stability (None: when the optimizer has one)
                 ):
         super().__init__()
         if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
@@ -193,11 +198,15 @@ class HessianSpectrumCallback(_Observer):
         if ncv is not None and ncv <= k: raise ValueError(f"ncv={ncv} must exceed k={k}")
         if trace and (not isinstance(trace_matvecs, int) or trace_matvecs < 6):
             raise ValueError(f"trace_matvecs must be an integer ≥ 6 (Hutch++ splits its budget in three), got {trace_matvecs!r}")
+        for name, v in (('trace_rtol', trace_rtol), ('lambda_min_rtol', lambda_min_rtol)):
+            if v is not None and not (isinstance(v, (int, float)) and 0 < v): raise ValueError(f"{name} must be a positive fraction (e.g. 0.05) or None, got {v!r}")
+        if precond not in (None, True, False): raise ValueError(f"precond must be True, False or None (when the optimizer has a preconditioner), got {precond!r}")
         at_epoch_end = bool(at_epoch_end)
         store_attr('every,k,which,trace,data,n_probe,probe_bs,at_epoch_end,tol,max_matvecs,trace_matvecs,seed,params,warm_start,mode,progress,'
-                   'budget,ncv,train_bn,clock')
+                   'budget,ncv,train_bn,clock,trace_rtol,lambda_min_rtol,precond')
         self.probe, self._v0, self._v0_id, self._op, self._last_step, self._last_cost = None, None, None, None, None, None
         self._t_fit, self._spent, self._others_at_last = None, 0., 0.
+        self._pv0, self._pv0_id, self._precond_off, self._precond_warned = None, None, False, False  # issue 21
 
     def _column_names(self):
         return [c for c, on in (('lambda_max', self.which in ('LA', 'BE')), ('lambda_min', self.which in ('SA', 'BE')),
@@ -265,6 +274,7 @@ class HessianSpectrumCallback(_Observer):
 
     def measure(self) -> dict:
         "Compute the eigenvalues (and trace) for the current parameters now, and append a row to `history`."
+        preload_torch_func()  # issue 21: torch's one-time lazy imports (seconds) stay out of the measurement's time and the budget
         t0 = self.clock()
         show = self.progress and hasattr(self.learn, 'progress')
         model = self.learn.model
@@ -275,15 +285,27 @@ class HessianSpectrumCallback(_Observer):
             r = eigsh(op, self.k, self.which, tol=self.tol, max_matvecs=max(self.max_matvecs, self.ncv or 0), ncv=self.ncv,
                       seed=self.seed, v0=v0, progress=show, warn=False)  # warns itself, below
             self._v0, self._v0_id = r.eigenvectors.sum(1), self._op_id
-            tr = trace_estimate(op, method='hutch++', num_matvecs=self.trace_matvecs, seed=self.seed) if self.trace else None
+            tr = trace_estimate(op, method='hutch++', num_matvecs=self.trace_matvecs, seed=self.seed, rtol=self.trace_rtol) if self.trace else None
+            # ---- issue 21: λ_min to a relative tolerance; the preconditioned sharpness (fastsprkd.stability)
+            conv = bool(r.converged.all())
+            if self.lambda_min_rtol is not None and self.which in ('SA', 'BE'):
+                r = refine_smallest(op, r, self.lambda_min_rtol, max_matvecs=self.max_matvecs, ncv=self.ncv, seed=self.seed)
+            eos = self._edge_of_stability(op)
         ev = [float(e) for e in r.eigenvalues]
         row = self._base_row()
         row.update(mom=self._hyper('mom'), stability_threshold=_stability_threshold(self._hypers()),
                    lambda_max=max(ev) if self.which in ('LA', 'BE') else None,
                    lambda_min=min(ev) if self.which in ('SA', 'BE') else None,
-                   eigenvalues=ev, converged=bool(r.converged.all()),
+                   eigenvalues=ev, converged=conv,
                    trace=None if tr is None else float(tr.estimate), trace_stderr=None if tr is None else float(tr.stderr),
                    n_params=op.num_params, params_id=self._op_id, num_matvecs=op.num_matvecs - before)
+        res = [float(e) for e in r.residuals]  # issue 21: |λ − θ| ≤ residual for some eigenvalue λ (the error bars)
+        row.update(eigenvalue_errors=res, lambda_max_err=res[-1] if self.which in ('LA', 'BE') else None,
+                   lambda_min_err=res[0] if self.which in ('SA', 'BE') else None,
+                   lambda_min_converged=bool(r.converged[0]) if self.lambda_min_rtol is not None and self.which in ('SA', 'BE') else None,
+                   precond_sharpness=None if eos is None else eos.sharpness, precond_threshold=None if eos is None else eos.threshold,
+                   precond_err=None if eos is None else eos.residual, precond_converged=None if eos is None else eos.converged,
+                   precond_kind=None if eos is None else eos.kind)
         if not row['converged']:
             warnings.warn(f"HessianSpectrumCallback: the eigenvalues did not converge to tol={self.tol} within "
                           f"max_matvecs={self.max_matvecs} products; raise max_matvecs or tol")
@@ -296,10 +318,27 @@ class HessianSpectrumCallback(_Observer):
         self.history.append(row)
         return row
 
+    def _edge_of_stability(self, op):
+        "issue 21: `edge_of_stability` for the learner's optimizer (None for SGD, when off, or, with precond=None, when it cannot be computed)."
+        opt = getattr(self.learn, 'opt', None)
+        if self.precond is False or self._precond_off or opt is None: return None
+        v0 = self._pv0 if self.warm_start and self._pv0 is not None and self._pv0_id == self._op_id else None
+        try: eos = edge_of_stability(op, opt, tol=self.tol, max_matvecs=max(self.max_matvecs, self.ncv or 0), ncv=self.ncv,
+                                     seed=self.seed, v0=v0, warn=False)
+        except (TypeError, ValueError) as e:  # an optimizer it does not know; parameters not stepped yet
+            if self.precond: raise
+            if isinstance(e, TypeError): self._precond_off = True
+            if not self._precond_warned: warnings.warn(f"HessianSpectrumCallback: no preconditioned sharpness: {e} (precond=False skips it)")
+            self._precond_warned = True
+            return None
+        if eos is not None: self._pv0, self._pv0_id = eos.vector, self._op_id
+        return eos
+
     def plot(self,
              ax=None, # matplotlib axes (default: a new figure)
              show_threshold:bool=True, # mark the edge of stability 2(1+β)/lr for SGD
              show_trace:bool=False, # also draw the trace, on a second y axis
+             show_precond:bool=True, # draw the preconditioned sharpness λ_max(D⁻¹H) and its threshold (adaptive optimizers), on a second y axis
             ):
         "Eigenvalue trajectories against the optimizer step; dotted red lines where the parameter set changed."
         if ax is None: _, ax = plt.subplots(figsize=(6, 4))
@@ -310,7 +349,10 @@ class HessianSpectrumCallback(_Observer):
         for j in range(max(len(e) for e in ev)):
             ax.plot(steps, [e[j] if j < len(e) else math.nan for e in ev], color='0.75', lw=0.8, zorder=1)
         for key, label, color in (('lambda_max', 'λ_max', 'C0'), ('lambda_min', 'λ_min', 'C1')):
-            if h[0][key] is not None: ax.plot(steps, [r[key] for r in h], marker='.', color=color, label=label, zorder=2)
+            if h[0][key] is not None:  # issue 21: the residual bounds as error bars
+                err = [r.get(key + '_err') or 0. for r in h]
+                ax.plot(steps, [r[key] for r in h], marker='.', color=color, label=label, zorder=2)
+                if any(err): ax.errorbar(steps, [r[key] for r in h], yerr=err, fmt='none', ecolor=color, capsize=2, zorder=2)
         thr = [r['stability_threshold'] for r in h]
         if show_threshold and any(t is not None for t in thr):
             plain = all(not r['mom'] for r in h)
@@ -319,11 +361,25 @@ class HessianSpectrumCallback(_Observer):
         _mark_param_changes(ax, h)
         ax.axhline(0, color='0.5', lw=0.5)
         ax.set_xlabel('optimizer step'); ax.set_ylabel('Hessian eigenvalue')
+        extra = []  # issue 21: trace with its standard error; the preconditioned sharpness against its edge
         if show_trace and h[0]['trace'] is not None:
-            ax2 = ax.twinx()
-            ax2.plot(steps, [r['trace'] for r in h], color='C2', ls=':', marker='.', label='trace')
+            ax2 = ax.twinx(); extra.append(ax2)
+            ax2.plot(steps, [r['trace'] for r in h], color='C2', ls=':', marker='.', label='trace ± stderr')
+            ax2.errorbar(steps, [r['trace'] for r in h], yerr=[r.get('trace_stderr') or 0. for r in h], fmt='none', ecolor='C2', capsize=2)
             ax2.set_ylabel('trace', color='C2')
-        ax.legend(loc='best')
+        pre = [r.get('precond_sharpness') for r in h]
+        if show_precond and any(v is not None for v in pre):
+            ax3 = ax.twinx(); extra.append(ax3)
+            if len(extra) == 2: ax3.spines['right'].set_position(('axes', 1.15))
+            nan = lambda v: math.nan if v is None else v
+            ax3.plot(steps, [nan(v) for v in pre], color='C4', marker='.', label='λ_max(D⁻¹H) (preconditioned)')
+            ax3.errorbar(steps, [nan(v) for v in pre], yerr=[r.get('precond_err') or 0. for r in h], fmt='none', ecolor='C4', capsize=2)
+            ax3.plot(steps, [nan(r.get('precond_threshold')) for r in h], color='C4', ls='--', lw=1, label='edge of stability of D⁻¹H (38/lr: Adam, β₁ = 0.9)')
+            ax3.set_ylabel('preconditioned sharpness', color='C4')
+        handles, labels = ax.get_legend_handles_labels()
+        for a in extra:
+            hs, ls = a.get_legend_handles_labels(); handles += hs; labels += ls
+        ax.legend(handles, labels, loc='best')
         return ax
 
 # %% ../../nbs/10_observe.ipynb #ac4c8fd0
