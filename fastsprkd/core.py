@@ -260,6 +260,21 @@ def _dtype_hint(e, xb, dtype):
     return RuntimeError(f"the model's forward pass failed ({str(e).splitlines()[0][:150]}): the batch's inputs are {', '.join(bad)} "
                      f"but the parameters are {dtype}; convert one to the other (e.g. x.to({dtype}) or model.to({bad[0]}))")
 
+def _describe_output(out) -> str:
+    "A short description of a model output that is not a tensor: its type and its items' types or shapes."
+    def one(o): return f"Tensor{tuple(o.shape)}" if isinstance(o, Tensor) else type(o).__name__
+    if isinstance(out, Mapping): return f"a {type(out).__name__} with keys {', '.join(map(repr, list(out)[:6]))}"
+    if isinstance(out, (tuple, list)): return f"a {type(out).__name__} ({', '.join(one(o) for o in list(out)[:4])}{', …' if len(out) > 4 else ''})"
+    return f"a {type(out).__name__}"
+
+def _output_hint(out, e) -> TypeError:
+    "The error for a model output that `loss_func` cannot take (a tuple, list or dict) and no `output_fn`: it names the output and the fix."
+    pick = f"out[{next(iter(out))!r}]" if isinstance(out, Mapping) and len(out) else "out[0]"
+    return TypeError(f"loss_func failed on the model's output, which is {_describe_output(out)} ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:150] if str(e) else ''}); pass output_fn= to turn the output into what the loss "
+                     f"takes, e.g. HessianOperator(..., output_fn=lambda out: {pick}) (a fastai text model's (out, raw, out) "
+                     f"tuple: output_fn=lambda out: out[0], as fastai's RNNCallback does)")
+
 def _grad(loss, ps, create_graph=False):
     "Gradient of `loss` w.r.t. `ps`, None for a parameter it does not use (all None when it uses none)."
     if not loss.requires_grad: return (None,) * len(ps)
@@ -353,8 +368,12 @@ class HessianOperator(LinearOperator):
                  process_group='auto', # 'auto': all-reduce over the default group when torch.distributed is initialized; a group; or None/False
                  at=None, # values of the selected parameters (tensors in `params` order) to take the Hessian at, instead of the model's own (never written into it)
                  validate:bool=True, # one checking forward pass at construction (False: only count the samples, e.g. for a batch whose loss was just computed)
+                 output_fn=None, # applied to the model's output before the loss, `loss_func(output_fn(model(*x)), *y)` (e.g. `lambda out: out[0]`)
                 ):
         if mode not in ('auto', 'fwd', 'rev'): raise ValueError(f"mode must be 'auto', 'fwd' or 'rev', got {mode!r}")
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(f"output_fn must be a callable applied to the model's output (e.g. lambda out: out[0]), got {type(output_fn).__name__}")
+        self.output_fn = output_fn
         self.names = _select_unwrapped(model, params)
         model = unwrap_model(model)  # products never go through DDP's gradient hooks
         self.process_group = _resolve_group(process_group)
@@ -422,10 +441,16 @@ class HessianOperator(LinearOperator):
                 for b in ('running_mean', 'running_var', 'num_batches_tracked'): fixed[f"{name}.{b}" if name else b] = None
         return fixed
     def _loss_fn(self, xb, yb, fixed):
+        out_fn = self.output_fn
         def f(*ps):
             pred = functional_call(self.model, ({**fixed, **dict(zip(self.names, ps))},), xb, tie_weights=True, strict=False)
+            if out_fn is not None: pred = out_fn(pred)
             # fastai losses return `TensorBase`, whose `__torch_function__` makes every product several times slower
-            with torch._C.DisableTorchFunctionSubclass(): return _plain(self.loss_func(pred, *yb))
+            with torch._C.DisableTorchFunctionSubclass():
+                try: return _plain(self.loss_func(pred, *yb))
+                except Exception as e:  # a tuple/dict output the loss cannot take: say so, and how to fix it
+                    if out_fn is None and isinstance(pred, (tuple, list, Mapping)): raise _output_hint(pred, e) from e
+                    raise
         return f
     def _theta(self): return self._at if self._at is not None else tuple(p.detach() for p in self.params)
 
