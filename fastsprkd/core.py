@@ -157,13 +157,6 @@ def _params_id(names) -> str:
     import hashlib
     return hashlib.sha1('\n'.join(names).encode()).hexdigest()[:8]
 
-def _training_fit(learn) -> bool:
-    """Whether a fastai `learn` is running a training fit: not `lr_find` nor `get_preds` (the checks of fastai's
-    `TrackerCallback`), nor `validate` (which holds the learner's lock). The callbacks switch themselves off otherwise."""
-    if hasattr(learn, 'lr_finder') or hasattr(learn, 'gather_preds'): return False
-    lock = getattr(learn, 'lock', None)
-    return not (lock is not None and hasattr(lock, 'locked') and lock.locked())
-
 def _no_autocast(where):
     "A context with autocast off on a device (or a model's device): curvature in the parameters' dtype, never in fp16/bf16."
     from contextlib import nullcontext

@@ -18,7 +18,8 @@ from ..core import HessianOperator, preserved_state, preserved_rng, unwrap_model
 from ..data import probe_batches
 
 # %% auto #0
-__all__ = ['training_fit', 'training_probe', 'as_probe', 'learner_output_fn', 'params_id', 'CurvatureCallback']
+__all__ = ['training_fit', 'training_probe', 'as_probe', 'learner_output_fn', 'params_id', 'deprecated_argument',
+           'CurvatureCallback']
 
 # %% ../../nbs/09_callback_core.ipynb #e626dca3
 def training_fit(learn) -> bool:
@@ -94,7 +95,7 @@ def params_id(names) -> str:
 # %% ../../nbs/09_callback_core.ipynb #ec743643
 _EVAL_MODES = (True, False, 'train_bn')
 
-def _renamed(cls_name, old, new, value, hint=''):
+def deprecated_argument(cls_name, old, new, value, hint=''):
     warnings.warn(f"{cls_name}({old}=...) is deprecated and will be removed in the next release: use {new}={value!r}{hint}",
                   DeprecationWarning, stacklevel=4)
     return value

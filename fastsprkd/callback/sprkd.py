@@ -19,8 +19,8 @@ from fastai.callback.core import Callback, CancelStepException
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientClip
 from fastai.learner import Learner
-from fastai.torch_core import to_device
-from ..core import HessianOperator, _select_unwrapped, unwrap_model, _params_id, _no_autocast, preserved_rng, _training_fit
+from ..core import HessianOperator, unwrap_model
+from .core import CurvatureCallback, training_fit, learner_output_fn, params_id
 from ..eigen import eigsh
 from ..saddle import SaddlePoint, SaddleBank, SaddleBankError, crop_params
 
@@ -61,12 +61,9 @@ def _loss_scale(learn) -> float:
     s = getattr(learn, 'scaler', None)
     return float(s.get_scale()) if s is not None and hasattr(s, 'get_scale') and s.is_enabled() else 1.
 
-def _n_inp(cb):
-    "Inputs per batch of the default probe (the loaders' `n_inp`, e.g. 1 for `(x, y, weight)` batches); None for a given probe."
-    return getattr(cb.dls, 'n_inp', None) if cb.probe is None else None
 
 # %% ../../nbs/12_sprkd.ipynb #d41b9d4d
-class SaddleCaptureCallback(Callback):
+class SaddleCaptureCallback(CurvatureCallback):
     "Teacher side of SPRKD: every `every` steps, test the Hessian's extreme eigenvalues on a probe set and bank saddle points."
     order, run_valid = MixedPrecision.order + 2, False
     def __init__(self,
@@ -86,31 +83,22 @@ class SaddleCaptureCallback(Callback):
                  seed:int=0, # seed of the probe subset and of the Lanczos start vectors
                  meta:dict|None=None, # metadata stored with every point (e.g. {'teacher': 0})
                  params=None, # parameters (tensors, modules or names) of the Hessian; default: those trainable (requires_grad) at each test
-                 eval_mode:bool=True, # probe Hessian in eval mode (deterministic BatchNorm/Dropout); False: the model's modes at the test
+                 eval_mode:bool|str=True, # probe Hessian in eval mode (deterministic BatchNorm/Dropout); False: the model's modes at the test; 'train_bn'
                  mode:str='auto', # Hessian-vector products: 'auto' (times both once per operator), 'rev' or 'fwd' (see `HessianOperator`)
+                 output_fn=None, # applied to the model's output before the loss (default: from the learner's `after_pred` callbacks)
                 ):
+        super().__init__(probe=probe, n_probe=n_probe, seed=seed, params=params, eval_mode=eval_mode, mode=mode, output_fn=output_fn)
         if not isinstance(every, int) or every < 1: raise ValueError(f"every must be a positive integer, got {every!r}")
         if not isinstance(k, int) or isinstance(k, bool) or k < 2:
             raise ValueError(f"k must be an integer ≥ 2 (one eigenvalue from each end of the spectrum), got {k!r}")
         saddle_criterion([1.], criterion)  # validates the name
-        store_attr(but='meta')
+        store_attr('every,k,criterion,ratio,min_neg_sum,tau,max_grad_norm,save_path,tol,max_matvecs,ncv')
         self.meta = dict(meta or {})
-        self.bank, self.history, self.n_steps, self._probe, self._op = SaddleBank(), [], 0, None, None
-
-    def before_fit(self):
-        self.run = _training_fit(self.learn)
-        self._op = None  # built at the first test of each fit, on the model's device at that time
+        self.bank, self.history, self.n_steps = SaddleBank(), [], 0
 
     def _operator(self):
-        if self._probe is None:
-            self._probe = self.probe if self.probe is not None else probe_batches(self.dls.train, self.n_probe, self.seed, bs=self.n_probe)
-        names = _select_unwrapped(self.model, self.params)  # the trainable set changes at fine_tune's unfreeze
-        if self._op is None or self._op.names != names or self._op.model is not unwrap_model(self.model):
-            self._op = HessianOperator(self.model, self.learn.loss_func, self._probe, names, eval_mode=self.eval_mode, mode=self.mode,
-                                       n_inp=_n_inp(self))
-            self._names = tuple(names)  # one shared tuple per parameter set: rows refer to it without copying
-            self._names_id = _params_id(names)
-        return self._op
+        "`CurvatureCallback.operator` for the parameters trainable now (the set changes at fine_tune's unfreeze)."
+        return self.operator()
 
     def after_backward(self):
         t = self.n_steps
@@ -120,7 +108,7 @@ class SaddleCaptureCallback(Callback):
 
     def capture(self, step:int|None=None) -> dict:
         "Test the current parameters now; store a `SaddlePoint` if they pass the criterion. Returns the history row."
-        with _no_autocast(self.model), preserved_rng():  # eval_mode=False: Dropout in the probe must not move training's RNG
+        with self.curvature():  # eval_mode=False: Dropout in the probe must not move training's RNG
             op = self._operator()
             # after_backward: under MixedPrecision the gradients are still multiplied by the loss scale
             gn = _grad_norm(op.params) / _loss_scale(self.learn)
@@ -137,16 +125,16 @@ class SaddleCaptureCallback(Callback):
             self.bank.append(SaddlePoint.from_model(self.model, eigenvalues=ev, loss=loss, grad_norm=gn, step=step, epoch=epoch,
                                                     meta={**self.meta, 'criterion': self.criterion,
                                                           'converged': res.converged.tolist(), 'num_matvecs': res.num_matvecs,
-                                                          'hessian_params': list(self._names), 'params_id': self._names_id,
+                                                          'hessian_params': list(self.op_names), 'params_id': self.op_id,
                                                           'dtype': str(op.dtype)}))
         row = dict(step=step, epoch=epoch, eigenvalues=ev, grad_norm=gn, loss=loss, captured=ok,
                    converged=res.converged.tolist(), num_matvecs=res.num_matvecs,
-                   hessian_params=self._names, n_params=op.num_params, params_id=self._names_id)
+                   hessian_params=self.op_names, n_params=op.num_params, params_id=self.op_id)
         self.history.append(row)
         return row
 
     def after_fit(self):
-        self._op = None
+        super().after_fit()
         if self.save_path is not None: self.bank.save(self.save_path)
 
     def plot(self, ax=None):
@@ -235,7 +223,7 @@ def _few(names, n=6) -> str:
 
 _TRANSITIONS = {'approach': {'train'}, 'train': {'escape', 'perturb'}, 'escape': {'train', 'perturb'}, 'perturb': {'train'}}
 
-class SaddleRecruitCallback(Callback):
+class SaddleRecruitCallback(CurvatureCallback):
     "Student side of SPRKD: approach the bank's saddle region, then escape it by negative-curvature steps or perturbations."
     order, run_valid = GradientClip.order + 1, False
     def __init__(self,
@@ -259,15 +247,17 @@ class SaddleRecruitCallback(Callback):
                  pgd_epoch_limit:int=100, # perturb only during the first epochs
                  reset_opt_state:bool=True, # clear the optimizer's per-parameter state after every jump
                  probe=None, # batches for eigenpairs and losses (default: one batch of `n_probe` training items)
-                 n_probe:int=256, # size of the default probe set
+                 n_probe:int=128, # size of the default probe set
                  tol:float=1e-3, # Lanczos tolerance of the escape eigenpair
                  max_matvecs:int|None=100, # Lanczos budget of the escape eigenpair
                  seed:int=0, # seed of the probe subset, the Lanczos start vectors and the noise
                  params=None, # student parameters recruited (tensors, modules or names); default: those trainable (requires_grad) in each fit
                  match:str='strict', # bank points whose Hessian was taken w.r.t. other parameters: 'strict' refuses, 'intersection' recruits only the common ones
-                 eval_mode:bool=True, # probe Hessian and losses in eval mode (deterministic BatchNorm/Dropout); False: the model's modes
+                 eval_mode:bool|str=True, # probe Hessian and losses in eval mode (deterministic BatchNorm/Dropout); False: the model's modes; 'train_bn'
                  mode:str='auto', # Hessian-vector products: 'auto', 'rev' or 'fwd' (see `HessianOperator`)
+                 output_fn=None, # applied to the model's output before the loss (default: from the learner's `after_pred` callbacks)
                 ):
+        super().__init__(probe=probe, n_probe=n_probe, seed=seed, params=params, eval_mode=eval_mode, mode=mode, output_fn=output_fn)
         if match not in ('strict', 'intersection'): raise ValueError(f"match must be 'strict' or 'intersection', got {match!r}")
         if isinstance(bank_or_path, (str, Path)): bank_or_path = SaddleBank.load(bank_or_path)
         if not isinstance(bank_or_path, SaddleBank):
@@ -275,15 +265,15 @@ class SaddleRecruitCallback(Callback):
         if not isinstance(generosity, int) or generosity < 1: raise ValueError(f"generosity must be a positive integer, got {generosity!r}")
         _noise(1, noise, 1., torch.Generator())  # validates `noise`
         self.bank = bank_or_path
-        store_attr(but='bank_or_path')
+        store_attr(but='bank_or_path,probe,n_probe,seed,params,eval_mode,mode,output_fn')
         self.history, self.transitions, self.phase = [], [], 'approach'
         self.n_steps, self.n_approach, self.n_eigensteps, self.n_epochs = 0, 0, 0, 0  # n_epochs: training epochs of all fits
-        self.t_noise, self.next_escape, self._saved, self._target, self._probe, self._op = -math.inf, 0, None, None, None, None
+        self.t_noise, self.next_escape, self._saved, self._target = -math.inf, 0, None, None
         self.recruited = None  # names of the parameters the student moves in the current fit
         self._gen = torch.Generator().manual_seed(seed)
 
     def before_fit(self):
-        self.run = _training_fit(self.learn)
+        self.run = training_fit(self.learn)
         if not self.run: return
         if self._target is None:
             self.bank.check_compatible(self.model)
@@ -292,24 +282,18 @@ class SaddleRecruitCallback(Callback):
         self._refresh()
         self._op = None  # built when first needed in each fit, on the model's device at that time
 
-    def after_fit(self): self._op = None
     def after_train(self): self.n_epochs += 1
 
     # ---- helpers
     def _operator(self):
-        if self._probe is None:
-            self._probe = self.probe if self.probe is not None else probe_batches(self.dls.train, self.n_probe, self.seed, bs=self.n_probe)
-        if self._op is None:
-            self._op = HessianOperator(self.model, self.learn.loss_func, self._probe, list(self.recruited), n_inp=_n_inp(self),
-                                       eval_mode=self.eval_mode,
-                                       mode=self.mode)
-        return self._op
-    def _trainable(self) -> tuple: return tuple(_select_unwrapped(self.model, self.params))
+        "`CurvatureCallback.operator` for the recruited parameters."
+        return self.operator(self.recruited)
+    def _trainable(self) -> tuple: return tuple(self.selected())
     def _refresh(self):
         "Recompute the recruited parameters (and drop the operator) for the current trainable set."
         self._trainable_now = self._trainable()
         self.recruited = self._recruited_names()
-        self._recruited_id, self._op = _params_id(self.recruited), None
+        self._recruited_id, self._op = params_id(self.recruited), None
     def _recruited_names(self) -> tuple:
         "Student parameters moved in this fit; while approaching, checked against the parameters of the bank points' Hessians."
         names = self._trainable_now
@@ -366,7 +350,7 @@ class SaddleRecruitCallback(Callback):
                    distance=None, eigenvalue=None, alpha=None, probe_loss=None, probe_loss_after=None, recruited=self.recruited,
                    params_id=self._recruited_id)
         self.history.append(row)
-        with _no_autocast(self.model), preserved_rng(): cancel = getattr(self, f"_{self.phase}")(t, gn, row)
+        with self.curvature(): cancel = getattr(self, f"_{self.phase}")(t, gn, row)
         row['phase'] = self.phase
         if cancel: raise CancelStepException()
 
@@ -482,6 +466,7 @@ class DistillationCallback(Callback):
                  teacher:nn.Module, # the teacher network (same inputs, same classes), or a `Learner` (its model is used)
                  T:float=4., # temperature
                  alpha:float=0.9, # weight of the distillation term
+                 output_fn=None, # applied to the teacher's output (default: the student learner's `after_pred` callbacks, e.g. `RNNCallback`)
                 ):
         if isinstance(teacher, Learner): teacher = teacher.model
         if not isinstance(teacher, nn.Module): raise TypeError(f"teacher must be an nn.Module or a Learner, got {type(teacher).__name__}")
@@ -498,6 +483,8 @@ class DistillationCallback(Callback):
         with torch.no_grad():
             self.teacher.eval()
             t = self.teacher(*self.xb)
+            fn = self.output_fn if self.output_fn is not None else learner_output_fn(self.learn)  # as the student's output
+            if fn is not None: t = fn(t)
         loss = hinton_kd_loss(self.pred, t, self.learn.loss_grad, self.T, self.alpha)
         self.learn.loss_grad = loss
         self.learn.loss = loss.detach().clone()
