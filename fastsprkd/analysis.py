@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
 from torch.func import functional_call, grad, vmap
-from .core import as_operator, preserved_state, HessianOperator, _select_params, _prepare_data, _split_batch, _fetched
+from .core import as_operator, preserved_state, HessianOperator, functional_forward, _select_params, _prepare_data, _split_batch, _fetched
 from .eigen import eigsh
 from .estimators import Estimate, logdet, solve, spectral_density, _not_pd_message, _dense_eigvals
 
@@ -107,7 +107,7 @@ def _per_sample_grad_batches(model, loss_func, data, names, n_inp=None, chunk_si
         nx = len(xb)
         def loss_one(th, *sample):
             s = [o.unsqueeze(0) if d == 0 else o for o, d in zip(sample, dims)]
-            pred = functional_call(model, ({**fixed, **dict(zip(names, th))},), tuple(s[:nx]), tie_weights=True, strict=False)
+            pred = functional_forward(model, {**fixed, **dict(zip(names, th))}, tuple(s[:nx]))
             return loss_func(pred if output_fn is None else output_fn(pred), *s[nx:])
         g = vmap(grad(loss_one), in_dims=(None, *dims), chunk_size=chunk_size)(theta, *items)
         yield torch.cat([t.reshape(B, -1) for t in g], 1)

@@ -14,8 +14,8 @@ from torch import nn, Tensor
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 # %% auto #0
-__all__ = ['LinearOperator', 'DenseOperator', 'as_operator', 'preserved_state', 'preserved_rng', 'unwrap_model',
-           'HessianOperator']
+__all__ = ['LinearOperator', 'DenseOperator', 'as_operator', 'preserved_state', 'preserved_rng', 'functional_forward',
+           'unwrap_model', 'HessianOperator']
 
 # %% ../nbs/02_core.ipynb #de543227
 class LinearOperator:
@@ -268,6 +268,27 @@ def _output_hint(out, e) -> TypeError:
                      f"takes, e.g. HessianOperator(..., output_fn=lambda out: {pick}) (a fastai text model's (out, raw, out) "
                      f"tuple: output_fn=lambda out: out[0], as fastai's RNNCallback does)")
 
+def functional_forward(model:nn.Module, # the model, left unchanged
+                       tensors:dict, # replacements of parameters and buffers, by the names of `named_parameters()`/`named_buffers()`
+                       inputs:tuple, # the positional inputs of the forward pass
+                      ):
+    """`model(*inputs)` with its parameters and buffers replaced by `tensors`, like `torch.func.functional_call(..., tie_weights=True)`:
+    a tensor shared by several modules (tied weights) is replaced in all of them. Unlike it, each (module, attribute) is swapped
+    once: torch also swaps a module registered under two names twice (fastai's AWD-LSTM holds its embedding as `encoder` and
+    `encoder_dp.emb`) and then, depending on the order of a set, restores the replacement instead of the model's parameter."""
+    kept, groups = set(), {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for attr, t in (*m._parameters.items(), *m._buffers.items()):
+            if t is None or (id(m), attr) in kept: continue
+            kept.add((id(m), attr))
+            groups.setdefault(id(t), []).append(f"{mname}.{attr}" if mname else attr)
+    full = dict(tensors)
+    for names in groups.values():
+        if len(names) < 2: continue
+        given = next((n for n in names if n in tensors), None)
+        if given is not None: full.update({n: tensors[given] for n in names if n not in tensors})
+    return functional_call(model, (full,), tuple(inputs), tie_weights=False, strict=False)
+
 def _grad(loss, ps, create_graph=False):
     "Gradient of `loss` w.r.t. `ps`, None for a parameter it does not use (all None when it uses none)."
     if not loss.requires_grad: return (None,) * len(ps)
@@ -336,7 +357,7 @@ def _output_bytes(model, params, xb, owners=frozenset()):
                                           if isinstance(t, Tensor))))
     hs = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children()) or id(m) in owners]
     try:
-        with torch.no_grad(): functional_call(model, (params,), xb, strict=False)
+        with torch.no_grad(): functional_forward(model, params, xb)
     finally:
         for h in hs: h.remove()
     return outs
@@ -436,7 +457,7 @@ class HessianOperator(LinearOperator):
     def _loss_fn(self, xb, yb, fixed):
         out_fn = self.output_fn
         def f(*ps):
-            pred = functional_call(self.model, ({**fixed, **dict(zip(self.names, ps))},), xb, tie_weights=True, strict=False)
+            pred = functional_forward(self.model, {**fixed, **dict(zip(self.names, ps))}, xb)
             if out_fn is not None: pred = out_fn(pred)
             # fastai losses return `TensorBase`, whose `__torch_function__` makes every product several times slower
             with torch._C.DisableTorchFunctionSubclass():

@@ -156,11 +156,15 @@ class CurvatureCallback(Callback):
         names = list(self.selected() if names is None else names)
         if self._op is None or self._op.model is not unwrap_model(model) or self._op.names != names:
             device = next(model.parameters()).device
-            self._op = HessianOperator(model, self.learn.loss_func, self.probe_set(device), names, n_inp=self.probe_n_inp(),
-                                       mode=self.mode, eval_mode=self.eval_mode is True, output_fn=self.get_output_fn())
+            self._op = self.new_operator(model, self.learn.loss_func, self.probe_set(device), names, n_inp=self.probe_n_inp(),
+                                         mode=self.mode, eval_mode=self.eval_mode is True, output_fn=self.get_output_fn())
             self.op_names = tuple(names)  # one shared tuple per parameter set: rows refer to it without copying
             self.op_id = params_id(names)
         return self._op
+
+    def new_operator(self, *args, **kwargs) -> HessianOperator:
+        "A new `HessianOperator(*args, **kwargs)`: the one place the callbacks build operators (override to wrap or count them)."
+        return HessianOperator(*args, **kwargs)
 
     @contextmanager
     def curvature(self):

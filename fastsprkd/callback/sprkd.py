@@ -25,8 +25,9 @@ from ..eigen import eigsh
 from ..saddle import SaddlePoint, SaddleBank, SaddleBankError, crop_params
 
 # %% auto #0
-__all__ = ['saddle_criterion', 'SaddleCaptureCallback', 'EigenStep', 'negative_curvature_step', 'SaddleRecruitCallback',
-           'hinton_kd_loss', 'DistillationCallback', 'probe_batches']
+__all__ = ['saddle_criterion', 'SaddleCaptureCallback', 'EigenStep', 'negative_curvature_step', 'ApproachSettings',
+           'EigenstepSettings', 'PerturbationSettings', 'approach_step', 'PerturbationTrial', 'perturbation_trial',
+           'SaddleRecruitCallback', 'hinton_kd_loss', 'DistillationCallback', 'probe_batches']
 
 # %% ../../nbs/12_sprkd.ipynb #f3b8d8f5
 from ..core import _plain
@@ -216,10 +217,85 @@ def _noise(n:int, kind:str, noise_var:float, gen:torch.Generator) -> Tensor:
         return z / z.norm() * math.sqrt(noise_var) * u ** (1. / n)
     raise ValueError(f"noise must be 'gaussian' or 'ball', got {kind!r}")
 
+# %% ../../nbs/12_sprkd.ipynb #90a083a8
+@dataclass
+class ApproachSettings:
+    "How the student approaches the bank's saddle target."
+    epsilon:float=1e-2 # approach until every parameter is within epsilon of the target (L∞)
+    max_steps:int=500 # at most this many approach steps (the original's exploration_steps)
+    halflife:float=10. # h in w_t = 1 − 2^(−t/h)/2
+
+@dataclass
+class EigenstepSettings:
+    "Negative-curvature steps (`enabled=False` or `max_steps=0`: none)."
+    enabled:bool=True # take negative-curvature steps
+    max_steps:int=50 # at most this many eigensteps are taken
+    size:float=1. # first step length of the backtracking line search
+    min_size:float=1e-3 # smallest step length tried (the original's stepsize)
+    curvature_floor:float=1e-3 # eigenvalues above −curvature_floor count as non-negative
+    tol:float=1e-3 # Lanczos tolerance of the escape eigenpair
+    max_matvecs:int|None=100 # Lanczos budget of the escape eigenpair
+
+@dataclass
+class PerturbationSettings:
+    "Perturbed gradient descent (`enabled=False`: none)."
+    enabled:bool=True # perturbed gradient descent
+    noise:str='gaussian' # 'gaussian' or 'ball'
+    noise_var:float=0.1 # E‖ξ‖² of the perturbation (ball: radius²)
+    every:int=5 # test for a perturbation on steps that are multiples of this (the original's PGD_delta)
+    epoch_limit:int=100 # perturb only during the first epochs
+    min_decrease:float=2e-3 # required probe-loss decrease after a perturbation, else revert
+
+def approach_step(params:dict, # name -> parameter, moved in place
+                  target:dict, # name -> target tensor (same shapes)
+                  n:int, # approach steps taken before this one
+                  halflife:float=10., # h of the schedule
+                 ) -> float:
+    "One approach step θ ← (1 − w)·θ + w·target with the original's schedule w = 1 − 2^(−n/h)/2; returns w."
+    w = 1. - 2. ** (-n / halflife) / 2.
+    with torch.no_grad():
+        for k, p in params.items(): p.lerp_(target[k], w)
+    return w
+
+@dataclass
+class PerturbationTrial:
+    "A perturbation under test: the parameter values and the probe loss before it."
+    saved:dict # name -> copy of the parameter before the perturbation
+    loss_before:float # probe loss before the perturbation
+    def settle(self, params:dict, loss_after:float, min_decrease:float) -> bool:
+        "Keep the perturbation (True) if the probe loss fell by at least `min_decrease`, else restore the saved values in `params` (False)."
+        if self.loss_before - loss_after >= min_decrease: return True
+        with torch.no_grad():
+            for n, s in self.saved.items(): params[n].copy_(s)
+        return False
+
+def perturbation_trial(params:dict, # name -> parameter, perturbed in place
+                       loss_before:float, # the probe loss now (compared with the loss after some training)
+                       noise:str='gaussian', # 'gaussian' or 'ball'
+                       noise_var:float=0.1, # E‖ξ‖² of the perturbation (ball: radius²)
+                       gen:torch.Generator|None=None, # generator of the (float64, CPU) noise (default: seeded with 0)
+                      ) -> PerturbationTrial:
+    "Save `params`, add one perturbation ξ to them (over all entries together) and return the trial, to `settle` later."
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    ps = list(params.values())
+    xi = _noise(sum(p.numel() for p in ps), noise, noise_var, gen if gen is not None else torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p, c in zip(ps, xi.split([p.numel() for p in ps])): p.add_(c.view_as(p).to(device=p.device, dtype=p.dtype))
+    return PerturbationTrial(saved, float(loss_before))
+
 # %% ../../nbs/12_sprkd.ipynb #ce27ebe7
 def _few(names, n=6) -> str:
     names = list(names)
     return '[]' if not names else ', '.join(map(repr, names[:n])) + (f" and {len(names) - n} more" if len(names) > n else '')
+
+def _settings(cls, given, flat:dict, fields:dict):
+    "`given` (a `cls`), or a `cls` from the flat arguments (`fields`: field -> argument name); both at once must not disagree."
+    if given is None: return cls(**{f: flat[a] for f, a in fields.items()})
+    if not isinstance(given, cls): raise TypeError(f"expected a {cls.__name__}, got {type(given).__name__}")
+    default = cls()
+    changed = [a for f, a in fields.items() if flat[a] != getattr(default, f)]
+    if changed: raise ValueError(f"pass either {cls.__name__} or its flat arguments, not both: {', '.join(changed)} also given")
+    return given
 
 _TRANSITIONS = {'approach': {'train'}, 'train': {'escape', 'perturb'}, 'escape': {'train', 'perturb'}, 'perturb': {'train'}}
 
@@ -256,19 +332,35 @@ class SaddleRecruitCallback(CurvatureCallback):
                  eval_mode:bool|str=True, # probe Hessian and losses in eval mode (deterministic BatchNorm/Dropout); False: the model's modes; 'train_bn'
                  mode:str='auto', # Hessian-vector products: 'auto', 'rev' or 'fwd' (see `HessianOperator`)
                  output_fn=None, # applied to the model's output before the loss (default: from the learner's `after_pred` callbacks)
+                 *,
+                 approach:ApproachSettings|None=None, # the approach's settings at once (instead of epsilon, max_approach_steps, approach_halflife)
+                 eigensteps:EigenstepSettings|None=None, # the eigensteps' (instead of escape, max_negative_eigensteps, eigenstep_size, min_eigenstep, curvature_floor, tol, max_matvecs)
+                 perturbation:PerturbationSettings|None=None, # the perturbations' (instead of perturb, noise, noise_var, perturb_every, pgd_epoch_limit, min_decrease)
                 ):
         super().__init__(probe=probe, n_probe=n_probe, seed=seed, params=params, eval_mode=eval_mode, mode=mode, output_fn=output_fn)
+        flat = dict(epsilon=epsilon, max_approach_steps=max_approach_steps, approach_halflife=approach_halflife, escape=escape,
+                    max_negative_eigensteps=max_negative_eigensteps, eigenstep_size=eigenstep_size, min_eigenstep=min_eigenstep,
+                    curvature_floor=curvature_floor, tol=tol, max_matvecs=max_matvecs, perturb=perturb, noise=noise, noise_var=noise_var,
+                    perturb_every=perturb_every, pgd_epoch_limit=pgd_epoch_limit, min_decrease=min_decrease)
+        self.approach = _settings(ApproachSettings, approach, flat, dict(epsilon='epsilon', max_steps='max_approach_steps',
+                                                                         halflife='approach_halflife'))
+        self.eigensteps = _settings(EigenstepSettings, eigensteps, flat, dict(
+            enabled='escape', max_steps='max_negative_eigensteps', size='eigenstep_size', min_size='min_eigenstep',
+            curvature_floor='curvature_floor', tol='tol', max_matvecs='max_matvecs'))
+        self.perturbation = _settings(PerturbationSettings, perturbation, flat, dict(
+            enabled='perturb', noise='noise', noise_var='noise_var', every='perturb_every', epoch_limit='pgd_epoch_limit',
+            min_decrease='min_decrease'))
         if match not in ('strict', 'intersection'): raise ValueError(f"match must be 'strict' or 'intersection', got {match!r}")
         if isinstance(bank_or_path, (str, Path)): bank_or_path = SaddleBank.load(bank_or_path)
         if not isinstance(bank_or_path, SaddleBank):
             raise TypeError(f"expected a SaddleBank or the path of a saved one, got {type(bank_or_path).__name__}")
         if not isinstance(generosity, int) or generosity < 1: raise ValueError(f"generosity must be a positive integer, got {generosity!r}")
-        _noise(1, noise, 1., torch.Generator())  # validates `noise`
+        _noise(1, self.perturbation.noise, 1., torch.Generator())  # validates `noise`
         self.bank = bank_or_path
-        store_attr(but='bank_or_path,probe,n_probe,seed,params,eval_mode,mode,output_fn')
+        store_attr('generosity,grad_threshold,cooldown,reset_opt_state,match')
         self.history, self.transitions, self.phase = [], [], 'approach'
         self.n_steps, self.n_approach, self.n_eigensteps, self.n_epochs = 0, 0, 0, 0  # n_epochs: training epochs of all fits
-        self.t_noise, self.next_escape, self._saved, self._target = -math.inf, 0, None, None
+        self.t_noise, self.next_escape, self._trial, self._target = -math.inf, 0, None, None
         self.recruited = None  # names of the parameters the student moves in the current fit
         self._gen = torch.Generator().manual_seed(seed)
 
@@ -355,30 +447,28 @@ class SaddleRecruitCallback(CurvatureCallback):
         if cancel: raise CancelStepException()
 
     def _approach(self, t, gn, row):
-        d = self.distance()
+        d, a = self.distance(), self.approach
         row['distance'] = d
-        if d <= self.epsilon or self.n_approach >= self.max_approach_steps:
-            if d > self.epsilon:
+        if d <= a.epsilon or self.n_approach >= a.max_steps:
+            if d > a.epsilon:
                 warnings.warn(f"the student is still {d:.3g} (L∞) from the saddle target after {self.n_approach} approach steps "
-                              f"(epsilon={self.epsilon}); continuing with normal training. Raise max_approach_steps or epsilon.")
-            row['event'] = 'arrived' if d <= self.epsilon else 'approach_limit'
+                              f"(epsilon={a.epsilon}); continuing with normal training. Raise max_approach_steps or epsilon.")
+            row['event'] = 'arrived' if d <= a.epsilon else 'approach_limit'
             self._goto('train', t); self._jumped()
             return False
-        w = 1. - 2. ** (-self.n_approach / self.approach_halflife) / 2.
         ps = dict(unwrap_model(self.model).named_parameters())
-        with torch.no_grad():
-            for n in self.recruited: ps[n].lerp_(self._target[n], w)
+        approach_step({n: ps[n] for n in self.recruited}, self._target, self.n_approach, a.halflife)
         self.n_approach += 1
         row['event'] = 'approach'
         return True
 
     def _train(self, t, gn, row):
         if not gn <= self.grad_threshold: self._goto('train', t); return False
-        if self.escape and self.n_eigensteps < self.max_negative_eigensteps and t >= self.next_escape:
+        es, pt = self.eigensteps, self.perturbation
+        if es.enabled and self.n_eigensteps < es.max_steps and t >= self.next_escape:
             op = self._operator()
-            r = negative_curvature_step(self.model, op.loss_func, op.data, eigenstep_size=self.eigenstep_size,
-                                        min_eigenstep=self.min_eigenstep, curvature_floor=self.curvature_floor, tol=self.tol,
-                                        max_matvecs=self.max_matvecs, seed=self.seed + t, op=op)
+            r = negative_curvature_step(self.model, op.loss_func, op.data, eigenstep_size=es.size, min_eigenstep=es.min_size,
+                                        curvature_floor=es.curvature_floor, tol=es.tol, max_matvecs=es.max_matvecs, seed=self.seed + t, op=op)
             row.update(eigenvalue=r.eigenvalue, alpha=r.alpha, probe_loss=r.loss_before, probe_loss_after=r.loss_after)
             if r.taken:
                 self.n_eigensteps += 1
@@ -387,17 +477,11 @@ class SaddleRecruitCallback(CurvatureCallback):
                 return True
             row['event'] = 'eigenstep_rejected' if r.reason == 'no decrease' else 'no_negative_curvature'
             self.next_escape = t + self.cooldown
-        if (self.perturb and self.n_epochs < self.pgd_epoch_limit and t % self.perturb_every == 0
-                and t - self.t_noise > self.cooldown):
-            ps = self._params()
+        if pt.enabled and self.n_epochs < pt.epoch_limit and t % pt.every == 0 and t - self.t_noise > self.cooldown:
             # by name: the trainable set may change before the check (fine_tune's unfreeze, a freeze between fits)
-            self._saved = {n: p.detach().clone() for n, p in zip(self.recruited, ps)}
-            self._saved_loss = self._probe_loss()
-            xi = _noise(sum(p.numel() for p in ps), self.noise, self.noise_var, self._gen)
-            with torch.no_grad():
-                for p, c in zip(ps, xi.split([p.numel() for p in ps])): p.add_(c.view_as(p).to(device=p.device, dtype=p.dtype))
+            self._trial = perturbation_trial(dict(zip(self.recruited, self._params())), self._probe_loss(), pt.noise, pt.noise_var, self._gen)
             self.t_noise = t
-            row.update(event='perturb', probe_loss=self._saved_loss)
+            row.update(event='perturb', probe_loss=self._trial.loss_before)
             self._goto('perturb', t); self._jumped()
             return True
         self._goto('train', t)
@@ -407,17 +491,13 @@ class SaddleRecruitCallback(CurvatureCallback):
     def _perturb(self, t, gn, row):
         if t - self.t_noise < self.cooldown: return False
         now = self._probe_loss()
-        row.update(probe_loss=self._saved_loss, probe_loss_after=now)
+        trial, self._trial = self._trial, None
+        row.update(probe_loss=trial.loss_before, probe_loss_after=now)
         self._goto('train', t)
-        if self._saved_loss - now < self.min_decrease:
-            named = dict(unwrap_model(self.model).named_parameters())
-            with torch.no_grad():
-                for n, s in self._saved.items(): named[n].copy_(s)
-            self._saved = None
+        if not trial.settle(dict(unwrap_model(self.model).named_parameters()), now, self.perturbation.min_decrease):
             row['event'] = 'revert'
             self._jumped()
             return True
-        self._saved = None
         row['event'] = 'keep'
         return False
 
