@@ -43,6 +43,7 @@ def test_old_names_are_mapped_with_a_deprecation_warning():
         cb = HessianSpectrumCallback(every=1, train_bn=True)
     fct.test_eq(cb.eval_mode, 'train_bn')
     with pytest.warns(DeprecationWarning): fct.test_eq(HessianSpectrumCallback(every=1, train_bn=False).eval_mode, True)
+    with pytest.raises(ValueError, match="once"): HessianSpectrumCallback(every=1, probe=(x, y), data=(x, y))
 
 def test_spectrum_train_bn_and_eval_mode_train_bn_agree():
     def run(**kw):
@@ -92,3 +93,10 @@ def test_grouped_settings_equal_the_flat_arguments():
     with pytest.raises(ValueError, match='epsilon'): SaddleRecruitCallback(bank, epsilon=0.5, approach=ApproachSettings())
     with pytest.raises(TypeError, match='EigenstepSettings'): SaddleRecruitCallback(bank, eigensteps=dict(enabled=False))
     with pytest.raises(ValueError, match='noise'): SaddleRecruitCallback(bank, perturbation=PerturbationSettings(noise='uniform'))
+
+def test_flat_setting_names_stay_attributes():
+    bank = SaddleBank([SaddlePoint.from_model(model(), eigenvalues=[-1., 1.], loss=1., grad_norm=0., step=1, epoch=0)])
+    rec = SaddleRecruitCallback(bank, epsilon=0.5, perturb=False)
+    fct.test_eq((rec.epsilon, rec.perturb, rec.max_negative_eigensteps), (0.5, False, 50))
+    rec.max_negative_eigensteps = 0
+    fct.test_eq(rec.eigensteps.max_steps, 0)

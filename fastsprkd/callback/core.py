@@ -96,6 +96,7 @@ def params_id(names) -> str:
 _EVAL_MODES = (True, False, 'train_bn')
 
 def deprecated_argument(cls_name, old, new, value, hint=''):
+    "`value` (an old argument's value mapped to the new argument `new`), after a `DeprecationWarning` naming both."
     warnings.warn(f"{cls_name}({old}=...) is deprecated and will be removed in the next release: use {new}={value!r}{hint}",
                   DeprecationWarning, stacklevel=4)
     return value

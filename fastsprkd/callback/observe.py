@@ -146,7 +146,9 @@ class HessianSpectrumCallback(_Observer):
                  data=None, # deprecated: `probe=`
                  train_bn:bool|None=None, # deprecated: `eval_mode='train_bn'`
                 ):
-        if data is not None: probe = deprecated_argument('HessianSpectrumCallback', 'data', 'probe', data) if probe is None else probe
+        if data is not None:
+            if probe is not None: raise ValueError("pass the probe data once: probe= (data= is its deprecated name)")
+            probe = deprecated_argument('HessianSpectrumCallback', 'data', 'probe', data)
         if train_bn is not None: eval_mode = deprecated_argument('HessianSpectrumCallback', 'train_bn', 'eval_mode', 'train_bn' if train_bn else True)
         super().__init__(probe=probe, n_probe=n_probe, probe_bs=probe_bs, seed=seed, params=params, eval_mode=eval_mode, mode=mode,
                          output_fn=output_fn)

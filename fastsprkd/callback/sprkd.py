@@ -297,6 +297,14 @@ def _settings(cls, given, flat:dict, fields:dict):
     if changed: raise ValueError(f"pass either {cls.__name__} or its flat arguments, not both: {', '.join(changed)} also given")
     return given
 
+# the flat constructor arguments of each settings group: attribute -> (settings class, {field: flat argument})
+_GROUPS = dict(
+    approach=(ApproachSettings, dict(epsilon='epsilon', max_steps='max_approach_steps', halflife='approach_halflife')),
+    eigensteps=(EigenstepSettings, dict(enabled='escape', max_steps='max_negative_eigensteps', size='eigenstep_size',
+                                        min_size='min_eigenstep', curvature_floor='curvature_floor', tol='tol', max_matvecs='max_matvecs')),
+    perturbation=(PerturbationSettings, dict(enabled='perturb', noise='noise', noise_var='noise_var', every='perturb_every',
+                                             epoch_limit='pgd_epoch_limit', min_decrease='min_decrease')))
+
 _TRANSITIONS = {'approach': {'train'}, 'train': {'escape', 'perturb'}, 'escape': {'train', 'perturb'}, 'perturb': {'train'}}
 
 class SaddleRecruitCallback(CurvatureCallback):
@@ -342,14 +350,8 @@ class SaddleRecruitCallback(CurvatureCallback):
                     max_negative_eigensteps=max_negative_eigensteps, eigenstep_size=eigenstep_size, min_eigenstep=min_eigenstep,
                     curvature_floor=curvature_floor, tol=tol, max_matvecs=max_matvecs, perturb=perturb, noise=noise, noise_var=noise_var,
                     perturb_every=perturb_every, pgd_epoch_limit=pgd_epoch_limit, min_decrease=min_decrease)
-        self.approach = _settings(ApproachSettings, approach, flat, dict(epsilon='epsilon', max_steps='max_approach_steps',
-                                                                         halflife='approach_halflife'))
-        self.eigensteps = _settings(EigenstepSettings, eigensteps, flat, dict(
-            enabled='escape', max_steps='max_negative_eigensteps', size='eigenstep_size', min_size='min_eigenstep',
-            curvature_floor='curvature_floor', tol='tol', max_matvecs='max_matvecs'))
-        self.perturbation = _settings(PerturbationSettings, perturbation, flat, dict(
-            enabled='perturb', noise='noise', noise_var='noise_var', every='perturb_every', epoch_limit='pgd_epoch_limit',
-            min_decrease='min_decrease'))
+        given = dict(approach=approach, eigensteps=eigensteps, perturbation=perturbation)
+        for g, (cls, fields) in _GROUPS.items(): setattr(self, g, _settings(cls, given[g], flat, fields))
         if match not in ('strict', 'intersection'): raise ValueError(f"match must be 'strict' or 'intersection', got {match!r}")
         if isinstance(bank_or_path, (str, Path)): bank_or_path = SaddleBank.load(bank_or_path)
         if not isinstance(bank_or_path, SaddleBank):
@@ -523,6 +525,13 @@ class SaddleRecruitCallback(CurvatureCallback):
         ax.legend(uniq.values(), uniq.keys(), fontsize=8)
         ax.set_xlabel('training step'); ax.set_ylabel('mini-batch loss'); ax.set_title('SPRKD student')
         return ax
+
+# the flat names stay attributes too (e.g. `cb.epsilon`), read and written through the groups
+for _g, (_cls, _fields) in _GROUPS.items():
+    for _f, _a in _fields.items():
+        setattr(SaddleRecruitCallback, _a, property(lambda self, g=_g, f=_f: getattr(getattr(self, g), f),
+                                                    lambda self, v, g=_g, f=_f: setattr(getattr(self, g), f, v), doc=f"`{_g}.{_f}`"))
+
 
 # %% ../../nbs/12_sprkd.ipynb #f7170e8a
 def hinton_kd_loss(student_logits:Tensor, # (batch, classes) logits of the student
