@@ -141,3 +141,20 @@ def test_text_output_fn_is_derived_and_explicit():
     explicit.learn = learn
     fct.test_close(explicit.operator().gradient(), ref.gradient(), eps=1e-6)
     learn.remove_cbs([cb, explicit])
+
+def test_analysis_functions_take_output_fn():
+    "influence, per_sample_gradients and loss_landscape on a tuple-output model with output_fn equal the plain model's."
+    from fastsprkd.analysis import influence, per_sample_gradients, loss_landscape
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2).double()
+    class Pair(nn.Module):
+        def __init__(self): super().__init__(); self.lin = lin
+        def forward(self, x): o = self.lin(x); return o, o.detach() * 2
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 2, (12,))
+    ce, pick = nn.CrossEntropyLoss(), (lambda o: o[0])
+    fct.test_close(influence(Pair(), ce, (x[:8], y[:8]), (x[8:], y[8:]), method='exact', output_fn=pick),
+                   influence(lin, ce, (x[:8], y[:8]), (x[8:], y[8:]), method='exact'), eps=1e-10)
+    fct.test_close(per_sample_gradients(Pair(), ce, (x, y), output_fn=pick), per_sample_gradients(lin, ce, (x, y)), eps=1e-12)
+    fct.test_close(loss_landscape(Pair(), ce, (x, y), 'gradient', torch.linspace(-1, 1, 5), output_fn=pick).losses,
+                   loss_landscape(lin, ce, (x, y), 'gradient', torch.linspace(-1, 1, 5)).losses, eps=1e-12)
+    with pytest.raises(TypeError, match='output_fn='): loss_landscape(Pair(), ce, (x, y), 'gradient')
