@@ -7,6 +7,7 @@ from .saddle import *
 from .estimators import *
 from .stability import *
 from .analysis import *
+from .callback.core import *
 from .callback.sprkd import *
 from .callback.observe import *
 from .experiment import (StoryConfig, Story, run_story, run_demo, run_experiment, train_teacher, train_student,

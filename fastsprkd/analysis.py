@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
 from torch.func import functional_call, grad, vmap
-from .core import as_operator, preserved_state, HessianOperator, _select_params, _prepare_data, _split_batch, _fetched
+from .core import as_operator, preserved_state, HessianOperator, functional_forward, _select_params, _prepare_data, _split_batch, _fetched
 from .eigen import eigsh
 from .estimators import Estimate, logdet, solve, spectral_density, _not_pd_message, _dense_eigvals
 
@@ -88,7 +88,7 @@ def basin_volume(op_or_logdet, # operator/square tensor H, or a given log det(H 
     return BasinVolume(lvn + thr - half, lvn, thr, half, _n, threshold, shift, est.stderr / 2, est.num_matvecs, stirling)
 
 # %% ../nbs/05_analysis.ipynb #1c360d4c
-def _per_sample_grad_batches(model, loss_func, data, names, n_inp=None, chunk_size=None):
+def _per_sample_grad_batches(model, loss_func, data, names, n_inp=None, chunk_size=None, output_fn=None):
     "Yields, batch by batch in data order, the per-sample gradients (B × n) w.r.t. the parameters `names`."
     named = dict(model.named_parameters())
     theta = tuple(named[k].detach() for k in names)
@@ -107,8 +107,8 @@ def _per_sample_grad_batches(model, loss_func, data, names, n_inp=None, chunk_si
         nx = len(xb)
         def loss_one(th, *sample):
             s = [o.unsqueeze(0) if d == 0 else o for o, d in zip(sample, dims)]
-            pred = functional_call(model, ({**fixed, **dict(zip(names, th))},), tuple(s[:nx]), tie_weights=True, strict=False)
-            return loss_func(pred, *s[nx:])
+            pred = functional_forward(model, {**fixed, **dict(zip(names, th))}, tuple(s[:nx]))
+            return loss_func(pred if output_fn is None else output_fn(pred), *s[nx:])
         g = vmap(grad(loss_one), in_dims=(None, *dims), chunk_size=chunk_size)(theta, *items)
         yield torch.cat([t.reshape(B, -1) for t in g], 1)
 
@@ -120,12 +120,13 @@ def per_sample_gradients(model:nn.Module, # the model
                          eval_mode:bool=True, # evaluate in eval mode
                          n_inp:int|None=None, # number of inputs in a batch
                          chunk_size:int|None=None, # samples per vectorized chunk (default: the whole batch)
+                         output_fn=None, # applied to the model's output before the loss (see `HessianOperator`)
                         ) -> Tensor:
     "Gradients of every sample's loss w.r.t. `params`, as an n_samples × n_params matrix (vectorized with `torch.func`)."
     names = _select_params(model, params)
     with preserved_state(model):
         if eval_mode: model.eval()
-        rows = list(_per_sample_grad_batches(model, loss_func, data, names, n_inp, chunk_size))
+        rows = list(_per_sample_grad_batches(model, loss_func, data, names, n_inp, chunk_size, output_fn))
     if not rows: raise ValueError("data is empty: no sample to take gradients of")
     return torch.cat(rows)
 
@@ -145,15 +146,16 @@ def influence(model:nn.Module, # the trained model
               eval_mode:bool=True, # evaluate in eval mode
               n_inp:int|None=None, # number of inputs in a batch
               chunk_size:int|None=None, # samples per vectorized per-sample-gradient chunk
+              output_fn=None, # applied to the model's output before the loss (see `HessianOperator`)
              ) -> Tensor:
     "Koh & Liang's I_up,loss[i, j] = −∇L(test_j)ᵀ (H + damping·I)⁻¹ ∇L(train_i), as an n_train × n_test matrix."
     if method not in ('cg', 'lissa', 'exact'): raise ValueError(f"method must be 'cg', 'lissa' or 'exact', got {method!r}")
     if isinstance(train_data, torch.utils.data.DataLoader) and isinstance(train_data.sampler, torch.utils.data.RandomSampler):
         raise ValueError("train_data shuffles: the influence matrix has one row per training item in data order, which a "
                          "shuffling DataLoader does not keep; pass a DataLoader with shuffle=False")
-    op = HessianOperator(model, loss_func, train_data, params, eval_mode=eval_mode, n_inp=n_inp)
+    op = HessianOperator(model, loss_func, train_data, params, eval_mode=eval_mode, n_inp=n_inp, output_fn=output_fn)
     if tol is None: tol = max(1e-8, 100 * torch.finfo(op.dtype).eps)  # float32 CG stalls near 3e-8
-    kw = dict(eval_mode=eval_mode, n_inp=n_inp, chunk_size=chunk_size)
+    kw = dict(eval_mode=eval_mode, n_inp=n_inp, chunk_size=chunk_size, output_fn=output_fn)
     G_test = per_sample_gradients(model, loss_func, test_data, op.names, **kw)
     rhs = G_test.T.contiguous()
     if method == 'exact':
@@ -165,7 +167,7 @@ def influence(model:nn.Module, # the trained model
     with preserved_state(model):
         if eval_mode: model.eval()
         # the operator's own batches: a one-shot iterator is consumed once, a fastai loader read unshuffled
-        rows = [-(G @ S) for G in _per_sample_grad_batches(model, loss_func, op.data, op.names, op.n_inp, chunk_size)]
+        rows = [-(G @ S) for G in _per_sample_grad_batches(model, loss_func, op.data, op.names, op.n_inp, chunk_size, output_fn)]
     return torch.cat(rows)
 
 # %% ../nbs/05_analysis.ipynb #725b01bb
@@ -270,13 +272,14 @@ def loss_landscape(model:nn.Module, # the model (restored exactly afterwards)
                    normalize:str|None=None, # 'filter', 'unit' or 'none' (default: filter for random, unit for the others)
                    eval_mode:bool=True, # evaluate in eval mode
                    n_inp:int|None=None, # number of inputs in a batch
+                   output_fn=None, # applied to the model's output before the loss (see `HessianOperator`)
                   ) -> LossLandscape:
     "Loss along 1 or 2 directions from the current parameters (PyHessian tutorial, Li et al. 2018)."
     alphas = torch.linspace(-0.5, 0.5, 21) if alphas is None else torch.as_tensor(alphas)
     alphas = alphas.double().flatten()
     betas = None if betas is None else torch.as_tensor(betas).double().flatten()
     if len(alphas) == 0 or (betas is not None and len(betas) == 0): raise ValueError("alphas and betas must not be empty")
-    op = HessianOperator(model, loss_func, data, params, eval_mode=eval_mode, n_inp=n_inp)
+    op = HessianOperator(model, loss_func, data, params, eval_mode=eval_mode, n_inp=n_inp, output_fn=output_fn)
     two = betas is not None
     def one_direction(o):  # a name, a flat tensor, or per-parameter tensors (a list in `params` order, or a dict by name)
         return (isinstance(o, str) or (isinstance(o, Tensor) and o.dim() == 1 and len(o) == op.num_params) or isinstance(o, dict)

@@ -14,8 +14,8 @@ from torch import nn, Tensor
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 # %% auto #0
-__all__ = ['LinearOperator', 'DenseOperator', 'as_operator', 'preserved_state', 'preserved_rng', 'unwrap_model',
-           'HessianOperator']
+__all__ = ['LinearOperator', 'DenseOperator', 'as_operator', 'preserved_state', 'preserved_rng', 'functional_forward',
+           'unwrap_model', 'HessianOperator']
 
 # %% ../nbs/02_core.ipynb #de543227
 class LinearOperator:
@@ -163,13 +163,6 @@ def _params_id(names) -> str:
     import hashlib
     return hashlib.sha1('\n'.join(names).encode()).hexdigest()[:8]
 
-def _training_fit(learn) -> bool:
-    """Whether a fastai `learn` is running a training fit: not `lr_find` nor `get_preds` (the checks of fastai's
-    `TrackerCallback`), nor `validate` (which holds the learner's lock). The callbacks switch themselves off otherwise."""
-    if hasattr(learn, 'lr_finder') or hasattr(learn, 'gather_preds'): return False
-    lock = getattr(learn, 'lock', None)
-    return not (lock is not None and hasattr(lock, 'locked') and lock.locked())
-
 def _no_autocast(where):
     "A context with autocast off on a device (or a model's device): curvature in the parameters' dtype, never in fp16/bf16."
     from contextlib import nullcontext
@@ -269,6 +262,42 @@ def _dtype_hint(e, xb, dtype):
     h._dtype_hint = True  # not rewritten again by an outer handler
     return h
 
+def _describe_output(out) -> str:
+    "A short description of a model output that is not a tensor: its type and its items' types or shapes."
+    def one(o): return f"Tensor{tuple(o.shape)}" if isinstance(o, Tensor) else type(o).__name__
+    if isinstance(out, Mapping): return f"a {type(out).__name__} with keys {', '.join(map(repr, list(out)[:6]))}"
+    if isinstance(out, (tuple, list)): return f"a {type(out).__name__} ({', '.join(one(o) for o in list(out)[:4])}{', …' if len(out) > 4 else ''})"
+    return f"a {type(out).__name__}"
+
+def _output_hint(out, e) -> TypeError:
+    "The error for a model output that `loss_func` cannot take (a tuple, list or dict) and no `output_fn`: it names the output and the fix."
+    pick = f"out[{next(iter(out))!r}]" if isinstance(out, Mapping) and len(out) else "out[0]"
+    return TypeError(f"loss_func failed on the model's output, which is {_describe_output(out)} ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:150] if str(e) else ''}); pass output_fn= to turn the output into what the loss "
+                     f"takes, e.g. HessianOperator(..., output_fn=lambda out: {pick}) (a fastai text model's (out, raw, out) "
+                     f"tuple: output_fn=lambda out: out[0], as fastai's RNNCallback does)")
+
+def functional_forward(model:nn.Module, # the model, left unchanged
+                       tensors:dict, # replacements of parameters and buffers, by the names of `named_parameters()`/`named_buffers()`
+                       inputs:tuple, # the positional inputs of the forward pass
+                      ):
+    """`model(*inputs)` with its parameters and buffers replaced by `tensors`, like `torch.func.functional_call(..., tie_weights=True)`:
+    a tensor shared by several modules (tied weights) is replaced in all of them. Unlike it, each (module, attribute) is swapped
+    once: torch also swaps a module registered under two names twice (fastai's AWD-LSTM holds its embedding as `encoder` and
+    `encoder_dp.emb`) and then, depending on the order of a set, restores the replacement instead of the model's parameter."""
+    kept, groups = set(), {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for attr, t in (*m._parameters.items(), *m._buffers.items()):
+            if t is None or (id(m), attr) in kept: continue
+            kept.add((id(m), attr))
+            groups.setdefault(id(t), []).append(f"{mname}.{attr}" if mname else attr)
+    full = dict(tensors)
+    for names in groups.values():
+        if len(names) < 2: continue
+        given = next((n for n in names if n in tensors), None)
+        if given is not None: full.update({n: tensors[given] for n in names if n not in tensors})
+    return functional_call(model, (full,), tuple(inputs), tie_weights=False, strict=False)
+
 def _grad(loss, ps, create_graph=False):
     "Gradient of `loss` w.r.t. `ps`, None for a parameter it does not use (all None when it uses none)."
     if not loss.requires_grad: return (None,) * len(ps)
@@ -337,7 +366,7 @@ def _output_bytes(model, params, xb, owners=frozenset()):
                                           if isinstance(t, Tensor))))
     hs = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children()) or id(m) in owners]
     try:
-        with torch.no_grad(): functional_call(model, (params,), xb, strict=False)
+        with torch.no_grad(): functional_forward(model, params, xb)
     finally:
         for h in hs: h.remove()
     return outs
@@ -362,8 +391,12 @@ class HessianOperator(LinearOperator):
                  process_group='auto', # 'auto': all-reduce over the default group when torch.distributed is initialized; a group; or None/False
                  at=None, # values of the selected parameters (tensors in `params` order) to take the Hessian at, instead of the model's own (never written into it)
                  validate:bool=True, # one checking forward pass at construction (False: only count the samples, e.g. for a batch whose loss was just computed)
+                 output_fn=None, # applied to the model's output before the loss, `loss_func(output_fn(model(*x)), *y)` (e.g. `lambda out: out[0]`)
                 ):
         if mode not in ('auto', 'fwd', 'rev'): raise ValueError(f"mode must be 'auto', 'fwd' or 'rev', got {mode!r}")
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(f"output_fn must be a callable applied to the model's output (e.g. lambda out: out[0]), got {type(output_fn).__name__}")
+        self.output_fn = output_fn
         self.names = _select_unwrapped(model, params)
         model = unwrap_model(model)  # products never go through DDP's gradient hooks
         self.process_group = _resolve_group(process_group)
@@ -433,10 +466,16 @@ class HessianOperator(LinearOperator):
                 for b in ('running_mean', 'running_var', 'num_batches_tracked'): fixed[f"{name}.{b}" if name else b] = None
         return fixed
     def _loss_fn(self, xb, yb, fixed):
+        out_fn = self.output_fn
         def f(*ps):
-            pred = functional_call(self.model, ({**fixed, **dict(zip(self.names, ps))},), xb, tie_weights=True, strict=False)
+            pred = functional_forward(self.model, {**fixed, **dict(zip(self.names, ps))}, xb)
+            if out_fn is not None: pred = out_fn(pred)
             # fastai losses return `TensorBase`, whose `__torch_function__` makes every product several times slower
-            with torch._C.DisableTorchFunctionSubclass(): return _plain(self.loss_func(pred, *yb))
+            with torch._C.DisableTorchFunctionSubclass():
+                try: return _plain(self.loss_func(pred, *yb))
+                except Exception as e:  # a tuple/dict output the loss cannot take: say so, and how to fix it
+                    if out_fn is None and isinstance(pred, (tuple, list, Mapping)): raise _output_hint(pred, e) from e
+                    raise
         return f
     def _theta(self): return self._at if self._at is not None else tuple(p.detach() for p in self.params)
 

@@ -7,63 +7,28 @@ Docs: https://github.com/fastsprkd/fastsprkd/tree/main/nbs/observe.html.md"""
 # %% ../../nbs/10_observe.ipynb #941be14e
 from __future__ import annotations
 import math, random, time, warnings
-from contextlib import contextmanager
 from functools import partial
 import numpy as np
 import torch
 from torch import Tensor
 import matplotlib.pyplot as plt
 from fastcore.basics import patch, store_attr
-from fastai.torch_core import to_device
 from fastai.learner import Learner, Recorder, ValueMetric
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientClip
-from fastai.data.load import DataLoader as FastaiDataLoader
 import torch.distributed as dist
-from ..core import HessianOperator, preserved_state, _select_unwrapped, _params_id, _no_autocast, unwrap_model, _training_fit
+from ..core import HessianOperator, unwrap_model
+from .core import CurvatureCallback, training_fit, params_id, deprecated_argument
 from ..eigen import eigsh
 from ..estimators import trace as trace_estimate
 from ..stability import edge_of_stability, refine_smallest, preload_torch_func
 from ..analysis import gradient_correlation, directional_sharpness
-from ..data import probe_batches
 
 # %% auto #0
 __all__ = ['HessianSpectrumCallback', 'SharpnessCallback']
 
 # %% ../../nbs/10_observe.ipynb #ee2992fb
 from ..core import preserved_rng as _preserved_rng
-
-# %% ../../nbs/10_observe.ipynb #021d3569
-def _probe_batches(dls, # the `Learner`'s `DataLoaders` (their training set is sampled)
-                   n_probe:int=128, # number of training items
-                   seed:int=0, # seed of the local generator that picks them
-                   bs:int|None=None, # items per probe batch (default: all in one batch)
-                  ) -> list:
-    "A fixed, seeded subset of the training items as a list of `(x..., y...)` batches, loaded without augmentation."
-    dl = dls.train if hasattr(dls, 'train') else dls
-    ds = getattr(dl, 'dataset', None)
-    if ds is None or not hasattr(ds, '__getitem__') or not hasattr(ds, '__len__'):
-        raise TypeError("the default probe set needs an indexable training dataset (dls.train.dataset[i]); "
-                        "pass `data=` (a batch (x, y), a list of batches or a DataLoader) instead")
-    n = len(ds)
-    if n == 0: raise ValueError("the training set is empty: there is nothing to build a probe set from; pass `data=`")
-    if n_probe < 1: raise ValueError(f"n_probe must be at least 1, got {n_probe}")
-    # the SPRKD callbacks' probe set (fastai: validation-time transforms; global RNGs untouched; sharded across ranks)
-    return probe_batches(dl, n_probe, seed, bs=bs or n_probe)
-
-def _as_probe(data) -> list:
-    "User-given probe data as a list of batches: a batch, a list of batches, or a DataLoader (read once, unshuffled)."
-    if isinstance(data, (tuple, list)) and len(data) and all(isinstance(o, Tensor) for o in data): return [tuple(data)]
-    with _preserved_rng():
-        if isinstance(data, FastaiDataLoader) or (hasattr(data, 'new') and hasattr(data, 'shuffle')):
-            data = data.new(shuffle=False, drop_last=False)
-        elif isinstance(data, torch.utils.data.DataLoader) and isinstance(data.sampler, torch.utils.data.RandomSampler):
-            warnings.warn("the probe DataLoader shuffles: its batches are read once and kept, so the probe set is fixed "
-                          "but depends on the shuffling; pass shuffle=False for a reproducible probe set")
-        try: batches = [tuple(b) for b in data]
-        except TypeError: raise TypeError(f"data must be a batch (x, y), a list of batches or a DataLoader, got {type(data).__name__}") from None
-    if not batches: raise ValueError("the probe data is empty: pass at least one (x, y) batch")
-    return batches
 
 # %% ../../nbs/10_observe.ipynb #8531aca2
 def _all_ranks_agree(ok:bool, device) -> bool:
@@ -74,10 +39,11 @@ def _all_ranks_agree(ok:bool, device) -> bool:
     dist.all_reduce(flag)  # the number of ranks that say no
     return flag.item() == 0
 
-class _Observer(Callback):
+class _Observer(CurvatureCallback):
     "Base of the observer callbacks: on only in training fits, epoch-table columns, step counting, `.history`."
     remove_on_fetch, _only_train_loop = True, True
-    def __init__(self):
+    def __init__(self, **kwargs): # `CurvatureCallback`'s arguments
+        super().__init__(**kwargs)
         self.history, self._n_steps, self._n_fits, self._cols, self._fit_idx, self._fit_start = [], 0, 0, [], None, 0
         self._step_cancelled = False
 
@@ -97,6 +63,7 @@ class _Observer(Callback):
 
     def _column_names(self) -> list: return []
     def _column_value(self, name): raise NotImplementedError
+    def new_operator(self, *args, **kwargs): return HessianOperator(*args, **kwargs)  # this module's name (tests count them)
 
     def _add_metrics(self):
         self._cols = [ValueMetric(partial(self._column_value, c), c) for c in self._column_names()]
@@ -111,7 +78,7 @@ class _Observer(Callback):
     def before_fit(self):
         self._remove_metrics()  # left over by a fit that stopped on an exception
         self._step_cancelled = False
-        self.run = _training_fit(self.learn)  # off in lr_find, get_preds, validate: no optimizer steps there
+        self.run = training_fit(self.learn)  # off in lr_find, get_preds, validate: no optimizer steps there
         if not self.run: return
         self._fit_idx, self._n_fits = self._n_fits, self._n_fits + 1
         self._fit_start = len(self.history)
@@ -130,10 +97,6 @@ class _Observer(Callback):
         return dict(step=self._n_steps, fit=self._fit_idx, epoch=getattr(self.learn, 'epoch', None), iter=getattr(self.learn, 'iter', None),
                     lr=self._hyper('lr'))
 
-    def _select(self, model) -> list:
-        """Names of the parameters observed: `self.params` (tensors, modules or names) or all that require grad *now*; names of
-        the plain model (a `DistributedDataParallel` wrapper's `module.` prefix is dropped: the same ids as the SPRKD callbacks')."""
-        return _select_unwrapped(model, self.params)
 
 # %% ../../nbs/10_observe.ipynb #3a718f91
 def _mark_param_changes(ax, rows):
@@ -163,7 +126,7 @@ class HessianSpectrumCallback(_Observer):
                  k:int=2, # number of eigenvalues (with 'BE': k//2 from the bottom, the rest from the top)
                  which:str='BE', # 'BE' both ends, 'LA' largest, 'SA' smallest, 'LM' largest magnitude
                  trace:bool=True, # also estimate the trace (Hutch++)
-                 data=None, # probe data: a batch (x, y), a list of batches or a DataLoader (default: `n_probe` training items)
+                 probe=None, # probe data: a batch (x, y), a list of batches or a DataLoader (default: `n_probe` training items)
                  n_probe:int=128, # size of the default probe set
                  probe_bs:int|None=None, # items per probe batch (default: one batch; lower it if memory is short)
                  at_epoch_end:bool|None=None, # measure at the end of every training epoch (a fixed schedule)
@@ -177,14 +140,23 @@ class HessianSpectrumCallback(_Observer):
                  progress:bool=False, # show a progress bar per computation (never under `learn.no_bar()`)
                  budget:float|None=None, # time-budget schedule: measurements may take this fraction of the rest of the fit (default 0.1 when neither `every` nor `at_epoch_end` is given)
                  ncv:int|None=10, # Lanczos basis size before a restart (None: `eigsh`'s default)
-                 train_bn:bool=False, # evaluate BatchNorm with the probe batch's statistics (train mode, fixed batch) instead of eval mode
+                 eval_mode:bool|str=True, # True: eval mode; 'train_bn': BatchNorm with the probe batch's statistics (train mode, fixed batch); False: the model's modes
                  clock=time.perf_counter, # the timer of the budget schedule (seconds; tests pass a fake clock)
+                 output_fn=None, # applied to the model's output before the loss (default: from the learner's `after_pred` callbacks)
                  # ---- issue 21: numbers a user can read, and Adam's edge of stability (fastsprkd.stability)
                  trace_rtol:float|None=0.05, # stop the trace estimate once its standard error is ≤ trace_rtol·|trace| (None: always trace_matvecs products)
                  lambda_min_rtol:float|None=0.05, # refine λ_min until its residual (a bound on its error) is ≤ lambda_min_rtol·|λ_min|, within max_matvecs more products (None: tol·‖H‖ only)
                  precond:bool|None=None, # also λ_max(D^{-1/2}HD^{-1/2}) of an adaptive optimizer's preconditioner D and its edge of stability (None: when the optimizer has one)
+                 *,
+                 data=None, # deprecated: `probe=`
+                 train_bn:bool|None=None, # deprecated: `eval_mode='train_bn'`
                 ):
-        super().__init__()
+        if data is not None:
+            if probe is not None: raise ValueError("pass the probe data once: probe= (data= is its deprecated name)")
+            probe = deprecated_argument('HessianSpectrumCallback', 'data', 'probe', data)
+        if train_bn is not None: eval_mode = deprecated_argument('HessianSpectrumCallback', 'train_bn', 'eval_mode', 'train_bn' if train_bn else True)
+        super().__init__(probe=probe, n_probe=n_probe, probe_bs=probe_bs, seed=seed, params=params, eval_mode=eval_mode, mode=mode,
+                         output_fn=output_fn)
         if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
             raise ValueError(f"every must be a positive integer or None, got {every!r}")
         if budget is None and every is None and at_epoch_end is None: budget = 0.1  # the default schedule
@@ -202,9 +174,8 @@ class HessianSpectrumCallback(_Observer):
             if v is not None and not (isinstance(v, (int, float)) and 0 < v): raise ValueError(f"{name} must be a positive fraction (e.g. 0.05) or None, got {v!r}")
         if precond not in (None, True, False): raise ValueError(f"precond must be True, False or None (when the optimizer has a preconditioner), got {precond!r}")
         at_epoch_end = bool(at_epoch_end)
-        store_attr('every,k,which,trace,data,n_probe,probe_bs,at_epoch_end,tol,max_matvecs,trace_matvecs,seed,params,warm_start,mode,progress,'
-                   'budget,ncv,train_bn,clock,trace_rtol,lambda_min_rtol,precond')
-        self.probe, self._v0, self._v0_id, self._op, self._last_step, self._last_cost = None, None, None, None, None, None
+        store_attr('every,k,which,trace,at_epoch_end,tol,max_matvecs,trace_matvecs,warm_start,progress,budget,ncv,clock,trace_rtol,lambda_min_rtol,precond')
+        self._v0, self._v0_id, self._last_step, self._last_cost = None, None, None, None
         self._t_fit, self._spent, self._others_at_last = None, 0., 0.
         self._pv0, self._pv0_id, self._precond_off, self._precond_warned = None, None, False, False  # issue 21
 
@@ -244,47 +215,22 @@ class HessianSpectrumCallback(_Observer):
         if self.at_epoch_end or first: self.measure()
 
     # ---- the operator
-    def _probe(self, device):
-        if self.probe is None:
-            self.probe = _as_probe(self.data) if self.data is not None else _probe_batches(self.dls, self.n_probe, self.seed, self.probe_bs)
-        if self.probe and self.probe[0][0].device != device: self.probe = [tuple(to_device(list(b), device)) for b in self.probe]
-        return self.probe
-
     def _operator(self):
-        "The operator for the parameters trainable now (rebuilt, without warm start, when the set has changed)."
-        model = self.learn.model
-        names = self._select(model)
-        if self._op is None or self._op.model is not unwrap_model(model) or self._op.names != names:
-            device = next(model.parameters()).device
-            n_inp = getattr(self.dls, 'n_inp', None) if self.data is None else None
-            self._op = HessianOperator(model, self.learn.loss_func, self._probe(device), names, n_inp=n_inp, mode=self.mode,
-                                       eval_mode=not self.train_bn)
-            self._op_id = _params_id(names)
-        return self._op
-
-    @contextmanager
-    def _modes(self, model):
-        "Eval mode, or eval mode with train-mode BatchNorm (`train_bn`); restored on exit."
-        if not self.train_bn: yield; return
-        with preserved_state(model, values=False):
-            model.eval()
-            for m in model.modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm): m.train()
-            yield
+        "The operator for the parameters trainable now (`CurvatureCallback.operator`: rebuilt, without warm start, when the set has changed)."
+        return self.operator()
 
     def measure(self) -> dict:
         "Compute the eigenvalues (and trace) for the current parameters now, and append a row to `history`."
         preload_torch_func()  # issue 21: torch's one-time lazy imports (seconds) stay out of the measurement's time and the budget
         t0 = self.clock()
         show = self.progress and hasattr(self.learn, 'progress')
-        model = self.learn.model
-        with _preserved_rng(), _no_autocast(next(model.parameters()).device), self._modes(model):
+        with self.curvature():
             op = self._operator()
             before = op.num_matvecs
-            v0 = self._v0 if self.warm_start and self._v0 is not None and self._v0_id == self._op_id else None  # same parameter set
+            v0 = self._v0 if self.warm_start and self._v0 is not None and self._v0_id == self.op_id else None  # same parameter set
             r = eigsh(op, self.k, self.which, tol=self.tol, max_matvecs=max(self.max_matvecs, self.ncv or 0), ncv=self.ncv,
                       seed=self.seed, v0=v0, progress=show, warn=False)  # warns itself, below
-            self._v0, self._v0_id = r.eigenvectors.sum(1), self._op_id
+            self._v0, self._v0_id = r.eigenvectors.sum(1), self.op_id
             tr = trace_estimate(op, method='hutch++', num_matvecs=self.trace_matvecs, seed=self.seed, rtol=self.trace_rtol) if self.trace else None
             # ---- issue 21: λ_min to a relative tolerance; the preconditioned sharpness (fastsprkd.stability)
             conv = bool(r.converged.all())
@@ -298,7 +244,7 @@ class HessianSpectrumCallback(_Observer):
                    lambda_min=min(ev) if self.which in ('SA', 'BE') else None,
                    eigenvalues=ev, converged=conv,
                    trace=None if tr is None else float(tr.estimate), trace_stderr=None if tr is None else float(tr.stderr),
-                   n_params=op.num_params, params_id=self._op_id, num_matvecs=op.num_matvecs - before)
+                   n_params=op.num_params, params_id=self.op_id, num_matvecs=op.num_matvecs - before)
         res = [float(e) for e in r.residuals]  # issue 21: |λ − θ| ≤ residual for some eigenvalue λ (the error bars)
         row.update(eigenvalue_errors=res, lambda_max_err=res[-1] if self.which in ('LA', 'BE') else None,
                    lambda_min_err=res[0] if self.which in ('SA', 'BE') else None,
@@ -322,7 +268,7 @@ class HessianSpectrumCallback(_Observer):
         "issue 21: `edge_of_stability` for the learner's optimizer (None for SGD, when off, or, with precond=None, when it cannot be computed)."
         opt = getattr(self.learn, 'opt', None)
         if self.precond is False or self._precond_off or opt is None: return None
-        v0 = self._pv0 if self.warm_start and self._pv0 is not None and self._pv0_id == self._op_id else None
+        v0 = self._pv0 if self.warm_start and self._pv0 is not None and self._pv0_id == self.op_id else None
         try: eos = edge_of_stability(op, opt, tol=self.tol, max_matvecs=max(self.max_matvecs, self.ncv or 0), ncv=self.ncv,
                                      seed=self.seed, v0=v0, warn=False)
         except (TypeError, ValueError) as e:  # an optimizer it does not know; parameters not stepped yet
@@ -331,7 +277,7 @@ class HessianSpectrumCallback(_Observer):
             if not self._precond_warned: warnings.warn(f"HessianSpectrumCallback: no preconditioned sharpness: {e} (precond=False skips it)")
             self._precond_warned = True
             return None
-        if eos is not None: self._pv0, self._pv0_id = eos.vector, self._op_id
+        if eos is not None: self._pv0, self._pv0_id = eos.vector, self.op_id
         return eos
 
     def plot(self,
@@ -395,10 +341,12 @@ class SharpnessCallback(_Observer):
                  eval_mode:bool=True, # Hessian in eval mode (deterministic Dropout/BatchNorm); False: the model's training modes
                  mode:str='rev', # Hessian-vector product: 'rev' (one double backward), 'fwd' or 'auto' (times both: slower per step)
                  keep_tensors:bool=False, # keep the flat gradient and update of each step in the rows ('grad', 'update', on the CPU)
+                 output_fn=None, # applied to the model's output before the loss (default: from the learner's `after_pred` callbacks)
                 ):
-        super().__init__()
+        # the Hessian is of each step's own batches, not of a probe set: one operator per step ('auto' would time both modes every step)
+        super().__init__(params=params, eval_mode=eval_mode, mode=mode, output_fn=output_fn)
         if not isinstance(every, int) or every < 1: raise ValueError(f"every must be a positive integer, got {every!r}")
-        store_attr('every,columns,params,eval_mode,mode,keep_tensors')
+        store_attr('every,columns,keep_tensors')
 
     def _column_names(self): return list(self.columns)
     def _column_value(self, name):
@@ -423,10 +371,10 @@ class SharpnessCallback(_Observer):
         if self._n_steps % self.every or not self._batches: return
         model = self.learn.model
         named = dict(unwrap_model(model).named_parameters())
-        names = self._select(model)
+        names = self.selected()
         ps = [named[n] for n in names]
         self._pending = (names, _flat(ps), _flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in ps]))  # copies
-        if names != self._names: self._names, self._names_id = names, _params_id(names)
+        if names != self._names: self._names, self._names_id = names, params_id(names)
 
     def after_cancel_step(self):
         super().after_cancel_step()
@@ -444,11 +392,11 @@ class SharpnessCallback(_Observer):
         after = _flat(ps)
         update = (after.double() - before.double())  # the exact difference of the stored values
         data = [xb + yb for xb, yb in batches]
-        with _preserved_rng(), _no_autocast(after.device):
+        with self.curvature():
             # at the parameters *before* the step (never written into the model); the step has just evaluated this
             # loss, so no checking forward pass
-            op = HessianOperator(model, self.learn.loss_func, data, names, at=before, validate=False, eval_mode=self.eval_mode,
-                                 mode=self.mode, n_inp=len(batches[0][0]))
+            op = self.new_operator(model, self.learn.loss_func, data, names, at=before, validate=False, eval_mode=self.eval_mode is True,
+                                   mode=self.mode, n_inp=len(batches[0][0]), output_fn=self.get_output_fn())
             dhd = float(directional_sharpness(op, update.to(op.dtype)))
         gc = float(gradient_correlation(g.double(), update))
         gn, un = float(g.double().norm()), float(update.norm())

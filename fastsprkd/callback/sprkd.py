@@ -19,14 +19,15 @@ from fastai.callback.core import Callback, CancelStepException
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientClip
 from fastai.learner import Learner
-from fastai.torch_core import to_device
-from ..core import HessianOperator, _select_unwrapped, unwrap_model, _params_id, _no_autocast, preserved_rng, _training_fit
+from ..core import HessianOperator, unwrap_model
+from .core import CurvatureCallback, training_fit, learner_output_fn, params_id
 from ..eigen import eigsh
 from ..saddle import SaddlePoint, SaddleBank, SaddleBankError, crop_params
 
 # %% auto #0
-__all__ = ['saddle_criterion', 'SaddleCaptureCallback', 'EigenStep', 'negative_curvature_step', 'SaddleRecruitCallback',
-           'hinton_kd_loss', 'DistillationCallback', 'probe_batches']
+__all__ = ['saddle_criterion', 'SaddleCaptureCallback', 'EigenStep', 'negative_curvature_step', 'ApproachSettings',
+           'EigenstepSettings', 'PerturbationSettings', 'approach_step', 'PerturbationTrial', 'perturbation_trial',
+           'SaddleRecruitCallback', 'hinton_kd_loss', 'DistillationCallback', 'probe_batches']
 
 # %% ../../nbs/12_sprkd.ipynb #f3b8d8f5
 from ..core import _plain
@@ -61,12 +62,9 @@ def _loss_scale(learn) -> float:
     s = getattr(learn, 'scaler', None)
     return float(s.get_scale()) if s is not None and hasattr(s, 'get_scale') and s.is_enabled() else 1.
 
-def _n_inp(cb):
-    "Inputs per batch of the default probe (the loaders' `n_inp`, e.g. 1 for `(x, y, weight)` batches); None for a given probe."
-    return getattr(cb.dls, 'n_inp', None) if cb.probe is None else None
 
 # %% ../../nbs/12_sprkd.ipynb #d41b9d4d
-class SaddleCaptureCallback(Callback):
+class SaddleCaptureCallback(CurvatureCallback):
     "Teacher side of SPRKD: every `every` steps, test the Hessian's extreme eigenvalues on a probe set and bank saddle points."
     order, run_valid = MixedPrecision.order + 2, False
     def __init__(self,
@@ -86,31 +84,22 @@ class SaddleCaptureCallback(Callback):
                  seed:int=0, # seed of the probe subset and of the Lanczos start vectors
                  meta:dict|None=None, # metadata stored with every point (e.g. {'teacher': 0})
                  params=None, # parameters (tensors, modules or names) of the Hessian; default: those trainable (requires_grad) at each test
-                 eval_mode:bool=True, # probe Hessian in eval mode (deterministic BatchNorm/Dropout); False: the model's modes at the test
+                 eval_mode:bool|str=True, # probe Hessian in eval mode (deterministic BatchNorm/Dropout); False: the model's modes at the test; 'train_bn'
                  mode:str='auto', # Hessian-vector products: 'auto' (times both once per operator), 'rev' or 'fwd' (see `HessianOperator`)
+                 output_fn=None, # applied to the model's output before the loss (default: from the learner's `after_pred` callbacks)
                 ):
+        super().__init__(probe=probe, n_probe=n_probe, seed=seed, params=params, eval_mode=eval_mode, mode=mode, output_fn=output_fn)
         if not isinstance(every, int) or every < 1: raise ValueError(f"every must be a positive integer, got {every!r}")
         if not isinstance(k, int) or isinstance(k, bool) or k < 2:
             raise ValueError(f"k must be an integer ≥ 2 (one eigenvalue from each end of the spectrum), got {k!r}")
         saddle_criterion([1.], criterion)  # validates the name
-        store_attr(but='meta')
+        store_attr('every,k,criterion,ratio,min_neg_sum,tau,max_grad_norm,save_path,tol,max_matvecs,ncv')
         self.meta = dict(meta or {})
-        self.bank, self.history, self.n_steps, self._probe, self._op = SaddleBank(), [], 0, None, None
-
-    def before_fit(self):
-        self.run = _training_fit(self.learn)
-        self._op = None  # built at the first test of each fit, on the model's device at that time
+        self.bank, self.history, self.n_steps = SaddleBank(), [], 0
 
     def _operator(self):
-        if self._probe is None:
-            self._probe = self.probe if self.probe is not None else probe_batches(self.dls.train, self.n_probe, self.seed, bs=self.n_probe)
-        names = _select_unwrapped(self.model, self.params)  # the trainable set changes at fine_tune's unfreeze
-        if self._op is None or self._op.names != names or self._op.model is not unwrap_model(self.model):
-            self._op = HessianOperator(self.model, self.learn.loss_func, self._probe, names, eval_mode=self.eval_mode, mode=self.mode,
-                                       n_inp=_n_inp(self))
-            self._names = tuple(names)  # one shared tuple per parameter set: rows refer to it without copying
-            self._names_id = _params_id(names)
-        return self._op
+        "`CurvatureCallback.operator` for the parameters trainable now (the set changes at fine_tune's unfreeze)."
+        return self.operator()
 
     def after_backward(self):
         t = self.n_steps
@@ -120,7 +109,7 @@ class SaddleCaptureCallback(Callback):
 
     def capture(self, step:int|None=None) -> dict:
         "Test the current parameters now; store a `SaddlePoint` if they pass the criterion. Returns the history row."
-        with _no_autocast(self.model), preserved_rng():  # eval_mode=False: Dropout in the probe must not move training's RNG
+        with self.curvature():  # eval_mode=False: Dropout in the probe must not move training's RNG
             op = self._operator()
             # after_backward: under MixedPrecision the gradients are still multiplied by the loss scale
             gn = _grad_norm(op.params) / _loss_scale(self.learn)
@@ -137,16 +126,16 @@ class SaddleCaptureCallback(Callback):
             self.bank.append(SaddlePoint.from_model(self.model, eigenvalues=ev, loss=loss, grad_norm=gn, step=step, epoch=epoch,
                                                     meta={**self.meta, 'criterion': self.criterion,
                                                           'converged': res.converged.tolist(), 'num_matvecs': res.num_matvecs,
-                                                          'hessian_params': list(self._names), 'params_id': self._names_id,
+                                                          'hessian_params': list(self.op_names), 'params_id': self.op_id,
                                                           'dtype': str(op.dtype)}))
         row = dict(step=step, epoch=epoch, eigenvalues=ev, grad_norm=gn, loss=loss, captured=ok,
                    converged=res.converged.tolist(), num_matvecs=res.num_matvecs,
-                   hessian_params=self._names, n_params=op.num_params, params_id=self._names_id)
+                   hessian_params=self.op_names, n_params=op.num_params, params_id=self.op_id)
         self.history.append(row)
         return row
 
     def after_fit(self):
-        self._op = None
+        super().after_fit()
         if self.save_path is not None: self.bank.save(self.save_path)
 
     def plot(self, ax=None):
@@ -228,14 +217,97 @@ def _noise(n:int, kind:str, noise_var:float, gen:torch.Generator) -> Tensor:
         return z / z.norm() * math.sqrt(noise_var) * u ** (1. / n)
     raise ValueError(f"noise must be 'gaussian' or 'ball', got {kind!r}")
 
+# %% ../../nbs/12_sprkd.ipynb #90a083a8
+@dataclass
+class ApproachSettings:
+    "How the student approaches the bank's saddle target."
+    epsilon:float=1e-2 # approach until every parameter is within epsilon of the target (L∞)
+    max_steps:int=500 # at most this many approach steps (the original's exploration_steps)
+    halflife:float=10. # h in w_t = 1 − 2^(−t/h)/2
+
+@dataclass
+class EigenstepSettings:
+    "Negative-curvature steps (`enabled=False` or `max_steps=0`: none)."
+    enabled:bool=True # take negative-curvature steps
+    max_steps:int=50 # at most this many eigensteps are taken
+    size:float=1. # first step length of the backtracking line search
+    min_size:float=1e-3 # smallest step length tried (the original's stepsize)
+    curvature_floor:float=1e-3 # eigenvalues above −curvature_floor count as non-negative
+    tol:float=1e-3 # Lanczos tolerance of the escape eigenpair
+    max_matvecs:int|None=100 # Lanczos budget of the escape eigenpair
+
+@dataclass
+class PerturbationSettings:
+    "Perturbed gradient descent (`enabled=False`: none)."
+    enabled:bool=True # perturbed gradient descent
+    noise:str='gaussian' # 'gaussian' or 'ball'
+    noise_var:float=0.1 # E‖ξ‖² of the perturbation (ball: radius²)
+    every:int=5 # test for a perturbation on steps that are multiples of this (the original's PGD_delta)
+    epoch_limit:int=100 # perturb only during the first epochs
+    min_decrease:float=2e-3 # required probe-loss decrease after a perturbation, else revert
+
+def approach_step(params:dict, # name -> parameter, moved in place
+                  target:dict, # name -> target tensor (same shapes)
+                  n:int, # approach steps taken before this one
+                  halflife:float=10., # h of the schedule
+                 ) -> float:
+    "One approach step θ ← (1 − w)·θ + w·target with the original's schedule w = 1 − 2^(−n/h)/2; returns w."
+    w = 1. - 2. ** (-n / halflife) / 2.
+    with torch.no_grad():
+        for k, p in params.items(): p.lerp_(target[k], w)
+    return w
+
+@dataclass
+class PerturbationTrial:
+    "A perturbation under test: the parameter values and the probe loss before it."
+    saved:dict # name -> copy of the parameter before the perturbation
+    loss_before:float # probe loss before the perturbation
+    def settle(self, params:dict, loss_after:float, min_decrease:float) -> bool:
+        "Keep the perturbation (True) if the probe loss fell by at least `min_decrease`, else restore the saved values in `params` (False)."
+        if self.loss_before - loss_after >= min_decrease: return True
+        with torch.no_grad():
+            for n, s in self.saved.items(): params[n].copy_(s)
+        return False
+
+def perturbation_trial(params:dict, # name -> parameter, perturbed in place
+                       loss_before:float, # the probe loss now (compared with the loss after some training)
+                       noise:str='gaussian', # 'gaussian' or 'ball'
+                       noise_var:float=0.1, # E‖ξ‖² of the perturbation (ball: radius²)
+                       gen:torch.Generator|None=None, # generator of the (float64, CPU) noise (default: seeded with 0)
+                      ) -> PerturbationTrial:
+    "Save `params`, add one perturbation ξ to them (over all entries together) and return the trial, to `settle` later."
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    ps = list(params.values())
+    xi = _noise(sum(p.numel() for p in ps), noise, noise_var, gen if gen is not None else torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p, c in zip(ps, xi.split([p.numel() for p in ps])): p.add_(c.view_as(p).to(device=p.device, dtype=p.dtype))
+    return PerturbationTrial(saved, float(loss_before))
+
 # %% ../../nbs/12_sprkd.ipynb #ce27ebe7
 def _few(names, n=6) -> str:
     names = list(names)
     return '[]' if not names else ', '.join(map(repr, names[:n])) + (f" and {len(names) - n} more" if len(names) > n else '')
 
+def _settings(cls, given, flat:dict, fields:dict):
+    "`given` (a `cls`), or a `cls` from the flat arguments (`fields`: field -> argument name); both at once must not disagree."
+    if given is None: return cls(**{f: flat[a] for f, a in fields.items()})
+    if not isinstance(given, cls): raise TypeError(f"expected a {cls.__name__}, got {type(given).__name__}")
+    default = cls()
+    changed = [a for f, a in fields.items() if flat[a] != getattr(default, f)]
+    if changed: raise ValueError(f"pass either {cls.__name__} or its flat arguments, not both: {', '.join(changed)} also given")
+    return given
+
+# the flat constructor arguments of each settings group: attribute -> (settings class, {field: flat argument})
+_GROUPS = dict(
+    approach=(ApproachSettings, dict(epsilon='epsilon', max_steps='max_approach_steps', halflife='approach_halflife')),
+    eigensteps=(EigenstepSettings, dict(enabled='escape', max_steps='max_negative_eigensteps', size='eigenstep_size',
+                                        min_size='min_eigenstep', curvature_floor='curvature_floor', tol='tol', max_matvecs='max_matvecs')),
+    perturbation=(PerturbationSettings, dict(enabled='perturb', noise='noise', noise_var='noise_var', every='perturb_every',
+                                             epoch_limit='pgd_epoch_limit', min_decrease='min_decrease')))
+
 _TRANSITIONS = {'approach': {'train'}, 'train': {'escape', 'perturb'}, 'escape': {'train', 'perturb'}, 'perturb': {'train'}}
 
-class SaddleRecruitCallback(Callback):
+class SaddleRecruitCallback(CurvatureCallback):
     "Student side of SPRKD: approach the bank's saddle region, then escape it by negative-curvature steps or perturbations."
     order, run_valid = GradientClip.order + 1, False
     def __init__(self,
@@ -259,31 +331,43 @@ class SaddleRecruitCallback(Callback):
                  pgd_epoch_limit:int=100, # perturb only during the first epochs
                  reset_opt_state:bool=True, # clear the optimizer's per-parameter state after every jump
                  probe=None, # batches for eigenpairs and losses (default: one batch of `n_probe` training items)
-                 n_probe:int=256, # size of the default probe set
+                 n_probe:int=128, # size of the default probe set
                  tol:float=1e-3, # Lanczos tolerance of the escape eigenpair
                  max_matvecs:int|None=100, # Lanczos budget of the escape eigenpair
                  seed:int=0, # seed of the probe subset, the Lanczos start vectors and the noise
                  params=None, # student parameters recruited (tensors, modules or names); default: those trainable (requires_grad) in each fit
                  match:str='strict', # bank points whose Hessian was taken w.r.t. other parameters: 'strict' refuses, 'intersection' recruits only the common ones
-                 eval_mode:bool=True, # probe Hessian and losses in eval mode (deterministic BatchNorm/Dropout); False: the model's modes
+                 eval_mode:bool|str=True, # probe Hessian and losses in eval mode (deterministic BatchNorm/Dropout); False: the model's modes; 'train_bn'
                  mode:str='auto', # Hessian-vector products: 'auto', 'rev' or 'fwd' (see `HessianOperator`)
+                 output_fn=None, # applied to the model's output before the loss (default: from the learner's `after_pred` callbacks)
+                 *,
+                 approach:ApproachSettings|None=None, # the approach's settings at once (instead of epsilon, max_approach_steps, approach_halflife)
+                 eigensteps:EigenstepSettings|None=None, # the eigensteps' (instead of escape, max_negative_eigensteps, eigenstep_size, min_eigenstep, curvature_floor, tol, max_matvecs)
+                 perturbation:PerturbationSettings|None=None, # the perturbations' (instead of perturb, noise, noise_var, perturb_every, pgd_epoch_limit, min_decrease)
                 ):
+        super().__init__(probe=probe, n_probe=n_probe, seed=seed, params=params, eval_mode=eval_mode, mode=mode, output_fn=output_fn)
+        flat = dict(epsilon=epsilon, max_approach_steps=max_approach_steps, approach_halflife=approach_halflife, escape=escape,
+                    max_negative_eigensteps=max_negative_eigensteps, eigenstep_size=eigenstep_size, min_eigenstep=min_eigenstep,
+                    curvature_floor=curvature_floor, tol=tol, max_matvecs=max_matvecs, perturb=perturb, noise=noise, noise_var=noise_var,
+                    perturb_every=perturb_every, pgd_epoch_limit=pgd_epoch_limit, min_decrease=min_decrease)
+        given = dict(approach=approach, eigensteps=eigensteps, perturbation=perturbation)
+        for g, (cls, fields) in _GROUPS.items(): setattr(self, g, _settings(cls, given[g], flat, fields))
         if match not in ('strict', 'intersection'): raise ValueError(f"match must be 'strict' or 'intersection', got {match!r}")
         if isinstance(bank_or_path, (str, Path)): bank_or_path = SaddleBank.load(bank_or_path)
         if not isinstance(bank_or_path, SaddleBank):
             raise TypeError(f"expected a SaddleBank or the path of a saved one, got {type(bank_or_path).__name__}")
         if not isinstance(generosity, int) or generosity < 1: raise ValueError(f"generosity must be a positive integer, got {generosity!r}")
-        _noise(1, noise, 1., torch.Generator())  # validates `noise`
+        _noise(1, self.perturbation.noise, 1., torch.Generator())  # validates `noise`
         self.bank = bank_or_path
-        store_attr(but='bank_or_path')
+        store_attr('generosity,grad_threshold,cooldown,reset_opt_state,match')
         self.history, self.transitions, self.phase = [], [], 'approach'
         self.n_steps, self.n_approach, self.n_eigensteps, self.n_epochs = 0, 0, 0, 0  # n_epochs: training epochs of all fits
-        self.t_noise, self.next_escape, self._saved, self._target, self._probe, self._op = -math.inf, 0, None, None, None, None
+        self.t_noise, self.next_escape, self._trial, self._target = -math.inf, 0, None, None
         self.recruited = None  # names of the parameters the student moves in the current fit
         self._gen = torch.Generator().manual_seed(seed)
 
     def before_fit(self):
-        self.run = _training_fit(self.learn)
+        self.run = training_fit(self.learn)
         if not self.run: return
         if self._target is None:
             self.bank.check_compatible(self.model)
@@ -292,24 +376,18 @@ class SaddleRecruitCallback(Callback):
         self._refresh()
         self._op = None  # built when first needed in each fit, on the model's device at that time
 
-    def after_fit(self): self._op = None
     def after_train(self): self.n_epochs += 1
 
     # ---- helpers
     def _operator(self):
-        if self._probe is None:
-            self._probe = self.probe if self.probe is not None else probe_batches(self.dls.train, self.n_probe, self.seed, bs=self.n_probe)
-        if self._op is None:
-            self._op = HessianOperator(self.model, self.learn.loss_func, self._probe, list(self.recruited), n_inp=_n_inp(self),
-                                       eval_mode=self.eval_mode,
-                                       mode=self.mode)
-        return self._op
-    def _trainable(self) -> tuple: return tuple(_select_unwrapped(self.model, self.params))
+        "`CurvatureCallback.operator` for the recruited parameters."
+        return self.operator(self.recruited)
+    def _trainable(self) -> tuple: return tuple(self.selected())
     def _refresh(self):
         "Recompute the recruited parameters (and drop the operator) for the current trainable set."
         self._trainable_now = self._trainable()
         self.recruited = self._recruited_names()
-        self._recruited_id, self._op = _params_id(self.recruited), None
+        self._recruited_id, self._op = params_id(self.recruited), None
     def _recruited_names(self) -> tuple:
         "Student parameters moved in this fit; while approaching, checked against the parameters of the bank points' Hessians."
         names = self._trainable_now
@@ -366,35 +444,33 @@ class SaddleRecruitCallback(Callback):
                    distance=None, eigenvalue=None, alpha=None, probe_loss=None, probe_loss_after=None, recruited=self.recruited,
                    params_id=self._recruited_id)
         self.history.append(row)
-        with _no_autocast(self.model), preserved_rng(): cancel = getattr(self, f"_{self.phase}")(t, gn, row)
+        with self.curvature(): cancel = getattr(self, f"_{self.phase}")(t, gn, row)
         row['phase'] = self.phase
         if cancel: raise CancelStepException()
 
     def _approach(self, t, gn, row):
-        d = self.distance()
+        d, a = self.distance(), self.approach
         row['distance'] = d
-        if d <= self.epsilon or self.n_approach >= self.max_approach_steps:
-            if d > self.epsilon:
+        if d <= a.epsilon or self.n_approach >= a.max_steps:
+            if d > a.epsilon:
                 warnings.warn(f"the student is still {d:.3g} (L∞) from the saddle target after {self.n_approach} approach steps "
-                              f"(epsilon={self.epsilon}); continuing with normal training. Raise max_approach_steps or epsilon.")
-            row['event'] = 'arrived' if d <= self.epsilon else 'approach_limit'
+                              f"(epsilon={a.epsilon}); continuing with normal training. Raise max_approach_steps or epsilon.")
+            row['event'] = 'arrived' if d <= a.epsilon else 'approach_limit'
             self._goto('train', t); self._jumped()
             return False
-        w = 1. - 2. ** (-self.n_approach / self.approach_halflife) / 2.
         ps = dict(unwrap_model(self.model).named_parameters())
-        with torch.no_grad():
-            for n in self.recruited: ps[n].lerp_(self._target[n], w)
+        approach_step({n: ps[n] for n in self.recruited}, self._target, self.n_approach, a.halflife)
         self.n_approach += 1
         row['event'] = 'approach'
         return True
 
     def _train(self, t, gn, row):
         if not gn <= self.grad_threshold: self._goto('train', t); return False
-        if self.escape and self.n_eigensteps < self.max_negative_eigensteps and t >= self.next_escape:
+        es, pt = self.eigensteps, self.perturbation
+        if es.enabled and self.n_eigensteps < es.max_steps and t >= self.next_escape:
             op = self._operator()
-            r = negative_curvature_step(self.model, op.loss_func, op.data, eigenstep_size=self.eigenstep_size,
-                                        min_eigenstep=self.min_eigenstep, curvature_floor=self.curvature_floor, tol=self.tol,
-                                        max_matvecs=self.max_matvecs, seed=self.seed + t, op=op)
+            r = negative_curvature_step(self.model, op.loss_func, op.data, eigenstep_size=es.size, min_eigenstep=es.min_size,
+                                        curvature_floor=es.curvature_floor, tol=es.tol, max_matvecs=es.max_matvecs, seed=self.seed + t, op=op)
             row.update(eigenvalue=r.eigenvalue, alpha=r.alpha, probe_loss=r.loss_before, probe_loss_after=r.loss_after)
             if r.taken:
                 self.n_eigensteps += 1
@@ -403,17 +479,11 @@ class SaddleRecruitCallback(Callback):
                 return True
             row['event'] = 'eigenstep_rejected' if r.reason == 'no decrease' else 'no_negative_curvature'
             self.next_escape = t + self.cooldown
-        if (self.perturb and self.n_epochs < self.pgd_epoch_limit and t % self.perturb_every == 0
-                and t - self.t_noise > self.cooldown):
-            ps = self._params()
+        if pt.enabled and self.n_epochs < pt.epoch_limit and t % pt.every == 0 and t - self.t_noise > self.cooldown:
             # by name: the trainable set may change before the check (fine_tune's unfreeze, a freeze between fits)
-            self._saved = {n: p.detach().clone() for n, p in zip(self.recruited, ps)}
-            self._saved_loss = self._probe_loss()
-            xi = _noise(sum(p.numel() for p in ps), self.noise, self.noise_var, self._gen)
-            with torch.no_grad():
-                for p, c in zip(ps, xi.split([p.numel() for p in ps])): p.add_(c.view_as(p).to(device=p.device, dtype=p.dtype))
+            self._trial = perturbation_trial(dict(zip(self.recruited, self._params())), self._probe_loss(), pt.noise, pt.noise_var, self._gen)
             self.t_noise = t
-            row.update(event='perturb', probe_loss=self._saved_loss)
+            row.update(event='perturb', probe_loss=self._trial.loss_before)
             self._goto('perturb', t); self._jumped()
             return True
         self._goto('train', t)
@@ -423,17 +493,13 @@ class SaddleRecruitCallback(Callback):
     def _perturb(self, t, gn, row):
         if t - self.t_noise < self.cooldown: return False
         now = self._probe_loss()
-        row.update(probe_loss=self._saved_loss, probe_loss_after=now)
+        trial, self._trial = self._trial, None
+        row.update(probe_loss=trial.loss_before, probe_loss_after=now)
         self._goto('train', t)
-        if self._saved_loss - now < self.min_decrease:
-            named = dict(unwrap_model(self.model).named_parameters())
-            with torch.no_grad():
-                for n, s in self._saved.items(): named[n].copy_(s)
-            self._saved = None
+        if not trial.settle(dict(unwrap_model(self.model).named_parameters()), now, self.perturbation.min_decrease):
             row['event'] = 'revert'
             self._jumped()
             return True
-        self._saved = None
         row['event'] = 'keep'
         return False
 
@@ -460,6 +526,13 @@ class SaddleRecruitCallback(Callback):
         ax.set_xlabel('training step'); ax.set_ylabel('mini-batch loss'); ax.set_title('SPRKD student')
         return ax
 
+# the flat names stay attributes too (e.g. `cb.epsilon`), read and written through the groups
+for _g, (_cls, _fields) in _GROUPS.items():
+    for _f, _a in _fields.items():
+        setattr(SaddleRecruitCallback, _a, property(lambda self, g=_g, f=_f: getattr(getattr(self, g), f),
+                                                    lambda self, v, g=_g, f=_f: setattr(getattr(self, g), f, v), doc=f"`{_g}.{_f}`"))
+
+
 # %% ../../nbs/12_sprkd.ipynb #f7170e8a
 def hinton_kd_loss(student_logits:Tensor, # (batch, classes) logits of the student
                    teacher_logits:Tensor, # (batch, classes) logits of the teacher
@@ -482,6 +555,7 @@ class DistillationCallback(Callback):
                  teacher:nn.Module, # the teacher network (same inputs, same classes), or a `Learner` (its model is used)
                  T:float=4., # temperature
                  alpha:float=0.9, # weight of the distillation term
+                 output_fn=None, # applied to the teacher's output (default: the student learner's `after_pred` callbacks, e.g. `RNNCallback`)
                 ):
         if isinstance(teacher, Learner): teacher = teacher.model
         if not isinstance(teacher, nn.Module): raise TypeError(f"teacher must be an nn.Module or a Learner, got {type(teacher).__name__}")
@@ -498,6 +572,8 @@ class DistillationCallback(Callback):
         with torch.no_grad():
             self.teacher.eval()
             t = self.teacher(*self.xb)
+            fn = self.output_fn if self.output_fn is not None else learner_output_fn(self.learn)  # as the student's output
+            if fn is not None: t = fn(t)
         loss = hinton_kd_loss(self.pred, t, self.learn.loss_grad, self.T, self.alpha)
         self.learn.loss_grad = loss
         self.learn.loss = loss.detach().clone()
