@@ -15,7 +15,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 # %% auto #0
 __all__ = ['LinearOperator', 'DenseOperator', 'as_operator', 'preserved_state', 'preserved_rng', 'unwrap_model',
-           'HessianOperator']
+           'differentiable_attention', 'HessianOperator']
 
 # %% ../nbs/02_core.ipynb #de543227
 class LinearOperator:
@@ -344,10 +344,10 @@ def _fwd_offenders(model:nn.Module, params) -> list:
     return out
 
 @contextmanager
-def _differentiable_attention():
-    """`F.scaled_dot_product_attention` on its math kernel and `nn.MultiheadAttention`/`nn.TransformerEncoder`'s fused
-    fast path off, only inside: the fused kernels (flash, memory-efficient, the native MHA fast path) have no double
-    backward nor forward-mode rule. The user's settings are restored on exit, also on an exception."""
+def differentiable_attention():
+    """Attention that can be differentiated twice, only inside: `F.scaled_dot_product_attention` on its math kernel and
+    the fused fast path of `nn.MultiheadAttention`/`nn.TransformerEncoder` off. The previous settings are restored on
+    exit, also on an exception. `HessianOperator` uses it itself; wrap other curvature code in it (PyHessian, curvlinops)."""
     from torch.nn.attention import sdpa_kernel, SDPBackend
     fast = torch.backends.mha.get_fastpath_enabled()
     try:
@@ -476,7 +476,7 @@ class HessianOperator(LinearOperator):
         # autocast off: curvature in the parameters' dtype even when called inside an autocast region
         # attention on a kernel with second derivatives (the math kernel, no fused fast path): see "Attention" below
         with preserved_state(self.model, values=False if self.eval_mode else 'buffers', copy_grads=False), \
-             _no_autocast(self.model), _differentiable_attention():
+             _no_autocast(self.model), differentiable_attention():
             if self.eval_mode: self.model.eval()
             yield
 
