@@ -100,7 +100,7 @@ class Encoder(nn.Module):
     def forward(self, x, pad=None):
         L = x.shape[1]
         kw = {}
-        if self.mask in ('causal', 'is_causal'): kw['mask'] = nn.Transformer.generate_square_subsequent_mask(L, dtype=x.dtype)
+        if self.mask in ('causal', 'is_causal'): kw['mask'] = nn.Transformer.generate_square_subsequent_mask(L, dtype=x.dtype, device=x.device)
         if self.mask == 'is_causal': kw['is_causal'] = True
         h = self.enc(self.emb(x), src_key_padding_mask=pad, **kw)
         return self.head(h.mean(1))
