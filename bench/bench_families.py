@@ -11,7 +11,8 @@ hvp:    time of one Hessian-vector product ÷ one plain `torch.autograd.grad` of
         they run inside `fastsprkd.core.differentiable_attention()` (math kernel, MHA fast path off).
 memory: peak memory growth of one call in a fresh process (Linux VmHWM after a reset through /proc/self/clear_refs,
         the call run once before on 2 samples so that lazily loaded code and one-time state are not counted), for a
-        gradient (default kernel), a gradient under the math kernel, and one product per mode (no kept graph); also on a
+        gradient (default kernel), a gradient under the math kernel, one product per mode (no kept graph) and PyHessian's
+        gradient graph plus one product (math kernel, the same double backward without the operator); also on a
         long-sequence transformer (8 sequences of 512 tokens), where the math kernel's attention matrix shows.
 """
 import argparse, json, re, subprocess, sys
@@ -125,6 +126,15 @@ def _mem_kb():
 def _mem_fn(model, lf, x, y, what):
     if what == 'grad': return plain_grad(model, lf, x, y)
     if what == 'grad_math': return in_math(plain_grad(model, lf, x, y))
+    if what == 'pyhessian':  # its construction (the gradient graph) and one product, math kernel
+        from pyhessian.utils import hessian_vector_product
+        ps = list(model.parameters())
+        v = [torch.randn_like(p) for p in ps]
+        def fn():
+            with differentiable_attention():
+                gs = torch.autograd.grad(lf(model(x), y), ps, create_graph=True)
+                return hessian_vector_product(gs, ps, v)
+        return fn
     op = HessianOperator(model, lf, (x, y), mode=what[4:], cache_graph=False)
     v = torch.randn(op.num_params)
     return lambda: op.matvec(v)
@@ -151,7 +161,8 @@ def bench_memory():
     for case in ('transformer', 'transformer_long', 'vit16', 'vit4'):
         g = _mem(case, 'grad')
         r = {'model': setup(case)[0], 'grad MiB (default kernel)': f"{g:.1f}"}
-        for what, col in (('grad_math', 'grad, math kernel'), ('hvp_fwd', 'HVP fwd'), ('hvp_rev', 'HVP rev')):
+        for what, col in (('grad_math', 'grad, math kernel'), ('hvp_fwd', 'HVP fwd'), ('hvp_rev', 'HVP rev'),
+                          ('pyhessian', 'PyHessian HVP')):
             m = _mem(case, what)
             r[f'{col} MiB (÷ grad)'] = f"{m:.1f} ({m/g:.2f}x)"
         rows.append(r); print(r, flush=True)
