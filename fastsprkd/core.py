@@ -321,10 +321,11 @@ def _pick_mode(t_fwd, t_rev):
 
 # messages of the errors that say a differentiation mode is unavailable for a model (not a failure of the model itself):
 # "derivative for ... is not implemented", "forward AD ... does not support it", "vmap: ... not supported", "Batching rule
-# not implemented", an `autograd.Function` without `setup_context`, functorch's wrappers refused by an extension, ...
-_UNAVAILABLE = ('not implemented', 'not supported', 'does not support', 'forward ad', 'forward-mode', 'forward mode',
-                'vmap', 'batching rule', 'functorch', 'torch.func', 'setup_context', 'tensorwrapper', 'batchedtensor',
-                'saved tensor hooks', 'double backward')
+# not implemented", an `autograd.Function` without `setup_context`, functorch's wrappers refused by an extension,
+# forward AD's "ZeroTensors are immutable" (an unmaterialized zero tangent, e.g. a linear model's jvp of its gradient), ...
+_UNAVAILABLE = ('not implemented', 'not supported', 'does not support', "doesn't support", 'forward ad', 'forward-mode',
+                'forward mode', 'vmap', 'batching rule', 'functorch', 'torch.func', 'setup_context', 'tensorwrapper',
+                'batchedtensor', 'saved tensor hooks', 'double backward', 'zerotensors are immutable', "have storage")
 
 def _mode_unavailable(e:BaseException) -> bool:
     "Whether `e` says a differentiation mode is unavailable (the only errors `auto` and the fallbacks catch; others propagate)."
@@ -736,10 +737,11 @@ class HessianOperator(LinearOperator):
         return True
 
     def _check_fwd(self):
-        "Compare one forward-over-reverse and one reverse-over-reverse product on the first batch (before trusting fwd)."
+        "Compare forward-over-reverse and reverse-over-reverse products on the first batch (before trusting fwd for `to_dense`)."
         if not self._fwd_ok or self._fwd_checked: return self._fwd_ok
         g = torch.Generator().manual_seed(0)
-        V = torch.randn(self.num_params, 1, generator=g, dtype=torch.float64).to(self.dtype).to(self.device)
+        # two columns: the vectorized path that to_dense's blocks take
+        V = torch.randn(self.num_params, 2, generator=g, dtype=torch.float64).to(self.dtype).to(self.device)
         with self._ctx():
             b = next(self._batches(), None)
             if b is None: return self._fwd_ok  # no data on this rank (distributed): nothing to compare
