@@ -15,7 +15,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 # %% auto #0
 __all__ = ['LinearOperator', 'DenseOperator', 'as_operator', 'preserved_state', 'preserved_rng', 'functional_forward',
-           'unwrap_model', 'HessianOperator']
+           'unwrap_model', 'differentiable_attention', 'HessianOperator']
 
 # %% ../nbs/02_core.ipynb #de543227
 class LinearOperator:
@@ -357,6 +357,43 @@ def _pick_mode(t_fwd, t_rev):
     "'fwd' when forward-over-reverse is clearly faster, else 'rev' (a near tie goes to 'rev' every time, not to the noise)."
     return 'fwd' if t_fwd < _FWD_MARGIN * t_rev else 'rev'
 
+# messages of the errors that say a differentiation mode is unavailable for a model (not a failure of the model itself):
+# "derivative for ... is not implemented", "forward AD ... does not support it", "vmap: ... not supported", "Batching rule
+# not implemented", an `autograd.Function` without `setup_context`, functorch's wrappers refused by an extension,
+# forward AD's "ZeroTensors are immutable" (an unmaterialized zero tangent, e.g. a linear model's jvp of its gradient), ...
+_UNAVAILABLE = ('not implemented', 'not supported', 'does not support', "doesn't support", 'forward ad', 'forward-mode',
+                'forward mode', 'vmap', 'batching rule', 'functorch', 'torch.func', 'setup_context', 'tensorwrapper',
+                'batchedtensor', 'saved tensor hooks', 'double backward', 'zerotensors are immutable', "have storage")
+
+def _mode_unavailable(e:BaseException) -> bool:
+    "Whether `e` says a differentiation mode is unavailable (the only errors `auto` and the fallbacks catch; others propagate)."
+    if isinstance(e, NotImplementedError): return True
+    return isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _UNAVAILABLE)
+
+def _fwd_offenders(model:nn.Module, params) -> list:
+    """Modules of `model` whose weight is in `params` and whose forward-over-reverse product PyTorch gets wrong or cannot
+    be trusted: `nn.Embedding` with `padding_idx` (the forward-mode derivative of its backward ignores the padding row:
+    a non-symmetric Hessian), `max_norm` (renormalizes the weight in place) or `scale_grad_by_freq` (a rescaled gradient)."""
+    ids, out = {id(p) for p in params}, []
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.Embedding, nn.EmbeddingBag)) or id(m.weight) not in ids: continue
+        why = [f"{a}={getattr(m, a)}" for a in ('padding_idx', 'max_norm') if getattr(m, a, None) is not None]
+        if getattr(m, 'scale_grad_by_freq', False): why.append('scale_grad_by_freq=True')
+        if why: out.append(f"module {name!r} ({type(m).__name__} with {', '.join(why)})" if name else f"the model ({type(m).__name__} with {', '.join(why)})")
+    return out
+
+@contextmanager
+def differentiable_attention():
+    """Attention that can be differentiated twice, only inside: `F.scaled_dot_product_attention` on its math kernel and
+    the fused fast path of `nn.MultiheadAttention`/`nn.TransformerEncoder` off. The previous settings are restored on
+    exit, also on an exception. `HessianOperator` uses it itself; wrap other curvature code in it (PyHessian, curvlinops)."""
+    from torch.nn.attention import sdpa_kernel, SDPBackend
+    fast = torch.backends.mha.get_fastpath_enabled()
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        with sdpa_kernel([SDPBackend.MATH]): yield
+    finally: torch.backends.mha.set_fastpath_enabled(fast)
+
 def _output_bytes(model, params, xb, owners=frozenset()):
     """`(owned, bytes)` of the outputs of each leaf module of `model` (and each module whose id is in `owners`, then
     `owned` is True) in forward order, from one no-grad forward pass over the inputs `xb` with parameters `params`."""
@@ -421,7 +458,11 @@ class HessianOperator(LinearOperator):
         self.validate = validate
         self.data, data_n_inp = _prepare_data(data)
         self.n_inp = n_inp if n_inp is not None else data_n_inp
-        self._fwd_ok, self._auto, self._graph, self.cache_graph, self._timed = True, {}, None, cache_graph, {}
+        # modules whose forward-over-reverse product is known to be wrong: never the fwd path
+        self._offenders = _fwd_offenders(model, self.params)
+        if mode == 'fwd' and self._offenders: raise self._offender_error()
+        self._fwd_ok, self._auto, self._graph, self.cache_graph, self._timed = not self._offenders, {}, None, cache_graph, {}
+        self._fwd_checked = False  # whether fwd and rev products were compared (and agreed) on this model
         self._rev_many, self._vjp = None, None  # reverse-over-reverse for several columns: 'vmap' or 'loop' (None: not timed yet)
         if self.process_group is None: self.num_samples = self.local_num_samples = self._validate()
         else: self.num_samples = self._global_num_samples()  # validates this rank's data inside the all-reduce
@@ -484,7 +525,9 @@ class HessianOperator(LinearOperator):
         # the operator never writes parameters nor `.grad` (it differentiates detached copies with autograd.grad);
         # buffers change only in train mode (BatchNorm statistics)
         # autocast off: curvature in the parameters' dtype even when called inside an autocast region
-        with preserved_state(self.model, values=False if self.eval_mode else 'buffers', copy_grads=False), _no_autocast(self.model):
+        # attention on a kernel with second derivatives (the math kernel, no fused fast path): see "Attention" below
+        with preserved_state(self.model, values=False if self.eval_mode else 'buffers', copy_grads=False), \
+             _no_autocast(self.model), differentiable_attention():
             if self.eval_mode: self.model.eval()
             try: yield
             except RuntimeError as e:  # also without validation (`validate=False`): the helpful dtype message
@@ -634,13 +677,16 @@ class HessianOperator(LinearOperator):
             if self._rev_many == 'vmap':
                 try: return self._hvp_batch_rev_vmap(f, theta, V)
                 except (NotImplementedError, RuntimeError) as e:
+                    if not _mode_unavailable(e): raise
                     warnings.warn(f"vectorized reverse-over-reverse failed for this model ({type(e).__name__}: {str(e)[:200]}); "
                                   f"using one double-backward pass per column instead")
                     self._rev_many = 'loop'
             else:  # first product with several columns: time both on this chunk (vmapped backward passes are slower on some networks)
                 try:
                     t0 = time.perf_counter(); out = self._hvp_batch_rev_vmap(f, theta, V); t_vmap = time.perf_counter() - t0
-                except (NotImplementedError, RuntimeError): self._rev_many = 'loop'  # e.g. a custom autograd.Function
+                except (NotImplementedError, RuntimeError) as e:  # e.g. a custom autograd.Function
+                    if not _mode_unavailable(e): raise
+                    self._rev_many = 'loop'
                 else:
                     if cache_key is not None: self._rev_graph(f, theta, cache_key)  # a kept graph serves later calls: built outside the timing
                     t0 = time.perf_counter(); self._hvp_batch_rev_loop(f, theta, V, cache_key); t_loop = time.perf_counter() - t0
@@ -661,7 +707,7 @@ class HessianOperator(LinearOperator):
                                          retain_graph=True)
                 for o, h in zip(out[:, k].split(self.sizes), hv):
                     if h is None: o.zero_()  # the loss does not depend on this parameter
-                    else: o.view(h.shape).copy_(h)  # a view of `out` shaped like `h`: no reshaped copy of h
+                    else: o.view(h.shape).copy_(h if h.layout == torch.strided else h.to_dense())  # a view of `out` shaped like `h`; a sparse gradient (Embedding(sparse=True)) densified
         return out
 
     def _hvp_batch_rev_vmap(self, f, theta, V):
@@ -722,21 +768,67 @@ class HessianOperator(LinearOperator):
         fn(*args)  # with a kept graph (single batch): the second call times a cached-graph product
         return out, min(t1 - t0, time.perf_counter() - t1)
 
+    def _offender_error(self):
+        return ValueError(f"mode='fwd' (forward-over-reverse) is not exact through {'; '.join(self._offenders)}: PyTorch's "
+                          f"forward-mode derivative of the embedding's backward ignores padding_idx (a wrong, non-symmetric "
+                          f"Hessian) and is not trusted with max_norm or scale_grad_by_freq. Use mode='rev' (mode='auto' "
+                          f"uses it for this model)")
+
+    def _agree(self, fwd, rev) -> bool:
+        """Whether the forward-over-reverse product `fwd` matches the reverse-over-reverse one `rev` (relative to their
+        norm, within the dtype's precision); on disagreement fwd is never used again and one warning names it."""
+        tol = torch.finfo(self.dtype).eps ** 0.5
+        scale = max(fwd.norm().item(), rev.norm().item(), torch.finfo(self.dtype).tiny)
+        err = (fwd - rev).norm().item() / scale
+        if not err <= tol:  # NaN counts as a disagreement
+            self._fwd_ok = False
+            warnings.warn(f"forward-over-reverse and reverse-over-reverse Hessian-vector products disagree on this model "
+                          f"(relative difference {err:.2e}, above {tol:.1e} for {self.dtype}): an operation's forward-mode "
+                          f"derivative of its backward is wrong; using reverse-over-reverse (mode='rev'), which needs "
+                          f"only reverse-mode derivatives. Please report the model to fastsprkd")
+            return False
+        self._fwd_checked = True
+        return True
+
+    def _check_fwd(self):
+        "Compare forward-over-reverse and reverse-over-reverse products on the first batch (before trusting fwd for `to_dense`)."
+        if not self._fwd_ok or self._fwd_checked: return self._fwd_ok
+        g = torch.Generator().manual_seed(0)
+        # two columns: the vectorized path that to_dense's blocks take
+        V = torch.randn(self.num_params, 2, generator=g, dtype=torch.float64).to(self.dtype).to(self.device)
+        with self._ctx():
+            b = next(self._batches(), None)
+            if b is None: return self._fwd_ok  # no data on this rank (distributed): nothing to compare
+            f, theta = self._loss_fn(*b, self._fixed()), self._theta()
+            rev = self._hvp_batch_rev_loop(f, theta, V)
+            try: fwd = self._hvp_batch_fwd(f, theta, V)
+            except (NotImplementedError, RuntimeError) as e:
+                if not _mode_unavailable(e): raise
+                self._fwd_ok = False
+                return False
+        return self._agree(fwd, rev)
+
     def _hvp_batch(self, f, theta, V, key):
         many = V.shape[1] > 1
         mode = self.mode if self.mode != 'auto' else self._auto.get(many)
+        if mode == 'fwd' and self._offenders: raise self._offender_error()
         if mode == 'rev' or not self._fwd_ok: return self._hvp_batch_rev(f, theta, V, key)
         if mode == 'fwd':
             try: return self._hvp_batch_fwd(f, theta, V)
             except (NotImplementedError, RuntimeError) as e:
+                if not _mode_unavailable(e): raise  # the model's or the loss's own error
                 warnings.warn(f"forward-over-reverse failed for this model ({type(e).__name__}: {str(e)[:200]}); "
                               f"using reverse-over-reverse (mode='rev') instead")
                 self._fwd_ok = False
                 return self._hvp_batch_rev(f, theta, V, key)
-        # 'auto', first product of this kind: time both modes on this batch and keep the faster
+        # 'auto', first product of this kind: time both modes on this batch, check that they agree, keep the faster
         out, t_rev = self._time(self._hvp_batch_rev, f, theta, V, key)
-        try: _, t_fwd = self._time(self._hvp_batch_fwd, f, theta, V)
-        except (NotImplementedError, RuntimeError): t_fwd, self._fwd_ok = math.inf, False
+        try: fwd, t_fwd = self._time(self._hvp_batch_fwd, f, theta, V)
+        except (NotImplementedError, RuntimeError) as e:
+            if not _mode_unavailable(e): raise  # the model's or the loss's own error: not retried in the other mode
+            t_fwd, self._fwd_ok = math.inf, False
+        else:
+            if not self._agree(fwd, out): t_fwd = math.inf
         self._auto[many] = _pick_mode(t_fwd, t_rev)
         # distributed: the choice is replaced by the one from the timings summed over the ranks, after the all-reduce
         if self.process_group is not None: self._timed[many] = (t_rev, 0. if math.isinf(t_fwd) else t_fwd)
@@ -776,6 +868,7 @@ def _sub_operator(op, names):
     sub.shapes, sub.sizes = [p.shape for p in sub.params], [p.numel() for p in sub.params]
     sub.num_params, sub.num_matvecs = sum(sub.sizes), 0
     sub._graph, sub._per_vec_bytes, sub._auto, sub._vjp = None, None, {}, None
+    sub._offenders = _fwd_offenders(op.model, sub.params)
     return sub
 
 def _module_groups(op):
@@ -807,6 +900,7 @@ def to_dense(self:HessianOperator,
     item = torch.finfo(self.dtype).bits // 8
     limit = self.max_dense_bytes if max_bytes is None else max_bytes
     if n * n * item > limit: return LinearOperator.to_dense(self, max_bytes)  # raises, with the size it would need
+    if self.mode == 'auto': self._check_fwd()  # fwd is trusted only once it agreed with rev on one product
     H = torch.empty(n, n, dtype=self.dtype, device=self.device)
     for j, c in _module_groups(self):
         off, s = sum(self.sizes[:j]), sum(self.sizes[j:j + c])
