@@ -784,8 +784,9 @@ class HessianOperator(LinearOperator):
             self._fwd_ok = False
             warnings.warn(f"forward-over-reverse and reverse-over-reverse Hessian-vector products disagree on this model "
                           f"(relative difference {err:.2e}, above {tol:.1e} for {self.dtype}): an operation's forward-mode "
-                          f"derivative of its backward is wrong; using reverse-over-reverse (mode='rev'), which needs "
-                          f"only reverse-mode derivatives. Please report the model to fastsprkd")
+                          f"derivative of its backward is wrong, or the loss is not deterministic (Dropout or random "
+                          f"augmentation in train mode: see check_determinism); using reverse-over-reverse (mode='rev'), "
+                          f"which needs only reverse-mode derivatives")
             return False
         self._fwd_checked = True
         return True
