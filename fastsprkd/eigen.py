@@ -346,6 +346,10 @@ def power_iteration(op, # a symmetric linear operator or a square tensor
     n = op.num_params
     if not 1 <= k <= n: raise ValueError(f"k must be between 1 and n={n}, got {k}")
     _check_tol('tol', tol)
+    with _autocast_off(op.device): return _power_iteration(op, k, max_iter, tol, seed)
+
+def _power_iteration(op, k, max_iter, tol, seed):
+    n = op.num_params
     gen = torch.Generator().manual_seed(seed)
     start = op.num_matvecs
     vals, vecs = [], []
