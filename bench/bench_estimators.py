@@ -17,11 +17,12 @@ density: PyHessian `hessian(...).density(iter, n_v)` vs `fastsprkd.spectral_dens
          PyHessian's density() calls `torch.eig`, removed from torch 2, so a shim computing the same thing with
          `torch.linalg.eigh` (its T is symmetric) is installed for the run.
 session5: (issue 21) trace relative error at 30 and 100 products over 10 seeds — fastsprkd XTrace, Hutch++, Hutchinson,
-         PyHessian `trace(maxIter=m, tol=0)` (exactly m products) and curvlinops' `xtrace` on its HessianLinearOperator — on
+         PyHessian `trace(maxIter=100, tol=0)` (exactly 100 products; its first m samples are its m-product run, time prorated) and curvlinops' `xtrace` on its HessianLinearOperator — on
          the digits CNN above (256 images) and the seed CNN (SeedCNN, the same 256 digits at 28×28, 100 Adam steps), against the float64 model's
          dense trace; top-5 eigenvalues (products, time, error vs the float64 dense eigenvalues) of fastsprkd `eigsh`
          (float64 and float32 Lanczos arithmetic), scipy `eigsh` (float64 ARPACK) on curvlinops' float32 products, and
-         PyHessian `eigenvalues(top_n=5)`; batched SLQ (timed product choice) vs one probe at a time. Not in `all`.
+         PyHessian `eigenvalues(top_n=5)`; batched SLQ (timed product choice) vs one probe at a time. Not in `all`;
+         `--model digits` or `--model seed` runs one of the two (two processes in parallel on a shared machine).
 """
 import sys, time, statistics
 import torch
@@ -176,7 +177,8 @@ def _curvlinops_op(model, lf, data):
 
 def _counting_pyhessian(h):
     "Count PyHessian's Hessian-vector products (its module-level `hessian_vector_product`)."
-    import pyhessian.hessian as ph
+    import pyhessian
+    ph = sys.modules['pyhessian.hessian']  # the module (the package exports the class under the same name)
     orig = ph.hessian_vector_product
     count = [0]
     def hvp(*a, **k):
@@ -192,7 +194,9 @@ def bench_session5(seeds=range(10), budgets=(30, 100)):
     from scipy.sparse.linalg import LinearOperator as SpOp, eigsh as sp_eigsh
     from fastsprkd.eigen import eigsh
     trace_rows, eig_rows, slq_rows = [], [], []
+    only = sys.argv[sys.argv.index('--model') + 1] if '--model' in sys.argv else None
     for name, model, lf, data in _s5_models():
+        if only is not None and not name.startswith(only): continue
         t0 = time.perf_counter()
         H = _dense64(model, lf, data)
         print(f"dense float64 Hessian in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -204,6 +208,7 @@ def bench_session5(seeds=range(10), budgets=(30, 100)):
         import copy
         h = hessian(copy.deepcopy(model).eval(), lf, data=data, cuda=DEVICE == 'cuda')  # PyHessian leaves .grad graphs on its model
         rel = lambda e: abs(e - ref_tr) / abs(ref_tr)
+        ph_runs = {}
         print(f"{name}: exact tr H = {ref_tr:.4f} (float64 dense), top-5 {ref_ev.tolist()}", flush=True)
         for m in budgets:
             errs = {k: [] for k in ('fastsprkd xtrace', 'fastsprkd hutch++', 'fastsprkd hutchinson', 'PyHessian trace()', 'curvlinops xtrace')}
@@ -212,9 +217,11 @@ def bench_session5(seeds=range(10), budgets=(30, 100)):
                 for meth in ('xtrace', 'hutch++', 'hutchinson'):
                     e, t = timed(lambda: trace(op, method=meth, num_matvecs=m, seed=s))
                     errs['fastsprkd ' + meth].append(rel(e.estimate)); times['fastsprkd ' + meth].append(t)
-                torch.manual_seed(s)
-                v, t = timed(lambda: h.trace(maxIter=m, tol=0.))  # tol=0: exactly maxIter products
-                errs['PyHessian trace()'].append(rel(statistics.mean(v))); times['PyHessian trace()'].append(t)
+                if s not in ph_runs:  # one run of max(budgets) products: with tol=0 its first m samples are the m-product run
+                    torch.manual_seed(s)
+                    ph_runs[s] = timed(lambda: h.trace(maxIter=max(budgets), tol=0.))
+                v, t = ph_runs[s]
+                errs['PyHessian trace()'].append(rel(statistics.mean(v[:m]))); times['PyHessian trace()'].append(t * m / len(v))
                 torch.manual_seed(s)
                 v, t = timed(lambda: float(curvlinops.xtrace(cop, m)))
                 errs['curvlinops xtrace'].append(rel(v)); times['curvlinops xtrace'].append(t)
@@ -225,11 +232,17 @@ def bench_session5(seeds=range(10), budgets=(30, 100)):
                        'ratio to PyHessian': f"{statistics.median(errs[k]) / ph:.2f}",
                        'time s (median)': f"{statistics.median(times[k]):.2f}"}
                 trace_rows.append(row); print(row, flush=True)
-        # top-5 eigenvalues
-        err5 = lambda ev: ((torch.as_tensor(np.sort(np.asarray(ev, dtype=np.float64))[-5:]) - ref_ev).abs() / ref_ev.abs()).max().item()
+        # top-5 eigenvalues, against the float64 model's and against the float32 operator's own dense eigenvalues
+        t0 = time.perf_counter()
+        H32 = op.to_dense().double()
+        ref32 = torch.linalg.eigvalsh((H32 + H32.T) / 2)[-5:]
+        print(f"dense float32 Hessian in {time.perf_counter() - t0:.1f} s; its top-5 vs the float64 model's: "
+              f"{((ref32 - ref_ev).abs() / ref_ev.abs()).max().item():.1e}", flush=True)
+        def err5(ev, ref=ref_ev): return ((torch.as_tensor(np.sort(np.asarray(ev, dtype=np.float64))[-5:]) - ref).abs() / ref.abs()).max().item()
+        def errs5(ev): return {'top-5 max rel. error vs float64 model': f"{err5(ev):.1e}", 'vs float32 operator (dense)': f"{err5(ev, ref32):.1e}"}
         for key, kw in (('fastsprkd eigsh (float64 Lanczos, default)', {}), ('fastsprkd eigsh lanczos_dtype=float32', dict(lanczos_dtype=torch.float32))):
             r, t = timed(lambda: eigsh(op, 5, **kw))
-            eig_rows.append({'model': name.split(' (')[0], 'method': key, 'products': r.num_matvecs, 'time s': f"{t:.2f}", 'top-5 max rel. error': f"{err5(r.eigenvalues.tolist()):.1e}"})
+            eig_rows.append({'model': name.split(' (')[0], 'method': key, 'products': r.num_matvecs, 'time s': f"{t:.2f}", **errs5(r.eigenvalues.tolist())})
             print(eig_rows[-1], flush=True)
         A = cop.to_scipy()
         cnt = [0]
@@ -238,14 +251,14 @@ def bench_session5(seeds=range(10), budgets=(30, 100)):
             return (A @ np.asarray(v, dtype=np.float32).ravel()).astype(np.float64)
         S = SpOp(A.shape, matvec=mv, dtype=np.float64)  # float64 ARPACK on curvlinops' float32 products
         ev, t = timed(lambda: sp_eigsh(S, k=5, which='LA', return_eigenvectors=False))
-        eig_rows.append({'model': name.split(' (')[0], 'method': 'scipy eigsh (ARPACK) on curvlinops HessianLinearOperator', 'products': cnt[0], 'time s': f"{t:.2f}", 'top-5 max rel. error': f"{err5(ev):.1e}"})
+        eig_rows.append({'model': name.split(' (')[0], 'method': 'scipy eigsh (ARPACK) on curvlinops HessianLinearOperator', 'products': cnt[0], 'time s': f"{t:.2f}", **errs5(ev)})
         print(eig_rows[-1], flush=True)
         count, undo = _counting_pyhessian(h)
         try:
             torch.manual_seed(0)
             (ev, _), t = timed(lambda: h.eigenvalues(maxIter=100, tol=1e-3, top_n=5))
         finally: undo()
-        eig_rows.append({'model': name.split(' (')[0], 'method': 'PyHessian eigenvalues(top_n=5) defaults', 'products': count[0], 'time s': f"{t:.2f}", 'top-5 max rel. error': f"{err5(ev):.1e}"})
+        eig_rows.append({'model': name.split(' (')[0], 'method': 'PyHessian eigenvalues(top_n=5) defaults', 'products': count[0], 'time s': f"{t:.2f}", **errs5(ev)})
         print(eig_rows[-1], flush=True)
         # batched SLQ: the timed choice vs one probe at a time (interleaved repeats, medians)
         if name.startswith('digits'):
@@ -266,4 +279,6 @@ if __name__ == '__main__':
     fns = dict(trace=bench_trace, density=bench_density, session5=bench_session5)
     suffix = '' if DEVICE == 'cpu' else f'_{DEVICE}'
     for k, fn in fns.items():
-        if which == k or (which == 'all' and k != 'session5'): print(f"results in {save('estimators_' + k + suffix, fn())}")
+        if which == k or (which == 'all' and k != 'session5'):
+            tag = ('_' + sys.argv[sys.argv.index('--model') + 1]) if '--model' in sys.argv else ''
+            print(f"results in {save('estimators_' + k + tag + suffix, fn())}")

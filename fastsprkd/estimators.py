@@ -276,21 +276,22 @@ class SpectralDensity:
 # %% ../nbs/04_estimators.ipynb #b4bfa521
 def _columns_product(op, wd):
     """V ↦ A V for the probes' columns (in the work dtype `wd`, products in the operator's): one `matmat`, or one `matvec`
-    per column, whichever is faster. Both are timed on real steps of the recurrence — steps 1 and 2 (after a first
-    `matmat` and a first column loop that carry the one-time costs) — so the choice costs no extra product."""
+    per column, whichever is faster. Both are timed on real steps of the recurrence — steps 2 to 5, alternating (after a
+    first `matmat` and a first column loop that carry the one-time costs), the faster of two timings each — so the
+    choice costs no extra product."""
     state = dict(calls=0, t={}, way=None)
     sync = (lambda: torch.cuda.synchronize(op.device)) if torch.device(op.device).type == 'cuda' else (lambda: None)
     def loop(V): return torch.stack([op.matvec(v) for v in V.T], 1)
     def prod(V):
         Vd = V.to(op.dtype)
         if V.shape[1] == 1: return op.matmat(Vd).to(wd)
-        way = state['way'] or ('mat', 'loop', 'mat', 'loop')[state['calls']]
+        way = state['way'] or ('mat', 'loop')[state['calls'] % 2]
         t0 = time.perf_counter()
         out = op.matmat(Vd) if way == 'mat' else loop(Vd)
         if state['way'] is None:
             sync(); state['calls'] += 1
-            if state['calls'] > 2: state['t'][way] = (time.perf_counter() - t0) / V.shape[1]
-            if state['calls'] == 4: state['way'] = 'loop' if state['t']['loop'] < state['t']['mat'] else 'mat'
+            if state['calls'] > 2: state['t'][way] = min(state['t'].get(way, math.inf), (time.perf_counter() - t0) / V.shape[1])
+            if state['calls'] == 6: state['way'] = 'loop' if state['t']['loop'] < state['t']['mat'] else 'mat'
         return out.to(wd)
     prod.state = state
     return prod

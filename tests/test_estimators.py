@@ -523,9 +523,9 @@ def test_batched_slq_chooses_the_faster_product(slow_many):
     A, _ = spd_matrix(n=60)
     op = SlowOperator(A, slow_many)
     sd = spectral_density(op, num_probes=4, num_steps=12, seed=1)
-    assert sum(op.calls) == 48 and op.calls[:6] == [4, 1, 1, 1, 1, 4]  # steps 0-3 alternate matmat / column loop
-    rest = op.calls[10:]
-    assert rest == ([1] * 32 if slow_many else [4] * 8), rest
+    assert sum(op.calls) == 48 and op.calls[:15] == [4, 1, 1, 1, 1] * 3  # steps 0-5 alternate matmat / column loop
+    rest = op.calls[15:]
+    assert rest == ([1] * 24 if slow_many else [4] * 6), rest
     ref = spectral_density(A, num_probes=4, num_steps=12, seed=1, batch=1)
     fct.test_close(sd.nodes, ref.nodes, eps=1e-8)
 
