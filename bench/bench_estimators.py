@@ -263,13 +263,14 @@ def bench_session5(seeds=range(10), budgets=(30, 100)):
         # batched SLQ: the timed choice vs one probe at a time (interleaved repeats, medians)
         if name.startswith('digits'):
             tb, t1 = [], []
-            for _ in range(3):
+            for _ in range(5):
                 _, t = timed(lambda: spectral_density(op, num_probes=8, num_steps=40, seed=0)); tb.append(t)
                 _, t = timed(lambda: spectral_density(op, num_probes=8, num_steps=40, seed=0, batch=1)); t1.append(t)
             slq_rows.append({'model': name.split(' (')[0], 'probes × steps': '8 × 40', 'batched (timed choice) s': f"{statistics.median(tb):.2f}",
                              'one probe at a time (batch=1) s': f"{statistics.median(t1):.2f}", 'ratio': f"{statistics.median(tb) / statistics.median(t1):.2f}"})
             print(slq_rows[-1], flush=True)
-    for rows in (trace_rows, eig_rows, slq_rows): print(table(rows, list(rows[0])))
+    for rows in (trace_rows, eig_rows, slq_rows):
+        if rows: print(table(rows, list(rows[0])))
     return dict(trace=trace_rows, eig=eig_rows, slq=slq_rows)
 
 
