@@ -6,7 +6,7 @@ Docs: https://github.com/fastsprkd/fastsprkd/tree/main/nbs/eigen.html.md"""
 
 # %% ../nbs/03_eigen.ipynb #b58d16b8
 from __future__ import annotations
-import math, warnings
+import contextlib, math, warnings
 from dataclasses import dataclass
 import torch
 from torch import Tensor
@@ -20,9 +20,9 @@ __all__ = ['EigResult', 'lanczos', 'eigsh', 'power_iteration']
 @dataclass
 class EigResult:
     "Eigenpairs found by `eigsh` or `power_iteration`."
-    eigenvalues:Tensor # (k,) ascending
-    eigenvectors:Tensor # (n, k) orthonormal columns, in the order of `eigenvalues`
-    residuals:Tensor # (k,) ‖A v − λ v‖ of each pair
+    eigenvalues:Tensor # (k,) ascending, in the Lanczos dtype (float64 by default, whatever the operator's dtype)
+    eigenvectors:Tensor # (n, k) orthonormal columns, in the order of `eigenvalues`, in the operator's dtype
+    residuals:Tensor # (k,) ‖A v − λ v‖ of each pair (Lanczos dtype)
     converged:Tensor # (k,) bool: residual ≤ tol · ‖A‖ (estimated by the largest |Ritz value|)
     num_matvecs:int # operator products used
     def __iter__(self): return iter((self.eigenvalues, self.eigenvectors))
@@ -49,23 +49,65 @@ def _orth_rows(w, R):
         h = h + h2
     return w2, h
 
+_LOW = (torch.float16, torch.bfloat16)
+_warned_low = set()
+
+def _work_dtype(op, lanczos_dtype=None, what='eigsh'):
+    """The dtype of the Lanczos basis, its orthogonalization and the small eigenproblems: float64 unless `lanczos_dtype`
+    says otherwise (float32 on devices without float64); never below float32, whatever the operator's dtype."""
+    if lanczos_dtype is None:
+        wd = torch.float32 if torch.device(op.device).type == 'mps' else torch.float64
+    elif lanczos_dtype in (torch.float32, torch.float64): wd = lanczos_dtype
+    else: raise ValueError(f"lanczos_dtype must be torch.float64, torch.float32 or None (float64), got {lanczos_dtype!r}: "
+                           f"the Lanczos arithmetic runs in float32 or better")
+    if op.dtype in _LOW and op.dtype not in _warned_low:
+        _warned_low.add(op.dtype)
+        warnings.warn(f"{what}: the operator's products are in {op.dtype}; the Lanczos basis, orthogonalization and eigh run in "
+                      f"{wd} (torch has no {op.dtype} eigh), so the results are accurate to {op.dtype}'s precision "
+                      f"(~{torch.finfo(op.dtype).eps:.0e} relative) at best. (Shown once per dtype.)")
+    return wd
+
+def _product(op, wd):
+    "v ↦ A v for a vector in the work dtype: the product in the operator's dtype, the result back in the work dtype."
+    if op.dtype == wd: return op.matvec
+    return lambda v: op.matvec(v.to(op.dtype)).to(wd)
+
+def _autocast_off(device):
+    "Autocast disabled on the CPU and the operator's device: the solver's own arithmetic keeps its dtype inside an autocast region."
+    stack = contextlib.ExitStack()
+    for t in dict.fromkeys(('cpu', torch.device(device).type)):
+        try: stack.enter_context(torch.autocast(device_type=t, enabled=False))
+        except RuntimeError: pass  # a device type without autocast
+    return stack
+
+def _check_tol(name, tol, hint=''):
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
+        raise ValueError(f"{name} must be a number with 0 < {name} < 1 (a relative tolerance), got {tol!r}{hint}")
+
 # %% ../nbs/03_eigen.ipynb #92defc66
 def lanczos(op, # a symmetric linear operator or a square tensor
             v0:Tensor, # start vector (normalized internally)
             num_steps:int, # Krylov dimension m (at most n)
             reorth:bool=True, # full reorthogonalization (recommended; costs O(n·m) per step)
+            lanczos_dtype:torch.dtype|None=None, # dtype of the basis and recurrence (None: float64); products stay in the operator's
            ) -> tuple[Tensor, Tensor, Tensor]:
-    "Lanczos tridiagonalization from `v0`: `(alphas (m,), betas (m-1,), Q (n×m))` with QᵀAQ = tridiag(betas, alphas, betas)."
+    """Lanczos tridiagonalization from `v0`: `(alphas (m,), betas (m-1,), Q (n×m))` with QᵀAQ = tridiag(betas, alphas, betas);
+    alphas and betas in the Lanczos dtype, Q in the operator's dtype."""
     op = as_operator(op)
     n = op.num_params
     m = min(num_steps, n)
     if m < 1: raise ValueError(f"num_steps must be ≥ 1, got {num_steps}")
-    q = _start_vector(n, op.dtype, op.device, 0, v0)
-    R = torch.empty(m, n, dtype=op.dtype, device=op.device)  # basis vectors as contiguous rows
+    wd = _work_dtype(op, lanczos_dtype, 'lanczos')
+    with _autocast_off(op.device): return _lanczos(op, v0, m, reorth, wd)
+
+def _lanczos(op, v0, m, reorth, wd):
+    n, mv = op.num_params, _product(op, wd)
+    q = _start_vector(n, wd, op.device, 0, v0)
+    R = torch.empty(m, n, dtype=wd, device=op.device)  # basis vectors as contiguous rows
     alphas, betas = [], []
     R[0] = q
     for j in range(m):
-        w = op.matvec(R[j])
+        w = mv(R[j])
         a = torch.dot(R[j], w)
         alphas.append(a)
         w = w - a * R[j]
@@ -73,11 +115,11 @@ def lanczos(op, # a symmetric linear operator or a square tensor
         if reorth: w, _ = _orth_rows(w, R[:j+1])
         if j == m - 1: break
         b = w.norm()
-        if b <= 1e-10 * max(abs(float(x)) for x in alphas) + torch.finfo(op.dtype).tiny:  # invariant subspace: stop early
+        if b <= 1e-10 * max(abs(float(x)) for x in alphas) + torch.finfo(wd).tiny:  # invariant subspace: stop early
             R = R[:j+1]; break
         betas.append(b)
         R[j+1] = w / b
-    return torch.stack(alphas), (torch.stack(betas) if betas else R.new_zeros(0)), R.T
+    return torch.stack(alphas), (torch.stack(betas) if betas else R.new_zeros(0)), R.T.to(op.dtype)
 
 # %% ../nbs/03_eigen.ipynb #2340eeb6
 def _wanted(theta, k, which):
@@ -135,11 +177,13 @@ def _thick_restart_lanczos(op, k, which, tol, ncv, budget, q0, X, anorm, gen, ti
     a small residual only says *some* eigenvalue is near, and at a loose tolerance a few steps from a random vector often
     give converged-looking pairs from the bulk of the spectrum before the extreme eigenvalues appear; `warm`: a given start).
     With `found` (the eigenvalues of `X`): a check for missed eigenvalues — the Ritz pairs more wanted than some found
-    eigenvalue, stopping once they and the most wanted Ritz pair of each end have converged."""
+    eigenvalue, stopping once they and the most wanted Ritz pair of each end have converged.
+    Everything but the products is in the work dtype `wd` (that of `q0` and `X`); the products in the operator's."""
     n, L = op.num_params, X.shape[1]
     m = min(ncv, n - L)
     kk = min(k, m)
-    dtype, device = op.dtype, op.device
+    dtype, device = X.dtype, op.device
+    mv = _product(op, dtype)
     tiny = torch.finfo(dtype).tiny
     Q = torch.empty(L + m + 1, n, dtype=dtype, device=device)  # basis vectors as contiguous rows: the locked X, then the Krylov basis
     Q[:L] = X.T
@@ -151,7 +195,7 @@ def _thick_restart_lanczos(op, k, which, tol, ncv, budget, q0, X, anorm, gen, ti
     while True:
         for i in range(j, m):
             if used >= budget: break
-            w = op.matvec(Q[L + i]); used += 1
+            w = mv(Q[L + i]); used += 1
             w, h = _orth_rows(w, Q[:L + i + 1])
             C[:, i] = h[:L]; H[:i+1, i] = h[L:]; H[i, :i+1] = h[L:]
             beta = w.norm()
@@ -209,17 +253,23 @@ def eigsh(op, # a symmetric linear operator (e.g. `HessianOperator`) or a dense 
           verify:bool|None=None, # check from fresh random vectors that no wanted eigenvalue was missed (None: when an end asks for ≥ 2 pairs)
           progress:bool=False, # show a fastprogress bar of the products used
           warn:bool=True, # warn when some pairs did not converge within `max_matvecs` (`EigResult.converged` says which)
+          lanczos_dtype:torch.dtype|None=None, # dtype of the basis, orthogonalization and eigh (None: float64); products stay in the operator's
          ) -> EigResult:
     "k eigenpairs of a symmetric operator by thick-restart Lanczos with full reorthogonalization."
     op = as_operator(op)
     n = op.num_params
+    _check_tol('tol', tol, "; the residual cannot go below the products' round-off (~1e-7·‖A‖ for float32 products)")
     if which not in ('LA', 'SA', 'LM', 'BE'): raise ValueError(f"which must be one of 'LA', 'SA', 'LM', 'BE', got {which!r}")
     if not 1 <= k <= n: raise ValueError(f"k must be between 1 and n={n}, got {k}")
     ncv = min(n, ncv if ncv is not None else max(2 * k + 1, k + 16))
     if ncv <= k and ncv < n: raise ValueError(f"ncv={ncv} must exceed k={k}")
     max_matvecs = max(20 * ncv, 200, n) if max_matvecs is None else max_matvecs
     if max_matvecs < 1: raise ValueError(f"max_matvecs must be ≥ 1, got {max_matvecs}")
-    dtype, device = op.dtype, op.device
+    wd = _work_dtype(op, lanczos_dtype)
+    with _autocast_off(op.device): return _eigsh(op, k, which, tol, max_matvecs, ncv, seed, v0, verify, progress, warn, wd)
+
+def _eigsh(op, k, which, tol, max_matvecs, ncv, seed, v0, verify, progress, warn, dtype):
+    n, device = op.num_params, op.device
     start = op.num_matvecs
     gen = torch.Generator().manual_seed(seed + 1)
     bar = progress_bar(range(max_matvecs), leave=False) if progress else None
@@ -250,7 +300,7 @@ def eigsh(op, # a symmetric linear operator (e.g. `HessianOperator`) or a dense 
         warnings.warn(f"eigsh: {int((~conv).sum())} of {k} eigenpairs did not converge to tol={tol:g} within max_matvecs="
                       f"{max_matvecs} products (largest relative residual {float((res / anorm.clamp_min(torch.finfo(dtype).tiny)).max()):.2g}); "
                       "raise max_matvecs or loosen tol (EigResult.converged says which; warn=False silences this)")
-    return EigResult(vals, vecs, res, conv, op.num_matvecs - start)
+    return EigResult(vals, vecs.to(op.dtype), res, conv, op.num_matvecs - start)
 
 # %% ../nbs/03_eigen.ipynb #7d4f1a62
 def _merge(vals, vecs, res, c, which):
@@ -295,6 +345,11 @@ def power_iteration(op, # a symmetric linear operator or a square tensor
     op = as_operator(op)
     n = op.num_params
     if not 1 <= k <= n: raise ValueError(f"k must be between 1 and n={n}, got {k}")
+    _check_tol('tol', tol)
+    with _autocast_off(op.device): return _power_iteration(op, k, max_iter, tol, seed)
+
+def _power_iteration(op, k, max_iter, tol, seed):
+    n = op.num_params
     gen = torch.Generator().manual_seed(seed)
     start = op.num_matvecs
     vals, vecs = [], []

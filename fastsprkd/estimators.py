@@ -6,7 +6,7 @@ Docs: https://github.com/fastsprkd/fastsprkd/tree/main/nbs/estimators.html.md"""
 
 # %% ../nbs/04_estimators.ipynb #57e2125e
 from __future__ import annotations
-import math, warnings
+import contextlib, functools, math, time, warnings
 from dataclasses import dataclass, field
 import torch
 from torch import Tensor
@@ -42,64 +42,182 @@ def _check_count(name, value, minimum):
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
 
+def _check_tol(name, tol, what='a relative tolerance'):
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
+        raise ValueError(f"{name} must be a number with 0 < {name} < 1 ({what}), got {tol!r}")
+
+_LOW = (torch.float16, torch.bfloat16)
+
+def _probe_dtype(op):
+    "Probes, sketches and their QR in the operator's dtype, or float32 for a half-precision operator (torch has no half QR)."
+    return torch.float32 if op.dtype in _LOW else op.dtype
+
+def _mm(op, V:Tensor, batch:int|None=None) -> Tensor:
+    "A V in `batch`-column `matmat` calls, the products in the operator's dtype and the result in V's."
+    if batch is None or batch >= V.shape[1]: return op.matmat(V.to(op.dtype)).to(V.dtype)
+    return torch.cat([op.matmat(V[:, i:i+batch].to(op.dtype)).to(V.dtype) for i in range(0, V.shape[1], batch)], 1)
+
+def _autocast_off(fn):
+    """Run an estimator with autocast disabled on the CPU and on its operator's device: inside a user's
+    `torch.autocast` region it computes exactly what it computes outside (the operator's products already disable it)."""
+    @functools.wraps(fn)
+    def wrapper(op, *args, **kwargs):
+        first = op[0] if isinstance(op, (list, tuple)) and len(op) else op
+        dev = getattr(first, 'device', 'cpu')
+        with contextlib.ExitStack() as stack:
+            for t in dict.fromkeys(('cpu', torch.device(dev).type)):
+                try: stack.enter_context(torch.autocast(device_type=t, enabled=False))
+                except RuntimeError: pass  # a device type without autocast
+            return fn(op, *args, **kwargs)
+    return wrapper
+
 # %% ../nbs/04_estimators.ipynb #1233b0ad
 def _hutchinson(op, m, gen, batch, rtol, offset=0., project=None):
     "Hutchinson samples zᵀAz (of the projected probes when `project` is given), stopping on the standard error."
     n, s = op.num_params, torch.zeros(0, dtype=torch.float64)
-    like = torch.empty(0, dtype=op.dtype, device=op.device)
+    like = torch.empty(0, dtype=_probe_dtype(op), device=op.device)
     while len(s) < m:
         Z = _rademacher(n, min(batch, m - len(s)), gen, like)
         if project is not None: Z = project(Z)
-        s = torch.cat([s, (Z * op.matmat(Z)).sum(0).double().cpu() + offset])
+        s = torch.cat([s, (Z * _mm(op, Z)).sum(0).double().cpu() + offset])
         if rtol is not None and len(s) > 1 and _stderr(s) <= rtol * abs(s.mean().item()): break
     return s
 
+# %% ../nbs/04_estimators.ipynb #x7a3c0e1
+class _Sketch:
+    """The exchangeable sketch of XTrace/XDiag, grown by blocks of probes: Ω (n×s Rademacher), Y = AΩ = QR, Z = AQ,
+    two products per probe. A new block is orthogonalized against the kept Q (twice, block Gram–Schmidt), so Q, R and Z
+    of the earlier probes stay as they are and every product is used once."""
+    def __init__(self, op, batch):
+        self.op, self.batch, self.s = op, batch, 0
+        self.Om = self.Q = self.Z = self.R = self.d = None
+    def add(self, Om:Tensor):
+        Y = _mm(self.op, Om, self.batch)
+        d = (Om * Y).sum(0).double()  # ω_iᵀ A ω_i
+        if self.Q is None: C, Yp = Y.new_zeros(0, Om.shape[1]), Y
+        else:
+            C = self.Q.T @ Y; Yp = Y - self.Q @ C
+            C2 = self.Q.T @ Yp; Yp = Yp - self.Q @ C2; C = C + C2
+        Qa, Ra = torch.linalg.qr(Yp)
+        Za = _mm(self.op, Qa, self.batch)
+        s, b = self.s, Om.shape[1]
+        R = Om.new_zeros(s + b, s + b)
+        if s: R[:s, :s] = self.R
+        R[:s, s:] = C; R[s:, s:] = Ra
+        cat = lambda old, new: new if old is None else torch.cat([old, new], 1)
+        self.Om, self.Q, self.Z, self.d = cat(self.Om, Om), cat(self.Q, Qa), cat(self.Z, Za), (d if self.d is None else torch.cat([self.d, d]))
+        self.R, self.s = R, s + b
+    def loo(self):
+        """The leave-one-out quantities: S, whose column i is the unit vector of span(R) orthogonal to the columns of R other
+        than i (so Q(I − s_i s_iᵀ)Qᵀ projects on the span of the other probes' Y), and R, in float64; None if Y is rank-deficient."""
+        R = self.R.double()
+        dg = R.diagonal().abs()
+        if dg.min() <= 1e3 * torch.finfo(self.R.dtype).eps * dg.max(): return None
+        Rit = torch.linalg.solve_triangular(R, torch.eye(self.s, dtype=R.dtype, device=R.device), upper=True).T  # R^{-T}
+        return Rit / Rit.norm(dim=0), R
+
+def _xtrace_samples(sk):
+    "The s exchangeable XTrace samples t_i = tr(Q_(i)ᵀAQ_(i)) + u_iᵀAu_i, u_i = (I − Q_(i)Q_(i)ᵀ)ω_i; their mean is XTrace."
+    H = (sk.Q.T @ sk.Z).double()  # QᵀAQ
+    loo = sk.loo()
+    if loo is None:  # Y = AΩ has lower rank than the probes: range(A) ⊂ span(Q) (almost surely), tr A = tr QᵀAQ exactly
+        return H.trace().reshape(1).cpu()
+    S, R = loo
+    W, T = (sk.Q.T @ sk.Om).double(), (sk.Z.T @ sk.Om).double()  # w_i = Qᵀω_i, t_i = ZᵀΩ e_i = QᵀAω_i
+    G = W - S * (S * W).sum(0)  # g_i = (I − s_i s_iᵀ) w_i: u_i = ω_i − Q g_i, A u_i = y_i − Z g_i
+    t = (H.trace() - (S * (H @ S)).sum(0)  # tr(Q_(i)ᵀ A Q_(i))
+         + sk.d - (T * G).sum(0) - (G * R).sum(0) + (G * (H @ G)).sum(0))  # u_iᵀ A u_i  (Qᵀy_i = r_i, the i-th column of R)
+    return t.cpu()
+
+def _xtrace(op, m, gen, batch, rtol):
+    "XTrace samples from up to m products (m//2 probes; with `rtol`, blocks of batch//2 probes until the stderr is small)."
+    n = op.num_params
+    s_max = min(m // 2, n)
+    like = torch.empty(0, dtype=_probe_dtype(op), device=op.device)
+    sk, step = _Sketch(op, batch), (max(2, batch // 2) if rtol is not None else s_max)
+    while sk.s < s_max:
+        sk.add(_rademacher(n, min(step, s_max - sk.s), gen, like))
+        t = _xtrace_samples(sk)
+        if sk.s == n or len(t) == 1: return (sk.Q.T @ sk.Z).double().trace().reshape(1).cpu() if sk.s == n else t  # exact
+        if rtol is not None and _stderr(t) <= rtol * abs(t.mean().item()): break
+    return t
+
+def _xdiag(op, m, gen, batch):
+    """XDiag from up to m products (m//2 probes): per probe i, diag(Q_(i)Q_(i)ᵀA) + ω_i ⊙ (I − Q_(i)Q_(i)ᵀ)Aω_i, unbiased
+    given the other probes; the mean and its standard error per entry."""
+    n = op.num_params
+    s = min(m // 2, n)
+    sk = _Sketch(op, batch)
+    sk.add(_rademacher(n, s, gen, torch.empty(0, dtype=_probe_dtype(op), device=op.device)))
+    Q, Z = sk.Q.double(), sk.Z.double()
+    base = (Q * Z).sum(1)  # diag(QQᵀA) = diag(Q Zᵀ)
+    loo = sk.loo()
+    if loo is None or s == n: return base, torch.zeros_like(base)  # Q spans range(A) (or everything): diag(QQᵀA) = diag(A)
+    S, R = loo
+    QS, ZS = Q @ S, Z @ S
+    # (I − Q_(i)Q_(i)ᵀ) y_i = Q s_i (s_iᵀ r_i): the part of y_i outside the span of the other probes' Y
+    D = base[:, None] - QS * ZS + sk.Om.double() * QS * (S * R).sum(0)
+    return D.mean(1), D.std(1, unbiased=True) / math.sqrt(s)
+
 # %% ../nbs/04_estimators.ipynb #6571ca98
+@_autocast_off
 def trace(op, # linear operator or square tensor
           *,
-          method:str='hutch++', # 'hutch++' (Meyer et al. 2021) or 'hutchinson'
+          method:str='hutch++', # 'hutch++' (Meyer et al. 2021), 'xtrace' (Epperly, Tropp & Webber 2024) or 'hutchinson'
           num_matvecs:int=99, # budget of operator products (the most that is used)
           seed:int=0, # seed of the probe vectors
-          rtol:float|None=None, # stop once the standard error is ≤ rtol·|estimate|
+          rtol:float|None=None, # stop once the standard error is ≤ rtol·|estimate| (0 < rtol < 1)
           batch:int|None=None, # probes per `matmat` call (default: all at once, or 10 with `rtol`)
          ) -> Estimate:
     "Stochastic estimate of tr(op) with a standard error."
     op = as_operator(op)
-    if method not in ('hutch++', 'hutchinson'): raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
-    _check_count('num_matvecs', num_matvecs, 6 if method == 'hutch++' else 2)
-    if rtol is not None and not rtol > 0: raise ValueError(f"rtol must be positive, got {rtol}")
+    if method not in ('hutch++', 'hutchinson', 'xtrace'):
+        raise ValueError(f"method must be 'hutch++', 'xtrace' or 'hutchinson', got {method!r}")
+    _check_count('num_matvecs', num_matvecs, {'hutch++': 6, 'xtrace': 4}.get(method, 2))
+    if rtol is not None: _check_tol('rtol', rtol, "the standard error relative to |estimate| at which to stop")
+    if batch is not None: _check_count('batch', batch, 1)
     batch = batch or (10 if rtol is not None else num_matvecs)
     gen, n, before = _generator(seed), op.num_params, op.num_matvecs
     if method == 'hutchinson':
         s = _hutchinson(op, num_matvecs, gen, batch, rtol)
         return Estimate(s.mean().item(), _stderr(s), op.num_matvecs - before, s, method)
+    if method == 'xtrace':
+        s = _xtrace(op, num_matvecs, gen, batch, rtol)
+        return Estimate(s.mean().item(), 0. if len(s) == 1 else _stderr(s), op.num_matvecs - before, s, method)
     k = min(num_matvecs // 3, n)
-    like = torch.empty(0, dtype=op.dtype, device=op.device)
-    Q = torch.linalg.qr(op.matmat(_rademacher(n, k, gen, like))).Q
-    exact = (Q * op.matmat(Q)).sum().double().item()
+    like = torch.empty(0, dtype=_probe_dtype(op), device=op.device)
+    Q = torch.linalg.qr(_mm(op, _rademacher(n, k, gen, like), batch)).Q
+    exact = (Q * _mm(op, Q, batch)).sum().double().item()
     if k == n:  # Q spans the whole space: the trace is exact
         return Estimate(exact, 0., op.num_matvecs - before, torch.tensor([exact], dtype=torch.float64), method)
     s = _hutchinson(op, num_matvecs - 2 * k, gen, batch, rtol, offset=exact, project=lambda Z: Z - Q @ (Q.T @ Z))
     return Estimate(s.mean().item(), _stderr(s), op.num_matvecs - before, s, method)
 
 # %% ../nbs/04_estimators.ipynb #c828543a
+@_autocast_off
 def diagonal(op, # linear operator or square tensor
              *,
-             num_matvecs:int=100, # number of probes (operator products)
+             method:str='hutchinson', # 'hutchinson' or 'xdiag' (Epperly, Tropp & Webber 2024)
+             num_matvecs:int=100, # budget of operator products (Hutchinson: one per probe; XDiag: two per probe)
              seed:int=0, # seed of the probe vectors
              batch:int|None=None, # probes per `matmat` call (default: all at once)
             ) -> Estimate:
-    "Hutchinson estimate of diag(op), with a standard error per entry."
+    "Stochastic estimate of diag(op), with a standard error per entry."
     op = as_operator(op)
-    _check_count('num_matvecs', num_matvecs, 2)
+    if method not in ('hutchinson', 'xdiag'): raise ValueError(f"method must be 'hutchinson' or 'xdiag', got {method!r}")
+    _check_count('num_matvecs', num_matvecs, 4 if method == 'xdiag' else 2)
+    if batch is not None: _check_count('batch', batch, 1)
     gen, n, before = _generator(seed), op.num_params, op.num_matvecs
+    if method == 'xdiag':
+        est, err = _xdiag(op, num_matvecs, gen, batch)
+        return Estimate(est.to(op.dtype), err.to(op.dtype), op.num_matvecs - before, None, 'xdiag')
     batch, done = batch or num_matvecs, 0
-    like = torch.empty(0, dtype=op.dtype, device=op.device)
+    like = torch.empty(0, dtype=_probe_dtype(op), device=op.device)
     s1 = torch.zeros(n, dtype=torch.float64, device=op.device); s2 = torch.zeros_like(s1)
     while done < num_matvecs:
         k = min(batch, num_matvecs - done)
         Z = _rademacher(n, k, gen, like)
-        D = (Z * op.matmat(Z)).double()
+        D = (Z * _mm(op, Z)).double()
         s1 += D.sum(1); s2 += (D * D).sum(1); done += k
     mean = s1 / done
     var = ((s2 - done * mean * mean) / (done - 1)).clamp_min(0)
@@ -156,38 +274,71 @@ class SpectralDensity:
         return ax
 
 # %% ../nbs/04_estimators.ipynb #b4bfa521
-def _lanczos_columns(op, V0:Tensor, m:int):
-    "Independent Lanczos recurrences from each column of V0 sharing every `matmat`: alphas K×m, betas K×(m−1), lengths K."
+def _columns_product(op, wd):
+    """V ↦ A V for the probes' columns (in the work dtype `wd`, products in the operator's): one `matmat`, or one `matvec`
+    per column, whichever is faster. Both are timed on real steps of the recurrence — steps 2 to 5, alternating (after a
+    first `matmat` and a first column loop that carry the one-time costs), the faster of two timings each — so the
+    choice costs no extra product."""
+    state = dict(calls=0, t={}, way=None)
+    sync = (lambda: torch.cuda.synchronize(op.device)) if torch.device(op.device).type == 'cuda' else (lambda: None)
+    def loop(V): return torch.stack([op.matvec(v) for v in V.T], 1)
+    def prod(V):
+        Vd = V.to(op.dtype)
+        if V.shape[1] == 1: return op.matmat(Vd).to(wd)
+        way = state['way'] or ('mat', 'loop')[state['calls'] % 2]
+        t0 = time.perf_counter()
+        out = op.matmat(Vd) if way == 'mat' else loop(Vd)
+        if state['way'] is None:
+            sync(); state['calls'] += 1
+            if state['calls'] > 2: state['t'][way] = min(state['t'].get(way, math.inf), (time.perf_counter() - t0) / V.shape[1])
+            if state['calls'] == 6: state['way'] = 'loop' if state['t']['loop'] < state['t']['mat'] else 'mat'
+        return out.to(wd)
+    prod.state = state
+    return prod
+
+def _lanczos_columns(op, V0:Tensor, m:int, wd):
+    """Independent Lanczos recurrences from each column of V0, with bases, orthogonalization and recurrence in the work dtype
+    `wd`: alphas K×m, betas K×(m−1), lengths K. The columns' products are taken together (`_columns_product`)."""
     n, K = V0.shape
-    Q = V0.new_zeros(m, n, K)
-    q = V0 / V0.norm(dim=0)
+    prod = _columns_product(op, wd)
+    Q = torch.zeros(K, m, n, dtype=wd, device=V0.device)  # each probe's basis as contiguous rows
+    q = (V0 / V0.norm(dim=0)).to(wd)
     alphas = torch.zeros(K, m, dtype=torch.float64); betas = torch.zeros(K, max(m - 1, 0), dtype=torch.float64)
     lengths = torch.full((K,), m, dtype=torch.long)
     active = torch.ones(K, dtype=torch.bool, device=V0.device)
-    beta_prev = V0.new_zeros(K)
+    beta_prev = q.new_zeros(K)
+    tiny = torch.finfo(wd).tiny
     for j in range(m):
-        Q[j] = q
+        Q[:, j] = q.T
         idx = active.nonzero().squeeze(1)
         W = torch.zeros_like(q)
-        W[:, idx] = op.matmat(q[:, idx])
+        W[:, idx] = prod(q[:, idx])
         a = (q * W).sum(0)
         alphas[:, j] = a.double().cpu()
         W = W - a * q
-        if j > 0: W = W - beta_prev * Q[j-1]
-        for _ in range(2):  # full reorthogonalization against each column's own basis
-            W = W - torch.einsum('ink,ik->nk', Q[:j+1], torch.einsum('ink,nk->ik', Q[:j+1], W))
+        if j > 0: W = W - beta_prev * Q[:, j-1].T
+        B = Q[:, :j+1]
+        for _ in range(2):  # full reorthogonalization against each column's own basis (batched: K × (j+1) × n)
+            W = W - torch.bmm(B.transpose(1, 2), torch.bmm(B, W.T[:, :, None]))[:, :, 0].T
         if j == m - 1: break
         b = W.norm(dim=0)
         scale = alphas[:, :j+1].abs().amax(1).to(b)
-        broke = active & (b <= 1e-10 * scale + torch.finfo(b.dtype).tiny)  # invariant subspace: that probe stops
+        broke = active & (b <= 1e-10 * scale + tiny)  # invariant subspace: that probe stops
         lengths[broke.cpu()] = j + 1
         active = active & ~broke
         b = torch.where(active, b, torch.zeros_like(b))
         betas[:, j] = b.double().cpu()
-        q = torch.where(active, W / b.clamp_min(torch.finfo(b.dtype).tiny), torch.zeros_like(W))
+        q = torch.where(active, W / b.clamp_min(tiny), torch.zeros_like(W))
         beta_prev = b
         if not active.any(): break
     return alphas, betas, lengths
+
+def _lanczos_dtype(op, lanczos_dtype):
+    "float64 unless `lanczos_dtype` says float32 (the same rule as `eigen.eigsh`'s): never below float32."
+    if lanczos_dtype is None: return torch.float32 if torch.device(op.device).type == 'mps' else torch.float64
+    if lanczos_dtype in (torch.float32, torch.float64): return lanczos_dtype
+    raise ValueError(f"lanczos_dtype must be torch.float64, torch.float32 or None (float64), got {lanczos_dtype!r}: "
+                     f"the Lanczos arithmetic runs in float32 or better")
 
 def _ritz(alphas, betas):
     "Nodes and weights of the Gauss quadrature of a Lanczos tridiagonal matrix."
@@ -198,22 +349,25 @@ def _ritz(alphas, betas):
     return theta, V[0] ** 2
 
 # %% ../nbs/04_estimators.ipynb #333ee6a7
+@_autocast_off
 def spectral_density(op, # linear operator or square tensor
                      *,
                      num_probes:int=10, # random start vectors (the density's variance falls as 1/num_probes)
                      num_steps:int=60, # Lanczos steps per probe (quadrature nodes; resolution of the spectrum)
                      seed:int=0, # seed of the probe vectors
-                     batch:int|None=None, # probes sharing each `matmat` (default: as many as fit in 1 GiB; 1: `eigen.lanczos`)
+                     batch:int|None=None, # probes run together (default: as many as fit in 1 GiB; 1: `eigen.lanczos`, one at a time)
+                     lanczos_dtype:torch.dtype|None=None, # dtype of the Lanczos bases and recurrences (None: float64); products stay in the operator's
                     ) -> SpectralDensity:
     "Eigenvalue density of `op` by stochastic Lanczos quadrature."
     op = as_operator(op)
     _check_count('num_probes', num_probes, 1); _check_count('num_steps', num_steps, 1)
     n, before, gen = op.num_params, op.num_matvecs, _generator(seed)
     m = min(num_steps, n)
+    wd = _lanczos_dtype(op, lanczos_dtype)
     if batch is None:
-        batch = max(1, min(num_probes, 2**30 // max(1, n * m * torch.finfo(op.dtype).bits // 8)))
+        batch = max(1, min(num_probes, 2**30 // max(1, n * m * torch.finfo(wd).bits // 8)))
     _check_count('batch', batch, 1)
-    like = torch.empty(0, dtype=op.dtype, device=op.device)
+    like = torch.empty(0, dtype=wd, device=op.device)
     V0 = _rademacher(n, num_probes, gen, like) / math.sqrt(n)
     nodes = torch.zeros(num_probes, m, dtype=torch.float64); weights = torch.zeros_like(nodes)
     def put(p, alphas, betas):
@@ -223,10 +377,10 @@ def spectral_density(op, # linear operator or square tensor
         if k < m: nodes[p, k:] = theta[-1]  # padding: zero weight at a valid node
     for s in range(0, num_probes, batch):
         if batch == 1:
-            alphas, betas, _ = lanczos(op, V0[:, s], m)
+            alphas, betas, _ = lanczos(op, V0[:, s], m, lanczos_dtype=wd)
             put(s, alphas, betas)
             continue
-        alphas, betas, lengths = _lanczos_columns(op, V0[:, s:s+batch], m)
+        alphas, betas, lengths = _lanczos_columns(op, V0[:, s:s+batch], m, wd)
         for i, L in enumerate(lengths.tolist()): put(s + i, alphas[i, :L], betas[i, :L-1])
     weights = weights / weights.sum(1, keepdim=True)
     return SpectralDensity(nodes, weights, op.num_matvecs - before, n)
@@ -241,6 +395,7 @@ def _dense_eigvals(op) -> Tensor:
     if not torch.isfinite(H).all(): raise FloatingPointError("the matrix has non-finite entries")
     return torch.linalg.eigvalsh((H + H.T) / 2).cpu()
 
+@_autocast_off
 def logdet(op, # linear operator or square tensor H
            *,
            shift:float=0., # log det(H + shift·I)
@@ -248,6 +403,7 @@ def logdet(op, # linear operator or square tensor H
            num_probes:int=30, # SLQ: random probes
            num_steps:int=30, # SLQ: Lanczos steps per probe
            seed:int=0, # SLQ: seed of the probes
+           lanczos_dtype:torch.dtype|None=None, # SLQ: dtype of the Lanczos recurrences (None: float64)
           ) -> Estimate:
     "log det(H + shift·I): exact (stderr 0) or by stochastic Lanczos quadrature."
     op = as_operator(op)
@@ -257,7 +413,7 @@ def logdet(op, # linear operator or square tensor H
         if ev[0] + shift <= 0: raise ValueError(_not_pd_message(ev[0].item(), shift))
         return Estimate((ev + shift).log().sum().item(), 0., op.num_matvecs - before, None, 'exact')
     if method != 'slq': raise ValueError(f"method must be 'exact' or 'slq', got {method!r}")
-    sd = spectral_density(op, num_probes=num_probes, num_steps=num_steps, seed=seed)
+    sd = spectral_density(op, num_probes=num_probes, num_steps=num_steps, seed=seed, lanczos_dtype=lanczos_dtype)
     lo = sd.nodes.min().item()
     if lo + shift <= 0:
         warnings.warn(_not_pd_message(lo, shift, 'smallest Ritz value') + " Returning NaN.")
@@ -353,12 +509,13 @@ def _lissa(ops, B, damping, scale, depth, repeats, tol, gen, w):
     return total / ((1 if single else repeats) * scale), steps
 
 # %% ../nbs/04_estimators.ipynb #bef750de
+@_autocast_off
 def solve(op, # linear operator or square tensor H, or for 'lissa' a list of operators sampled per step
           b:Tensor, # right-hand side: a vector of length n, or an n×K matrix of K right-hand sides
           *,
           method:str='cg', # 'cg' or 'lissa'
           damping:float=0., # solve (H + damping·I) x = b
-          tol:float=1e-6, # relative residual ‖b − (H + damping·I)x‖/‖b‖ to reach
+          tol:float=1e-6, # relative residual ‖b − (H + damping·I)x‖/‖b‖ to reach (0 < tol < 1)
           max_iter:int|None=None, # CG: iteration limit (default 2n, at least 20)
           x0:Tensor|None=None, # CG: starting point (default 0)
           scale:float|None=None, # LiSSA: scale, must exceed λ_max(H + damping·I)/2 (default 1.1·(λ_max + damping))
@@ -371,6 +528,7 @@ def solve(op, # linear operator or square tensor H, or for 'lissa' a list of ope
     if not ops: raise ValueError("op is an empty list: pass an operator (or, for LiSSA, a list of operators)")
     if len({o.num_params for o in ops}) > 1: raise ValueError(f"the operators have different sizes {[o.num_params for o in ops]}")
     if method not in ('cg', 'lissa'): raise ValueError(f"method must be 'cg' or 'lissa', got {method!r}")
+    _check_tol('tol', tol, "the relative residual ‖b − (H + damping·I)x‖/‖b‖ to reach")
     if len(ops) > 1 and method == 'cg': raise ValueError("CG takes one operator; a list of operators is for method='lissa'")
     B = _as_columns(ops[0], b)
     if not torch.isfinite(B).all(): raise ValueError("b has non-finite entries")

@@ -350,3 +350,105 @@ def test_lanczos_tridiagonalization(random_sym):
     fct.test_eq(a3.shape[0], 3); fct.test_eq(Q3.shape, (30, 3))
     assert torch.allclose(torch.linalg.eigvalsh(torch.diag(a3) + torch.diag(b3, 1) + torch.diag(b3, -1)),
                           torch.tensor([1., 2., 3.], dtype=F64), atol=1e-10)
+
+
+# ------------------------------------------------ precision: float64 Lanczos arithmetic, autocast, half precision (issues 21, 15)
+_CNN = {}
+def _digits_cnn(width=4, n=256, steps=60):
+    "A DigitsCNN trained briefly on the bundled digits (float32), in eval mode, with its batch (a copy of a cached one)."
+    if (width, n, steps) in _CNN: return copy.deepcopy(_CNN[width, n, steps])
+    from fastsprkd.models import DigitsCNN
+    from fastsprkd.data import _digits_arrays
+    torch.manual_seed(0)
+    x, y = _digits_arrays()
+    x, y = x[:n], y[:n]
+    m = DigitsCNN(width)
+    opt = torch.optim.Adam(m.parameters(), 3e-3)
+    for _ in range(steps):
+        opt.zero_grad(); nn.functional.cross_entropy(m(x), y).backward(); opt.step()
+    m.eval(); m.zero_grad(set_to_none=True)
+    _CNN[width, n, steps] = (m, x, y)
+    return copy.deepcopy(_CNN[width, n, steps])
+
+
+def test_float32_model_top5_within_1e7_of_float64_reference():
+    "Issue 21: float32 products, float64 Lanczos arithmetic: the top 5 within 1e-7 of the float64 model's dense eigenvalues."
+    m, x, y = _digits_cnn()
+    H = HessianOperator(copy.deepcopy(m).double(), CE, (x.double(), y)).to_dense()
+    ref = torch.linalg.eigvalsh((H + H.T) / 2)[-5:]
+    op = HessianOperator(m, CE, (x, y))
+    r = eigsh(op, 5)
+    r32 = eigsh(op, 5, lanczos_dtype=torch.float32)  # the float32 arithmetic of session 4
+    err = lambda r: ((r.eigenvalues.double() - ref).abs() / ref.abs()).max().item()
+    assert err(r) <= 1e-7, f"float64 Lanczos: top-5 relative error {err(r):.2g}"
+    assert err(r) < err(r32), (err(r), err(r32))
+    assert r.num_matvecs <= r32.num_matvecs, "more products than the float32 arithmetic"
+    assert r.eigenvalues.dtype == F64 and r.residuals.dtype == F64 and r32.eigenvalues.dtype == torch.float32
+    assert r.eigenvectors.dtype == torch.float32 and r.eigenvectors.shape == (op.num_params, 5)
+
+
+def test_float32_dense_matrix_float64_arithmetic_not_worse():
+    A = sym(torch.cat([torch.tensor([50., 40., 30.]), torch.linspace(-1, 1, 197)]).tolist(), seed=3)
+    ev = torch.linalg.eigvalsh(A)
+    A32 = A.float()
+    ev32 = torch.linalg.eigvalsh(A32.double())  # the float32 matrix's own exact eigenvalues
+    r, r32 = eigsh(A32, 3), eigsh(A32, 3, lanczos_dtype=torch.float32)
+    e, e32 = [((x.eigenvalues.double() - ev32[-3:]).abs() / ev32[-3:]).max().item() for x in (r, r32)]
+    assert e <= 1e-7 and e32 <= 1e-7, (e, e32)  # both at the float32 products' round-off
+    assert r.num_matvecs <= r32.num_matvecs
+    assert ((r.eigenvalues - ev[-3:]).abs() / ev[-3:]).max() <= 1e-6  # vs the float64 matrix: float32 rounding of A
+
+
+def test_lanczos_dtypes_and_bad_lanczos_dtype():
+    A = sym(torch.linspace(1, 30, 30).tolist()).float()
+    al, be, Q = lanczos(A, torch.ones(30), 10)
+    assert al.dtype == be.dtype == F64 and Q.dtype == torch.float32
+    al2, _, _ = lanczos(A, torch.ones(30), 10, lanczos_dtype=torch.float32)
+    assert al2.dtype == torch.float32
+    for bad in (torch.bfloat16, torch.float16, 'float64', torch.int64):
+        fct.test_fail(lambda: eigsh(A, 1, lanczos_dtype=bad), contains='lanczos_dtype')
+        fct.test_fail(lambda: lanczos(A, torch.ones(30), 5, lanczos_dtype=bad), contains='lanczos_dtype')
+
+
+def test_eigsh_inside_bf16_autocast_equals_outside():
+    "Issue 15 item 4: inside a CPU bf16 autocast region eigsh computes exactly what it computes outside (was: addmv dtype error)."
+    model, (x, y) = mlp(), make_data('mlp')
+    model = model.float(); x = x.float()
+    op = HessianOperator(model, CE, (x, y))
+    out = eigsh(op, 2, 'BE')
+    with torch.autocast('cpu', torch.bfloat16):
+        inside = eigsh(op, 2, 'BE')
+        pw = power_iteration(op, 2)
+    assert torch.equal(out.eigenvalues, inside.eigenvalues) and torch.equal(out.eigenvectors, inside.eigenvectors)
+    assert out.num_matvecs == inside.num_matvecs
+    torch.testing.assert_close(pw.eigenvalues, power_iteration(op, 2).eigenvalues, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_half_precision_model_eigsh(dtype):
+    "Issue 15 item 4: a bf16/fp16 model's operator works with eigsh (float64 arithmetic, said once), close to float32's answer."
+    import fastsprkd.eigen as E
+    m, x, y = _digits_cnn()
+    ref = eigsh(HessianOperator(m, CE, (x, y)), 3).eigenvalues
+    mh = copy.deepcopy(m).to(dtype)
+    op = HessianOperator(mh, CE, (x.to(dtype), y))
+    E._warned_low.discard(dtype)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        r = eigsh(op, 3, tol=1e-2, warn=False)
+        eigsh(op, 1, tol=1e-2, warn=False)
+    said = [str(x.message) for x in w if 'Lanczos' in str(x.message)]
+    assert len(said) == 1 and str(dtype) in said[0] and 'float64' in said[0], said
+    assert r.eigenvalues.dtype == F64 and r.eigenvectors.dtype == dtype
+    rel = ((r.eigenvalues - ref.double()).abs() / ref.double().abs()).max().item()
+    assert rel <= 0.05, f"{dtype} model: top-3 off the float32 model's by {rel:.2g} (more than half-precision noise)"
+
+
+@pytest.mark.parametrize('tol', [-1, 0, 0., 1., 2.5, float('nan'), float('inf'), '1e-3', True])
+def test_eigsh_refuses_bad_tol(tol):
+    "Issue 19: a non-positive (or ≥ 1, NaN, non-number) tolerance is refused before any product, naming the range."
+    A = sym([1., 2., 3., 4.])
+    op = DenseOperator(A)
+    fct.test_fail(lambda: eigsh(op, 1, tol=tol), contains='0 < tol < 1')
+    fct.test_fail(lambda: power_iteration(op, 1, tol=tol), contains='0 < tol < 1')
+    assert op.num_matvecs == 0

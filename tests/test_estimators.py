@@ -108,7 +108,7 @@ def test_hutchpp_exact_when_budget_covers_the_space():
 
 def test_trace_bad_input():
     A, _ = spd_matrix(n=10)
-    fct.test_fail(lambda: trace(A, method='pyhessian'), contains="'hutch++' or 'hutchinson'")
+    fct.test_fail(lambda: trace(A, method='pyhessian'), contains="'hutch++', 'xtrace' or 'hutchinson'")
     fct.test_fail(lambda: trace(A, num_matvecs=5), contains='num_matvecs')
     fct.test_fail(lambda: trace(A, method='hutchinson', num_matvecs=1), contains='num_matvecs')
     fct.test_fail(lambda: trace(A, rtol=-1.), contains='rtol')
@@ -150,7 +150,7 @@ def test_slq_batched_equals_eigen_lanczos_probe_by_probe():
     A, _ = spd_matrix(n=120)
     op = CountingOperator(A)
     a = spectral_density(op, num_probes=5, num_steps=25, seed=3)
-    assert op.calls == [5] * 25  # each Lanczos step serves all probes with one matmat
+    assert op.calls[0] == 5 and sum(op.calls) == 125  # a first matmat for all probes, then matmat or column by column, as timed
     b = spectral_density(A, num_probes=5, num_steps=25, seed=3, batch=1)
     fct.test_close(a.nodes, b.nodes, eps=1e-8)
     fct.test_close(a.weights, b.weights, eps=1e-8)
@@ -369,3 +369,173 @@ def test_cg_says_when_tol_is_below_the_dtypes_reach():
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         assert solve(A, b, tol=1e-5).converged
+
+
+# ---------------------------------------------------------------- XTrace / XDiag (issue 21)
+def low_rank_plus_noise(n=200, r=15, seed=0, noise=0.3):
+    "Symmetric matrix with r eigenvalues from 100 down to 10 and the rest uniform in [0, noise]."
+    return spd_matrix(n=n, seed=seed, top=(100., 10.), n_top=r, low=noise)
+
+
+def _errors(A, exact, seeds=range(30), **kw):
+    es = [trace(A, seed=s, **kw) for s in seeds]
+    err = torch.tensor([e.estimate - exact for e in es], dtype=D)
+    return err, torch.tensor([e.stderr for e in es], dtype=D), es
+
+
+def test_xtrace_unbiased_accurate_and_honest_stderr():
+    A, lam = low_rank_plus_noise(r=25)  # rank above Hutch++'s 20-vector sketch, below XTrace's 30 probes
+    exact = lam.sum().item()
+    err, se, es = _errors(A, exact, method='xtrace', num_matvecs=60)
+    assert all(e.num_matvecs == 60 and e.method == 'xtrace' and len(e.samples) == 30 for e in es)
+    rms = err.pow(2).mean().sqrt().item()
+    assert abs(err.mean().item()) <= 4 * err.std().item() / math.sqrt(len(err)), "biased over seeds"
+    ratio = se.median().item() / rms
+    assert 1 / 3 <= ratio <= 3, f"reported stderr / empirical error = {ratio:.2g}"
+    herr, _, _ = _errors(A, exact, method='hutchinson', num_matvecs=60)
+    perr, _, _ = _errors(A, exact, method='hutch++', num_matvecs=60)
+    assert rms <= herr.pow(2).mean().sqrt().item() / 20, "not far below Hutchinson at equal products"
+    assert rms <= perr.pow(2).mean().sqrt().item() / 10, "not far below Hutch++ at equal products"
+
+
+def test_xtrace_vs_curvlinops_oracle():
+    curvlinops = pytest.importorskip('curvlinops', reason='curvlinops (test dependency) not installed')
+    A, lam = low_rank_plus_noise(seed=1)
+    exact = lam.sum().item()
+    ours, _, _ = _errors(A, exact, method='xtrace', num_matvecs=40)
+    theirs = []
+    for s in range(30):
+        torch.manual_seed(s); theirs.append(float(curvlinops.xtrace(A, 40)) - exact)
+    a, b = ours.pow(2).mean().sqrt().item(), torch.tensor(theirs).pow(2).mean().sqrt().item()
+    assert 0.5 <= a / b <= 2, f"rms error {a:.3g} vs curvlinops' {b:.3g}"
+
+
+def test_xtrace_rtol_stop_exact_cases_and_hessian():
+    A, lam = low_rank_plus_noise()
+    e = trace(A, method='xtrace', num_matvecs=400, rtol=1e-3)
+    assert e.num_matvecs < 400 and e.num_matvecs % 2 == 0 and e.stderr <= 1e-3 * abs(e.estimate)
+    assert abs(e.estimate - lam.sum().item()) <= 5 * e.stderr
+    B = low_rank_plus_noise(n=60, r=3, noise=0.)[0]  # rank 3 < 10 probes: the sketch holds range(B), the trace is exact
+    e = trace(B, method='xtrace', num_matvecs=20)
+    fct.test_close(e.estimate, B.trace().item(), eps=1e-8); assert e.stderr == 0
+    C = spd_matrix(n=8, n_top=3)[0]  # as many probes as rows: exact
+    e = trace(C, method='xtrace', num_matvecs=20)
+    fct.test_close(e.estimate, C.trace().item(), eps=1e-9); assert e.stderr == 0 and e.num_matvecs == 16
+    op, H = tiny_hessian()
+    e = trace(op, method='xtrace', num_matvecs=30)
+    assert abs(e.estimate - H.trace().item()) <= 4 * e.stderr + 1e-9
+
+
+def test_xdiag_unbiased_accurate_and_honest_stderr():
+    A, _ = low_rank_plus_noise(n=120, r=10)
+    d = A.diagonal()
+    ds = [diagonal(A, method='xdiag', num_matvecs=40, seed=s) for s in range(30)]
+    assert all(x.num_matvecs == 40 and x.method == 'xdiag' and x.estimate.shape == (120,) for x in ds)
+    err = torch.stack([x.estimate for x in ds]) - d
+    z = err.mean(0).abs() / (err.std(0) / math.sqrt(30))
+    assert z.max() <= 5, f"biased entries (max |z| = {z.max():.2g} over 120 entries)"
+    rms = err.pow(2).mean().sqrt().item()
+    se = torch.stack([x.stderr for x in ds]).pow(2).mean().sqrt().item()
+    assert 1 / 3 <= se / rms <= 3, f"reported stderr / empirical error = {se / rms:.2g}"
+    h = torch.stack([diagonal(A, num_matvecs=40, seed=s).estimate for s in range(30)]) - d
+    assert rms <= h.pow(2).mean().sqrt().item() / 5, "not far below Hutchinson's diagonal at equal products"
+    curvlinops = pytest.importorskip('curvlinops', reason='curvlinops (test dependency) not installed')
+    theirs = []
+    for s in range(30):
+        torch.manual_seed(s); theirs.append(curvlinops.xdiag(A, 40) - d)
+    b = torch.stack(theirs).pow(2).mean().sqrt().item()
+    assert 0.5 <= rms / b <= 2, f"rms error {rms:.3g} vs curvlinops' xdiag {b:.3g}"
+
+
+def test_xtrace_xdiag_bad_input():
+    A, _ = spd_matrix(n=10)
+    fct.test_fail(lambda: trace(A, method='xtrace', num_matvecs=3), contains='num_matvecs')
+    fct.test_fail(lambda: diagonal(A, method='xdiag', num_matvecs=3), contains='num_matvecs')
+    fct.test_fail(lambda: diagonal(A, method='hutch++'), contains="'hutchinson' or 'xdiag'")
+    fct.test_fail(lambda: trace(A, method='xtrace', batch=0), contains='batch')
+
+
+# ---------------------------------------------------------------- tolerances (issue 19)
+@pytest.mark.parametrize('tol', [-1, 0, 0., 1., 3., float('nan'), float('inf'), '1e-3', True])
+def test_tolerances_refused_with_their_range(tol):
+    A, _ = spd_matrix(n=10)
+    op = DenseOperator(A)
+    b = torch.ones(10, dtype=D)
+    fct.test_fail(lambda: solve(op, b, tol=tol), contains='0 < tol < 1')
+    fct.test_fail(lambda: solve(op, b, method='lissa', scale=200., tol=tol), contains='0 < tol < 1')
+    for method in ('hutchinson', 'hutch++', 'xtrace'):
+        fct.test_fail(lambda: trace(op, method=method, rtol=tol), contains='0 < rtol < 1')
+    assert op.num_matvecs == 0
+
+
+# ---------------------------------------------------------------- autocast and half precision (issue 15 item 4)
+def _float32_hessian():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    return HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
+
+
+def test_estimators_inside_bf16_autocast_equal_outside():
+    op = _float32_hessian()
+    b = torch.ones(op.num_params)
+    def run():
+        return [trace(op, method='hutch++', num_matvecs=30).estimate, trace(op, method='xtrace', num_matvecs=30).estimate,
+                trace(op, method='hutchinson', num_matvecs=10).estimate,
+                diagonal(op, num_matvecs=10).estimate, diagonal(op, method='xdiag', num_matvecs=20).estimate,
+                spectral_density(op, num_probes=3, num_steps=10).nodes,
+                logdet(op, method='slq', shift=10., num_probes=3, num_steps=10).estimate,
+                solve(op, b, damping=1., tol=1e-5).x]
+    out = run()
+    with torch.autocast('cpu', torch.bfloat16):
+        inside = run()
+    for a, c in zip(out, inside):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(c)), (a, c)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_estimators_on_half_precision_operator(dtype):
+    A, lam = low_rank_plus_noise(n=80, r=8)
+    Ah = A.to(dtype)
+    exact = Ah.double().trace().item()
+    for method in ('hutch++', 'xtrace', 'hutchinson'):
+        e = trace(Ah, method=method, num_matvecs=40)
+        assert math.isfinite(e.estimate) and abs(e.estimate - exact) <= 4 * e.stderr + 2e-2 * abs(exact), (method, e)
+    d = diagonal(Ah, method='xdiag', num_matvecs=40)
+    assert d.estimate.dtype == dtype and torch.isfinite(d.estimate.float()).all()
+    sd = spectral_density(Ah, num_probes=2, num_steps=15)
+    assert abs(sd.nodes.max().item() - 100.) <= 2.
+
+
+# ---------------------------------------------------------------- batched SLQ: matmat or column loop, by timing (issue 21)
+class SlowOperator(CountingOperator):
+    "A dense operator whose many-column products (or single ones) are made slow."
+    def __init__(self, A, slow_many):
+        super().__init__(A); self.slow_many = slow_many
+    def _matmat(self, V):
+        import time
+        if (V.shape[1] > 1) == self.slow_many: time.sleep(0.002 * V.shape[1])
+        return super()._matmat(V)
+
+
+@pytest.mark.parametrize('slow_many', [True, False])
+def test_batched_slq_chooses_the_faster_product(slow_many):
+    A, _ = spd_matrix(n=60)
+    op = SlowOperator(A, slow_many)
+    sd = spectral_density(op, num_probes=4, num_steps=12, seed=1)
+    assert sum(op.calls) == 48 and op.calls[:15] == [4, 1, 1, 1, 1] * 3  # steps 0-5 alternate matmat / column loop
+    rest = op.calls[15:]
+    assert rest == ([1] * 24 if slow_many else [4] * 6), rest
+    ref = spectral_density(A, num_probes=4, num_steps=12, seed=1, batch=1)
+    fct.test_close(sd.nodes, ref.nodes, eps=1e-8)
+
+
+def test_slq_float64_arithmetic_on_float32_operator():
+    A, lam = spd_matrix(n=150)
+    a = spectral_density(A.float(), num_probes=3, num_steps=40)
+    b = spectral_density(A.float(), num_probes=3, num_steps=40, lanczos_dtype=torch.float32)
+    ref = spectral_density(A, num_probes=3, num_steps=40)
+    assert a.nodes.dtype == D
+    ea, eb = (a.nodes - ref.nodes).abs().max().item(), (b.nodes - ref.nodes).abs().max().item()
+    assert ea <= 1e-4 * lam.max().item() and ea <= eb, (ea, eb)
+    fct.test_fail(lambda: spectral_density(A, lanczos_dtype=torch.bfloat16), contains='lanczos_dtype')
