@@ -8,8 +8,9 @@ Docs: https://github.com/fastsprkd/fastsprkd/tree/main/nbs/experiment.html.md"""
 from __future__ import annotations
 import csv, html, json, math, os, platform, re, shutil, tempfile, time, warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict, field, replace
 from pathlib import Path
+from typing import Callable
 import numpy as np
 import torch
 from torch import nn
@@ -19,45 +20,53 @@ from fastai.torch_core import set_seed
 import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle)
 import fastai.callback.progress  # noqa: F401  (progress bars, Learner.no_bar)
 from fastprogress.fastprogress import progress_bar
-from .data import digits_dls, mnist_dls
-from .models import DigitsCNN, num_params
-from .core import HessianOperator
+from .data import digits_dls, mnist_dls, mnist1d_dls
+from .models import DigitsCNN, Mnist1dCNN, num_params
+from .core import HessianOperator, preserved_rng, unwrap_model
 from .eigen import eigsh
 from .estimators import trace, spectral_density
 from .analysis import loss_landscape
-from .saddle import SaddleBank, SaddlePoint, _finite_json, _plain_mode
+from .saddle import SaddleBank, SaddlePoint, crop_params, _finite_json, _plain_mode
 from .callback.observe import HessianSpectrumCallback
 from .callback.sprkd import SaddleCaptureCallback, SaddleRecruitCallback, DistillationCallback
 from .data import probe_batches
 
 # %% auto #0
-__all__ = ['STUDENTS', 'METRICS', 'DATASETS', 'LABELS', 'METRIC_LABELS', 'MARKER', 'PLOTS', 'COMPARISONS', 'StoryConfig',
-           'load_data', 'make_model', 'train_teacher', 'train_student', 'evaluation_probe', 'evaluate_student',
-           'sprkd_events', 'Story', 'run_story', 'plot_training_curves', 'plot_teacher_spectrum',
-           'plot_spectral_densities', 'plot_loss_landscapes', 'OutputDirError', 'check_output_dir', 'atomic_output_dir',
-           'machine_info', 'demo_table', 'write_demo_report', 'run_demo', 'paired_test', 'holm', 'summarize',
-           'experiment_markdown', 'run_experiment']
+__all__ = ['ARMS', 'STUDENTS', 'METRICS', 'DATASETS', 'LABELS', 'METRIC_LABELS', 'RECIPES', 'MARKER', 'PLOTS', 'COMPARISONS',
+           'StoryConfig', 'load_data', 'make_model', 'bundled_model', 'describe_model', 'Task', 'make_task',
+           'train_teacher', 'train_student', 'evaluation_probe', 'evaluate_student', 'sprkd_events', 'Story',
+           'run_story', 'plot_training_curves', 'plot_teacher_spectrum', 'plot_spectral_densities',
+           'plot_loss_landscapes', 'OutputDirError', 'check_output_dir', 'remove_stale_outputs', 'atomic_output_dir',
+           'machine_info', 'demo_table', 'write_demo_report', 'run_demo', 'paired_test', 'holm', 'comparisons',
+           'summarize', 'answer_sentences', 'experiment_markdown', 'run_experiment']
 
 # %% ../nbs/20_experiment.ipynb #3add1b94
-STUDENTS = ('control', 'sprkd', 'kd')
+ARMS = ('control', 'kd', 'warm', 'approach', 'sprkd')  # every student the experiment can train
+STUDENTS = ('control', 'sprkd', 'kd')  # the demo's students (and the experiment's by default)
 METRICS = ('valid_accuracy', 'valid_loss', 'hessian_trace', 'lambda_max', 'lambda_min', 'train_seconds')
-DATASETS = ('digits', 'mnist')
-LABELS = {'control': 'control', 'sprkd': 'SPRKD', 'kd': 'Hinton KD', 'teacher': 'teacher'}
+DATASETS = ('digits', 'mnist', 'mnist1d')
+LABELS = {'control': 'control', 'sprkd': 'SPRKD', 'kd': 'Hinton KD', 'warm': 'teacher warm start', 'approach': 'approach only',
+          'teacher': 'teacher'}
 METRIC_LABELS = {'valid_accuracy': 'valid accuracy', 'valid_loss': 'valid loss', 'hessian_trace': 'Hessian trace',
                  'lambda_max': 'λ_max', 'lambda_min': 'λ_min', 'train_seconds': 'train time (s)'}
+# per-dataset defaults of the bundled recipe (None fields of `StoryConfig`)
+RECIPES = {'digits': dict(teacher_width=32, student_width=16, lr=1e-2, bs=64),
+           'mnist': dict(teacher_width=32, student_width=16, lr=1e-2, bs=64),
+           'mnist1d': dict(teacher_width=54, student_width=25, lr=3e-2, bs=100)}
 
 # %% ../nbs/20_experiment.ipynb #2d0d6f1d
 @dataclass
 class StoryConfig:
-    "Settings of a teacher→students run (the defaults are the `fastsprkd demo` ones)."
-    dataset:str='digits' # 'digits' (bundled) or 'mnist' (files under `data_dir`)
+    "Settings of a teacher→students run (the defaults are the `fastsprkd demo` ones); None: the dataset's recipe (`RECIPES`)."
+    dataset:str='digits' # 'digits' (bundled), 'mnist' (files under `data_dir`) or 'mnist1d' (generated offline); ignored with user data
     data_dir:str|None=None # folder holding torchvision's MNIST/raw files (mnist only)
     epochs:int=8 # training epochs of the teacher and of every student
-    lr:float=1e-2 # maximum learning rate of `fit_one_cycle` (Adam)
-    bs:int=64 # batch size
-    n_train:int|None=None # keep only this many training items (None: all for digits, 10,000 for mnist)
-    teacher_width:int=32 # `DigitsCNN` width of the teacher
-    student_width:int=16 # `DigitsCNN` width of the students (about 3.5× fewer parameters at 16 vs 32)
+    lr:float|None=None # maximum learning rate of `fit_one_cycle` (Adam); digits/mnist 1e-2, mnist1d 3e-2
+    bs:int|None=None # batch size; digits/mnist 64, mnist1d 100
+    n_train:int|None=None # keep only this many training items (None: all for digits/mnist1d, 10,000 for mnist)
+    teacher_width:int|None=None # width of the bundled teacher (`DigitsCNN` 32, `Mnist1dCNN` 54)
+    student_width:int|None=None # width of the bundled students (`DigitsCNN` 16, `Mnist1dCNN` 25)
+    arms:tuple=STUDENTS # the students trained, from `ARMS`
     capture_every:int=10 # the teacher tests for a saddle point every this many steps
     criterion:str='scale_free' # saddle criterion (`saddle_criterion`); the default 'ratio' holds at most near initialisation on this teacher
     tau:float=0.01 # 'scale_free' threshold: capture when λ_min < −tau·λ_max
@@ -74,12 +83,18 @@ class StoryConfig:
     def __post_init__(self):
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
-        if self.dataset == 'digits' and self.data_dir:
-            raise ValueError(f"a data directory ({self.data_dir}) is only read for the mnist dataset (digits is bundled): add "
+        if self.dataset != 'mnist' and self.data_dir:
+            raise ValueError(f"a data directory ({self.data_dir}) is only read for the mnist dataset ({self.dataset} is bundled): add "
                              f"--dataset mnist, or drop --data-dir")
         if self.dataset == 'mnist' and not self.data_dir:
             raise ValueError("the mnist dataset needs a data directory (--data-dir PATH) holding torchvision's MNIST/raw "
                              "files; fastsprkd never downloads data")
+        for k, v in RECIPES[self.dataset].items():
+            if getattr(self, k) is None: setattr(self, k, v)
+        self.arms = tuple(self.arms)
+        bad = [a for a in self.arms if a not in ARMS]
+        if bad or not self.arms or len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"arms must be distinct names from {', '.join(ARMS)}, got {list(self.arms)}")
         for name in ('epochs', 'bs', 'teacher_width', 'student_width', 'capture_every', 'generosity', 'n_probe'):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -96,12 +111,13 @@ class StoryConfig:
     def side(self) -> int: return 8 if self.dataset == 'digits' else 28
     @property
     def train_items(self) -> int|None:
-        return self.n_train if self.n_train is not None or self.dataset == 'digits' else 10_000
+        return self.n_train if self.n_train is not None or self.dataset != 'mnist' else 10_000
 
 # %% ../nbs/20_experiment.ipynb #86c7c7f1
 def load_data(cfg:StoryConfig) -> 'DataLoaders':
     "Fresh `DataLoaders` of `cfg.dataset` (MNIST only from files on disk; a clear error if they are missing)."
     if cfg.dataset == 'digits': return digits_dls(bs=cfg.bs, n_train=cfg.n_train)  # in-memory: no worker processes
+    if cfg.dataset == 'mnist1d': return mnist1d_dls(bs=cfg.bs, n_train=cfg.n_train)
     return mnist_dls(cfg.data_dir, bs=cfg.bs, n_train=cfg.train_items)
 
 def make_model(width:int, # channels of the first convolution
@@ -113,16 +129,67 @@ def make_model(width:int, # channels of the first convolution
     if side != 8: m.fc = nn.Linear(2 * width * (side // 4) ** 2, n_out)
     return m
 
+def bundled_model(cfg:StoryConfig, width:int) -> nn.Module:
+    "The bundled network of `cfg.dataset` at `width`: `Mnist1dCNN` for mnist1d, `DigitsCNN` (`make_model`) otherwise."
+    return Mnist1dCNN(width) if cfg.dataset == 'mnist1d' else make_model(width, cfg.side)
+
+def describe_model(model) -> str:
+    "`Name(width)` (or `Name`) and the parameter count of a model or a `Learner`'s model."
+    m = unwrap_model(model.model if isinstance(model, Learner) else model)
+    w = getattr(m, 'width', None)
+    return f"{type(m).__name__}{f'({w})' if isinstance(w, int) else ''} ({num_params(m):,} parameters)"
+
+@dataclass
+class Task:
+    "What a story trains: the data (`dls_fn(seed)`), teacher and student factories (a model or a `Learner`), loss and metrics."
+    dls_fn:Callable # seed -> DataLoaders
+    teacher_fn:Callable # () -> nn.Module or Learner
+    student_fn:Callable # () -> nn.Module or Learner (same parameter names as the teacher's, no larger, for SPRKD/warm start)
+    loss_func:Callable|None=None # loss of models built from a plain module (default `nn.CrossEntropyLoss()`)
+    metrics:object=accuracy # fastai metrics; the first one is reported as `valid_accuracy`
+    data_name:str='user data' # how the report names the data
+    bundled:bool=False # digits/mnist/mnist1d with the bundled models
+
+def make_task(cfg:StoryConfig, # settings (its dataset and widths are used for whatever is not given)
+              dls=None, # the user's `DataLoaders` (shared by every learner), or
+              dls_fn:Callable|None=None, # seed -> `DataLoaders` (a fresh one per learner)
+              teacher_fn:Callable|None=None, # () -> teacher model or `Learner`
+              student_fn:Callable|None=None, # () -> student model or `Learner`
+              loss_func:Callable|None=None, # loss (default cross-entropy)
+              metrics=None, # metrics (default accuracy)
+             ) -> Task:
+    "The `Task` of a story: the user's data and models where given, the bundled dataset and network of `cfg` otherwise."
+    if dls is not None and dls_fn is not None: raise ValueError("pass either dls or dls_fn, not both")
+    if (teacher_fn is None) != (student_fn is None):
+        raise ValueError("pass both teacher_fn and student_fn (or neither, for the bundled networks of the dataset)")
+    for k, f in (('dls_fn', dls_fn), ('teacher_fn', teacher_fn), ('student_fn', student_fn)):
+        if f is not None and not callable(f): raise TypeError(f"{k} must be callable, got {type(f).__name__}")
+    user_data = dls is not None or dls_fn is not None
+    fn = (lambda seed: dls) if dls is not None else dls_fn or (lambda seed: load_data(cfg))
+    return Task(fn, teacher_fn or (lambda: bundled_model(cfg, cfg.teacher_width)),
+                student_fn or (lambda: bundled_model(cfg, cfg.student_width)), loss_func,
+                accuracy if metrics is None else metrics, 'user data' if user_data else cfg.dataset,
+                not user_data and teacher_fn is None)
+
 # %% ../nbs/20_experiment.ipynb #6e1ffad1
 @contextmanager
 def _quiet(learn, progress):
     if progress: yield; return
     with learn.no_bar(), learn.no_logging(): yield
 
-def _learner(cfg, width, seed):
+def _learner(task:Task, which:str, seed:int) -> Learner:
+    "A seeded learner of the task's teacher or student (a factory's own `Learner`, or one built around its model)."
     set_seed(seed)
-    dls = load_data(cfg)
-    return Learner(dls, make_model(width, cfg.side), loss_func=nn.CrossEntropyLoss(), metrics=accuracy)
+    fn = task.teacher_fn if which == 'teacher' else task.student_fn
+    if task.bundled:  # the data first, then the model: the bundled runs' seeding since the first release
+        dls = task.dls_fn(seed); obj = fn()
+    else:
+        obj = fn()
+        if isinstance(obj, Learner): return obj
+        dls = task.dls_fn(seed)
+    if not isinstance(obj, nn.Module):
+        raise TypeError(f"the {which} factory must return an nn.Module or a fastai Learner, got {type(obj).__name__}")
+    return Learner(dls, obj, loss_func=task.loss_func or nn.CrossEntropyLoss(), metrics=task.metrics)
 
 def _fit(learn, cfg, progress) -> float:
     "Fit; keep the training curves in `learn.curves` (`Learner.validate` resets the recorder); return the wall time."
@@ -140,9 +207,10 @@ def train_teacher(cfg:StoryConfig, # settings
                   seed:int=0, # seed of the initialisation and batch order
                   progress:bool=True, # fastai progress bars and epoch table
                   spectrum:bool=True, # also record λ_max, λ_min at every epoch end with `HessianSpectrumCallback`
+                  task:Task|None=None, # data and models (default: `make_task(cfg)`, the bundled ones)
                  ) -> Learner:
     "Train the teacher with `SaddleCaptureCallback` (bank: `learn.saddle_capture.bank`) and optionally `HessianSpectrumCallback`."
-    learn = _learner(cfg, cfg.teacher_width, seed)
+    learn = _learner(task or make_task(cfg), 'teacher', seed)
     learn.add_cb(SaddleCaptureCallback(every=cfg.capture_every, criterion=cfg.criterion, tau=cfg.tau, tol=cfg.capture_tol, seed=seed,
                                        meta={'seed': seed}))
     if spectrum: learn.add_cb(HessianSpectrumCallback(k=2, trace=False, at_epoch_end=True, tol=1e-3, max_matvecs=60, seed=seed))
@@ -153,27 +221,43 @@ def _own_bank(model) -> SaddleBank:
     "A one-point bank at `model`'s own parameters: SPRKD without a teacher target (approach distance 0)."
     return SaddleBank([SaddlePoint.from_model(model, meta={'note': 'student initialisation: the teacher captured no saddle point'})])
 
-def train_student(kind:str, # 'control', 'sprkd' or 'kd'
+def _example(learn):
+    "One validation input batch (the generators restored), for the injection's layout trace; None if there is none."
+    try:
+        with preserved_rng(): return learn.dls.valid.one_batch()[0]
+    except Exception: return None
+
+def train_student(kind:str, # one of `ARMS`: 'control', 'kd', 'warm', 'approach' or 'sprkd'
                   cfg:StoryConfig, # settings
                   seed:int=0, # seed of the initialisation and batch order (the same for every student)
-                  teacher:nn.Module|None=None, # the teacher network ('kd')
-                  bank:SaddleBank|None=None, # the teacher's saddle bank ('sprkd'; empty: escape/perturb from the student's own start)
+                  teacher:nn.Module|None=None, # the trained teacher network ('kd', 'warm')
+                  bank:SaddleBank|None=None, # the teacher's saddle bank ('sprkd', 'approach'; empty: the student's own start)
                   progress:bool=True, # fastai progress bars and epoch table
+                  task:Task|None=None, # data and models (default: the bundled ones)
                  ) -> Learner:
-    "Train one student; `learn.train_seconds` is the wall time of the fit, `learn.recruit` the SPRKD callback (or None)."
-    if kind not in STUDENTS: raise ValueError(f"unknown student {kind!r}: choose one of {', '.join(STUDENTS)}")
-    learn = _learner(cfg, cfg.student_width, seed)
+    """Train one student; `learn.train_seconds` is the wall time of the fit, `learn.recruit` the SPRKD callback (or None).
+    'warm' starts from the (layout-aware) crop of the teacher's final weights; 'approach' runs SPRKD's approach to the
+    saddle target with no eigensteps and no perturbations (`escape=False, perturb=False`)."""
+    if kind not in ARMS: raise ValueError(f"unknown student {kind!r}: choose one of {', '.join(ARMS)}")
+    learn = _learner(task or make_task(cfg), 'student', seed)
     learn.recruit = None
-    if kind == 'sprkd':
-        if bank is None: raise ValueError("the SPRKD student needs the teacher's saddle bank")
+    if kind in ('sprkd', 'approach'):
+        if bank is None: raise ValueError(f"the {LABELS[kind]} student needs the teacher's saddle bank")
         target = bank if len(bank) else _own_bank(learn.model)
+        extra = dict(escape=False, perturb=False) if kind == 'approach' else {}
         learn.recruit = SaddleRecruitCallback(target, generosity=cfg.generosity, grad_threshold=cfg.grad_threshold,
                                               max_matvecs=cfg.sprkd_max_matvecs, tol=cfg.sprkd_tol,
-                                              n_probe=cfg.sprkd_n_probe, seed=seed)
+                                              n_probe=cfg.sprkd_n_probe, seed=seed, **extra)
         learn.add_cb(learn.recruit)
     elif kind == 'kd':
         if teacher is None: raise ValueError("the KD student needs the teacher network")
         learn.add_cb(DistillationCallback(teacher, T=cfg.kd_T, alpha=cfg.kd_alpha))
+    elif kind == 'warm':
+        if teacher is None: raise ValueError("the teacher-warm-start student needs the teacher network")
+        t = {n: p.detach() for n, p in unwrap_model(teacher.model if isinstance(teacher, Learner) else teacher).named_parameters()}
+        cropped = crop_params(t, learn.model, _example(learn))
+        with torch.no_grad():
+            for n, p in unwrap_model(learn.model).named_parameters(): p.copy_(cropped[n].to(device=p.device, dtype=p.dtype))
     learn.train_seconds = _fit(learn, cfg, progress)
     return learn
 
@@ -188,31 +272,38 @@ def _callback_probe_items(cb) -> int:
     if probe is None: return cb.n_probe  # no test ran: the size it would have asked for
     return _probe_items(probe) if isinstance(probe, list) else len(probe[0]) if isinstance(probe, tuple) else cb.n_probe
 
-def evaluation_probe(cfg:StoryConfig) -> list:
+def evaluation_probe(cfg:StoryConfig, task:Task|None=None) -> list:
     "The fixed evaluation probe set: `cfg.n_probe` training items (seed 0), one batch; the same for every student and seed."
     set_seed(0)
-    return probe_batches(load_data(cfg).train, cfg.n_probe, seed=0, bs=cfg.n_probe)
+    return probe_batches((task or make_task(cfg)).dls_fn(0).train, cfg.n_probe, seed=0, bs=cfg.n_probe)
 
-def evaluate_student(learn:Learner, # a trained learner
-                     probe:list, # probe batches (`evaluation_probe`)
+def _recruit_cb(learn):
+    "The learner's `SaddleRecruitCallback` (None if it has none)."
+    cb = getattr(learn, 'recruit', None)
+    return cb if cb is not None else next((c for c in learn.cbs if isinstance(c, SaddleRecruitCallback)), None)
+
+def evaluate_student(learn:Learner, # a trained learner (any: `train_seconds` is read if set, else reported as NaN)
+                     probe:list|None=None, # probe batches (`evaluation_probe`; default: 256 items of `learn.dls.train`, seed 0)
                      trace_matvecs:int=60, # Hutch++ budget
                      seed:int=0, # seed of the Lanczos start vector and the trace probes
                      progress:bool=False, # progress bars
                     ) -> dict:
-    "Validation loss/accuracy; Hessian trace, λ_max, λ_min of the training loss on `probe`; training time."
+    "Validation loss and first metric (`valid_accuracy`); Hessian trace, λ_max, λ_min of the training loss on `probe`; training time."
     t0 = time.perf_counter()
-    with _quiet(learn, progress): valid_loss, valid_acc = learn.validate()
+    if probe is None: probe = probe_batches(learn.dls.train, 256, seed=0, bs=256)
+    with _quiet(learn, progress): res = learn.validate()
+    valid_loss, valid_acc = res[0], (res[1] if len(res) > 1 else math.nan)
     op = HessianOperator(learn.model, learn.loss_func, probe)
     r = eigsh(op, 2, 'BE', tol=1e-4, max_matvecs=400, seed=seed, progress=progress)
     tr = trace(op, num_matvecs=trace_matvecs, seed=seed)
     return dict(valid_accuracy=float(valid_acc), valid_loss=float(valid_loss), hessian_trace=float(tr.estimate),
                 hessian_trace_stderr=float(tr.stderr), lambda_max=float(r.eigenvalues.max()), lambda_min=float(r.eigenvalues.min()),
-                eigsh_converged=bool(r.converged.all()), train_seconds=float(learn.train_seconds),
+                eigsh_converged=bool(r.converged.all()), train_seconds=float(getattr(learn, 'train_seconds', math.nan)),
                 eval_seconds=time.perf_counter() - t0, num_params=num_params(learn.model))
 
 def sprkd_events(learn:Learner) -> dict:
-    "Counts of what the SPRKD student's state machine did (approach steps, eigensteps, perturbations, reverts…)."
-    cb = getattr(learn, 'recruit', None)
+    "Counts of what a learner's `SaddleRecruitCallback` did (approach steps, eigensteps, perturbations, reverts…); {} without one."
+    cb = _recruit_cb(learn)
     if cb is None: return {}
     ev = [r['event'] for r in cb.history]
     out = {k: ev.count(k) for k in ('approach', 'eigenstep', 'eigenstep_rejected', 'no_negative_curvature', 'perturb', 'keep', 'revert')}
@@ -223,17 +314,25 @@ def sprkd_events(learn:Learner) -> dict:
 # %% ../nbs/20_experiment.ipynb #0b19180f
 @dataclass
 class Story:
-    "Everything one seed of the story produced: learners, metrics, the probe set."
+    "Everything one seed of the story produced: learners, metrics, the probe set, the task (data and models)."
     cfg:StoryConfig
     seed:int
     teacher:Learner
     students:dict # kind -> Learner
     metrics:dict # kind ('teacher' too) -> metric dict
     probe:list = field(repr=False, default_factory=list)
+    task:Task|None = field(repr=False, default=None)
     @property
     def bank(self) -> SaddleBank: return self.teacher.saddle_capture.bank
     @property
     def probe_items(self) -> int: return _probe_items(self.probe)
+    def describe(self) -> dict:
+        "Names of the data and of the models, with their parameter counts, and the training-set size."
+        t = self.task or make_task(self.cfg)
+        s = next(iter(self.students.values()), None)
+        n = lambda l: len(l.dls.train_ds) if hasattr(l.dls, 'train_ds') else None
+        return dict(data=t.data_name, train_items=n(self.teacher), teacher=describe_model(self.teacher),
+                    student=describe_model(s) if s is not None else None)
     def saddle_summary(self) -> dict:
         "Tests, captures and the gradient norms / eigenvalues at the captured points."
         h = self.teacher.saddle_capture.history
@@ -248,27 +347,36 @@ def run_story(cfg:StoryConfig, # settings
               progress:bool=True, # progress bars
               spectrum:bool=True, # record the teacher's eigenvalue trajectory
               log=None, # called with a short line before each stage (e.g. the CLI's stderr writer)
+              dls=None, # the user's `DataLoaders` (default: `cfg.dataset`)
+              dls_fn:Callable|None=None, # or seed -> `DataLoaders`
+              teacher_fn:Callable|None=None, # () -> teacher model or `Learner` (default: the dataset's bundled network)
+              student_fn:Callable|None=None, # () -> student model or `Learner`
+              loss_func:Callable|None=None, # loss for plain models (default cross-entropy)
+              metrics=None, # metrics for plain models (default accuracy; the first is reported)
+              task:Task|None=None, # all of the above at once (`make_task`)
              ) -> Story:
-    "Teacher, then the control, SPRKD and KD students with the same seed and budget, each evaluated."
+    "Teacher, then the students of `cfg.arms` (default control, SPRKD, KD) with the same seed and budget, each evaluated."
     say = log or (lambda s: None)
-    probe = evaluation_probe(cfg)
-    say(f"teacher (width {cfg.teacher_width}, seed {seed}, {cfg.epochs} epochs)")
-    teacher = train_teacher(cfg, seed, progress, spectrum)
+    task = task or make_task(cfg, dls, dls_fn, teacher_fn, student_fn, loss_func, metrics)
+    probe = evaluation_probe(cfg, task)
+    say(f"teacher ({'width ' + str(cfg.teacher_width) if task.bundled else 'user model'}, seed {seed}, {cfg.epochs} epochs)")
+    teacher = train_teacher(cfg, seed, progress, spectrum, task)
     n_cap = len(teacher.saddle_capture.bank)
     say(f"teacher captured {n_cap} saddle point{'s' if n_cap != 1 else ''} in {len(teacher.saddle_capture.history)} tests")
-    if n_cap == 0:
+    if n_cap == 0 and any(a in cfg.arms for a in ('sprkd', 'approach')):
         warnings.warn("the teacher captured no saddle point: the SPRKD student runs its escape/perturbation phases from its own "
                       "initialisation, without a teacher target")
-    with _quiet(teacher, progress): tl, ta = teacher.validate()
-    metrics = {'teacher': dict(valid_accuracy=float(ta), valid_loss=float(tl), train_seconds=float(teacher.train_seconds),
-                               num_params=num_params(teacher.model), saddle_points=n_cap)}
+    with _quiet(teacher, progress): tr = teacher.validate()
+    metrics = {'teacher': dict(valid_accuracy=float(tr[1]) if len(tr) > 1 else math.nan, valid_loss=float(tr[0]),
+                               train_seconds=float(teacher.train_seconds), num_params=num_params(teacher.model), saddle_points=n_cap)}
     students = {}
-    for kind in STUDENTS:
-        say(f"student {LABELS[kind]} (width {cfg.student_width})")
-        students[kind] = train_student(kind, cfg, seed, teacher.model, teacher.saddle_capture.bank, progress)
+    for kind in cfg.arms:
+        say(f"student {LABELS[kind]}" + (f" (width {cfg.student_width})" if task.bundled else ''))
+        students[kind] = train_student(kind, cfg, seed, teacher.model, teacher.saddle_capture.bank, progress, task)
         metrics[kind] = evaluate_student(students[kind], probe, cfg.trace_matvecs, seed, progress)
-    metrics['sprkd'].update({f"sprkd_{k}": v for k, v in sprkd_events(students['sprkd']).items()})
-    return Story(cfg, seed, teacher, students, metrics, probe)
+        if kind != 'control': metrics[kind]['teacher_train_seconds'] = float(teacher.train_seconds)
+        metrics[kind].update({f"sprkd_{k}": v for k, v in sprkd_events(students[kind]).items()})
+    return Story(cfg, seed, teacher, students, metrics, probe, task)
 
 # %% ../nbs/20_experiment.ipynb #705bbf3c
 def _plt():
@@ -289,11 +397,11 @@ def plot_training_curves(story:Story):
     for kind, learn in story.students.items():
         c = learn.curves
         a1.plot(range(len(c['losses'])), _smooth(c['losses']), label=LABELS[kind] + (' (distillation loss)' if kind == 'kd' else ''))
-        acc = c['metric_names'].index('accuracy')
-        a2.plot(range(1, len(c['values']) + 1), [v[acc] for v in c['values']], marker='o', label=LABELS[kind])
+        if len(c['metric_names']) > 1:  # the first metric (accuracy by default) after the validation loss
+            a2.plot(range(1, len(c['values']) + 1), [v[1] for v in c['values']], marker='o', label=LABELS[kind])
     a1.set_yscale('log'); a1.set_xlabel('training step'); a1.set_ylabel('training loss (smoothed, log scale)')
     a1.set_title('Students: training loss'); a1.legend(loc='lower left')
-    a2.set_xlabel('epoch'); a2.set_ylabel('validation accuracy'); a2.set_title('Students: validation accuracy'); a2.legend()
+    a2.set_xlabel('epoch'); a2.set_ylabel('validation ' + (c['metric_names'][1] if len(c['metric_names']) > 1 else 'accuracy')); a2.set_title('Students: validation accuracy'); a2.legend()
     fig.tight_layout()
     return fig
 
@@ -380,44 +488,118 @@ def check_output_dir(target, # the wanted output directory
         raise OutputDirError(f"cannot write the output directory {target}: {p} is not writable. Choose a writable --out")
     return target
 
+# %% ../nbs/20_experiment.ipynb #494ab59c
+import errno
+
+# %% ../nbs/20_experiment.ipynb #7253ff43
+def _pid_alive(pid:int) -> bool:
+    "Whether a process `pid` exists on this machine (one owned by another user counts as alive)."
+    if pid == os.getpid(): return True
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except (PermissionError, OSError): return True
+    return True
+
+def remove_stale_outputs(target, # the output directory whose leftovers are removed
+                        ) -> list:
+    """Remove what killed runs of `target` left next to it: temporary directories `.NAME.PID-XXXX.tmp` and previous reports
+    moved aside `.NAME.old-PID` whose process PID no longer exists (a live run's are kept). Returns the removed paths."""
+    target = Path(target).expanduser().absolute()
+    pat = re.compile(rf"^\.{re.escape(target.name)}\.(?:(\d+)-[A-Za-z0-9_]+\.tmp|old-(\d+))$")
+    out = []
+    try: entries = list(target.parent.iterdir())
+    except OSError: return out
+    for p in entries:
+        m = pat.match(p.name)
+        if not m or p.is_symlink() or not p.is_dir() or _pid_alive(int(m.group(1) or m.group(2))): continue
+        shutil.rmtree(p, ignore_errors=True)
+        if not os.path.lexists(p): out.append(p)
+    return out
+
+_FULL = {errno.ENOSPC: 'no space left on the device', errno.EFBIG: 'a file grew past the file-size limit',
+         getattr(errno, 'EDQUOT', -1): 'the disk quota is exhausted'}
+
+@contextmanager
+def _publish_lock(parent:Path, timeout:float=30.):
+    "An exclusive `flock` on the parent directory while a report is swapped in (no-op where `fcntl` is missing)."
+    try: import fcntl
+    except ImportError: yield True; return
+    try: fd = os.open(parent, os.O_RDONLY)
+    except OSError: yield True; return
+    try:
+        t0 = time.monotonic()
+        while True:
+            try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); break
+            except BlockingIOError:
+                if time.monotonic() - t0 > timeout: yield False; return
+                time.sleep(0.02)
+            except OSError: yield True; return  # a filesystem without flock: the swap's own checks still apply
+        try: yield True
+        finally: fcntl.flock(fd, fcntl.LOCK_UN)
+    finally: os.close(fd)
+
+# %% ../nbs/20_experiment.ipynb #e7a0ee0f
 @contextmanager
 def atomic_output_dir(target, # the directory to create (or replace, if it is a previous fastsprkd report)
                       kind:str='report', # what is written, stored in the marker file
                      ):
-    "Yield a temporary directory next to `target`; on success it is renamed to `target`, on any failure removed."
+    """Yield a temporary directory next to `target`; on success it is renamed to `target`, on any failure removed.
+    Leftovers of killed runs of the same target are removed first (`remove_stale_outputs`); a full disk or a file-size limit
+    while writing, and another run publishing the same target at the same moment, raise a one-line `OutputDirError`."""
     target = check_output_dir(target)
+    had_previous = target.is_dir()
     created, p = [], target.parent
     while not p.exists(): created.append(p); p = p.parent
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f'.{target.name}.', suffix='.tmp', dir=target.parent))
-        _plain_mode(tmp, 0o777)  # mkdtemp makes it private (0700): the report gets the permissions of a plain mkdir
-    except OSError as e:
+    def drop_created():
         for d in created:
             try: d.rmdir()
             except OSError: pass
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_outputs(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f'.{target.name}.{os.getpid()}-', suffix='.tmp', dir=target.parent))
+        _plain_mode(tmp, 0o777)  # mkdtemp makes it private (0700): the report gets the permissions of a plain mkdir
+    except OSError as e:
+        drop_created()
         raise OutputDirError(f"cannot write the output directory {target}: {e.strerror or e}. "
                              f"Choose a writable --out") from None
+    prev = f"the previous report in {target} is intact" if had_previous else "nothing was written"
     old = None
     try:
         yield tmp
         (tmp/MARKER).write_text(json.dumps({'kind': kind, 'written_by': 'fastsprkd'}) + '\n')
-        _check_target(target)  # again: something may have appeared meanwhile
-        if target.exists():
-            old = target.with_name(f'.{target.name}.old-{os.getpid()}')
-            target.rename(old)
-        tmp.rename(target)
+        with _publish_lock(target.parent) as locked:
+            if not locked:
+                raise OutputDirError(f"another run has been publishing {target} for 30 s: this run's report was not "
+                                     f"published; {prev}")
+            _check_target(target)  # again: something may have appeared meanwhile
+            if target.exists():
+                old = target.with_name(f'.{target.name}.old-{os.getpid()}')
+                try: target.rename(old)
+                except FileNotFoundError:
+                    old = None
+                    raise OutputDirError(f"another fastsprkd run replaced {target} at the same moment: this run's report "
+                                         f"was not published; the other run's report is in place") from None
+            try: tmp.rename(target)
+            except OSError as e:
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and old is not None:
+                    raise OutputDirError(f"another fastsprkd run published {target} at the same moment: this run's "
+                                         f"report was not published; the other run's report is in place") from None
+                raise
         if old is not None:
             old_, old = old, None  # the new report is in place: the previous one may go
             shutil.rmtree(old_, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         if old is not None and not os.path.lexists(target):  # failed between the two renames: put the previous report back
             try: old.rename(target)
             except OSError: pass
+        elif old is not None: shutil.rmtree(old, ignore_errors=True)  # superseded by a concurrent run's report
         shutil.rmtree(tmp, ignore_errors=True)
-        for d in created:
-            try: d.rmdir()
-            except OSError: pass
+        drop_created()
+        if isinstance(e, OSError) and not isinstance(e, OutputDirError) and e.errno in _FULL:
+            where = f" ({str(e.filename).replace(str(tmp), str(target))})" if e.filename else ''
+            raise OutputDirError(f"writing the report failed: {_FULL[e.errno]}{where}; {prev}. Free some space (or raise "
+                                 f"the limit) and run again, or choose another --out") from None
         raise
 
 # %% ../nbs/20_experiment.ipynb #03459f4a
@@ -459,7 +641,7 @@ def demo_table(metrics:dict) -> tuple:
     t = metrics['teacher']
     rows.append(['teacher', _fmt(t['num_params']), _fmt(t['valid_accuracy'], 'valid_accuracy'), _fmt(t['valid_loss']),
                  '–', '–', '–', _fmt(t['train_seconds'], 'train_seconds')])
-    for kind in STUDENTS:
+    for kind in [k for k in ARMS if k in metrics]:
         m = metrics[kind]
         rows.append([f"student: {LABELS[kind]}", _fmt(m['num_params']), _fmt(m['valid_accuracy'], 'valid_accuracy'),
                      _fmt(m['valid_loss']), f"{_fmt(m['hessian_trace'])} ± {_fmt(m['hessian_trace_stderr'])}",
@@ -501,15 +683,16 @@ def write_demo_report(story:Story, # a finished `run_story`
     story.bank.save(out/'saddle_bank')
     figs = {'training_curves.png': plot_training_curves(story), 'teacher_spectrum.png': plot_teacher_spectrum(story),
             'spectral_density.png': plot_spectral_densities(story), 'loss_landscape.png': plot_loss_landscapes(story)}
-    rec = story.students['sprkd'].recruit
+    rec = _recruit_cb(story.students['sprkd']) if 'sprkd' in story.students else None
     if rec is not None and rec.history:
         fig, ax = plt.subplots(figsize=(7, 3.5)); rec.plot(ax=ax); fig.tight_layout(); figs['sprkd_student.png'] = fig
     for name, fig in figs.items():
         fig.savefig(out/name, dpi=90); plt.close(fig)
     saddles = story.saddle_summary()
-    events = sprkd_events(story.students['sprkd'])
+    events = sprkd_events(story.students['sprkd']) if 'sprkd' in story.students else {}
     spec = getattr(story.teacher, 'hessian_spectrum', None)
-    data = dict(command=command, dataset=story.cfg.dataset, seed=story.seed, config=asdict(story.cfg), metrics=story.metrics,
+    desc = story.describe()
+    data = dict(command=command, dataset=desc['data'], describe=desc, seed=story.seed, config=asdict(story.cfg), metrics=story.metrics,
                 saddle_capture=saddles, sprkd_events=events,
                 teacher_spectrum=[{k: r[k] for k in ('step', 'epoch', 'lambda_max', 'lambda_min')} for r in spec.history] if spec else [],
                 loss_landscapes=figs['loss_landscape.png'].landscapes,
@@ -522,9 +705,9 @@ def write_demo_report(story:Story, # a finished `run_story`
             for k, v in m.items(): w.writerow([model, k, v])
     header, rows = demo_table(story.metrics)
     cfg = story.cfg
-    intro = (f"Dataset **{cfg.dataset}**, seed {story.seed}, {cfg.epochs} epochs of `fit_one_cycle` (Adam, lr {cfg.lr:g}, "
-             f"batch {cfg.bs}) for the teacher (`DigitsCNN({cfg.teacher_width})`) and for each student "
-             f"(`DigitsCNN({cfg.student_width})`); the three students share the seed, hence their initial weights and batch "
+    intro = (f"Data **{desc['data']}**, seed {story.seed}, {cfg.epochs} epochs of `fit_one_cycle` (Adam, lr {cfg.lr:g}, "
+             f"batch {cfg.bs}) for the teacher (`{desc['teacher']}`) and for each student "
+             f"(`{desc['student']}`); the students share the seed, hence their initial weights and batch "
              f"order. Hessian metrics are of the training loss on a fixed probe set of {story.probe_items} training items "
              f"(trace: Hutch++ with {cfg.trace_matvecs} products; λ: Lanczos, both ends).")
     starts = ("What each student gets from the teacher: the control nothing; Hinton KD the teacher's softened outputs on "
@@ -536,7 +719,7 @@ def write_demo_report(story:Story, # a finished `run_story`
     mach = machine_info()
     when = (f"Machine: {mach['cpu_count']} CPU cores, {mach['torch_threads']} torch threads, load average {mach['load_average']} "
             f"at the end (times are wall-clock and depend on the load)" + (f"; total wall time {elapsed:.0f} s." if elapsed else "."))
-    unconv = [LABELS[k] for k in STUDENTS if not story.metrics[k].get('eigsh_converged', True)]
+    unconv = [LABELS[k] for k in story.students if not story.metrics[k].get('eigsh_converged', True)]
     if unconv: intro += (f" λ_max/λ_min of {', '.join(unconv)} are from Lanczos runs that did not reach their tolerance "
                          f"(1e-4) within 400 products: approximate.")
     md = [f"# fastsprkd demo report", "", f"`{command}`" if command else '', "", intro, "", _md_table(header, rows), "",
@@ -642,102 +825,173 @@ def _verdict(metric, a, b, t, alpha):
                 f"correction for the {t['family']} comparisons — {stats_txt}.")
     return f"{what}: no significant difference between {la} and {lb} at α = {alpha:g} — {stats_txt}."
 
-def summarize(runs:list, # one dict per seed: {'seed': s, 'metrics': {kind: {metric: value}}, ...}
-              alpha:float=0.05, # significance level
-              metrics=METRICS, # the metrics summarized and tested
-             ) -> dict:
-    "Mean ± std per student and metric, and paired tests of SPRKD vs control and vs KD (Holm over all but the timings), in words."
+def comparisons(arms=STUDENTS) -> list:
+    "The tested pairs among `arms`: SPRKD against every other arm, then teacher warm start vs control and approach only vs warm start."
+    out = [('sprkd', a) for a in arms if a != 'sprkd'] if 'sprkd' in arms else []
+    for a, b in (('warm', 'control'), ('approach', 'warm')):
+        if a in arms and b in arms: out.append((a, b))
+    return out
+
+def _table(runs, kinds, metrics) -> dict:
     table = {}
-    for kind in ('teacher',) + STUDENTS:
+    for kind in kinds:
         table[kind] = {}
         for m in metrics:
-            xs = [r['metrics'][kind][m] for r in runs if m in r['metrics'][kind]]
+            xs = [r['metrics'][kind][m] for r in runs if kind in r['metrics'] and m in r['metrics'][kind]]
             if not xs: continue
             x = np.asarray(xs, dtype=float)
             table[kind][m] = dict(mean=float(x.mean()), std=float(x.std(ddof=1)) if len(x) > 1 else math.nan, n=len(x), values=xs)
-    tests = []
-    for a, b in COMPARISONS:
-        for m in metrics:
-            t = paired_test([r['metrics'][a][m] for r in runs], [r['metrics'][b][m] for r in runs], alpha)
-            tests.append(dict(a=a, b=b, metric=m, **t))
+    return table
+
+def summarize(runs:list, # one dict per seed (and budget): {'seed': s, 'metrics': {kind: {metric: value}}, 'epochs': B (optional)}
+              alpha:float=0.05, # significance level
+              metrics=METRICS, # the metrics summarized and tested
+              arms=None, # the students (default: those in the runs, in `ARMS` order)
+             ) -> dict:
+    """Mean ± std per budget, student and metric, and paired tests (`comparisons`) per budget, with Holm's correction over all
+    of them but the timings, in words. One budget: `table` is its table (`tables` holds every budget's, by epochs)."""
+    if arms is None: arms = tuple(a for a in ARMS if all(a in r['metrics'] for r in runs))
+    budgets = sorted({r.get('epochs') for r in runs}, key=lambda b: (b is None, b))
+    tables, tests = {}, []
+    for B in budgets:
+        rs = [r for r in runs if r.get('epochs') == B]
+        tables[str(B)] = _table(rs, ('teacher',) + tuple(arms), metrics)
+        for a, b in comparisons(arms):
+            for m in metrics:
+                t = paired_test([r['metrics'][a][m] for r in rs], [r['metrics'][b][m] for r in rs], alpha)
+                tests.append(dict(a=a, b=b, metric=m, epochs=B, **t))
     fam = [t for t in tests if not t['metric'].endswith('seconds')]  # timings are load-dependent: tested, not in the family
     for t in tests: t.update(p_holm=math.nan, family=len(fam))
     for t, ph in zip(fam, holm([t['p_t'] for t in fam])): t['p_holm'] = ph
-    for t in tests: t['verdict'] = _verdict(t['metric'], t['a'], t['b'], t, alpha)
-    return dict(alpha=alpha, n_seeds=len(runs), table=table, tests=tests)
+    for t in tests:
+        t["verdict"] = (f"at {t['epochs']} epochs, " if len(budgets) > 1 else "") + _verdict(t["metric"], t["a"], t["b"], t, alpha)
+    out = dict(alpha=alpha, n_seeds=len({r['seed'] for r in runs}), arms=list(arms), budgets=budgets, tables=tables, tests=tests)
+    if len(budgets) == 1: out['table'] = tables[str(budgets[0])]
+    return out
 
 # %% ../nbs/20_experiment.ipynb #cd3cb2a6
+def answer_sentences(result:dict) -> list:
+    "One sentence per budget: SPRKD vs teacher warm start (or vs control) in valid accuracy, with the Holm-adjusted p."
+    s = result['summary']
+    data = result.get('describe', {}).get('data', result['config']['dataset'])
+    out = []
+    for B in s['budgets']:
+        for other in ('warm', 'control'):
+            t = next((t for t in s['tests'] if t['epochs'] == B and t['a'] == 'sprkd' and t['b'] == other
+                      and t['metric'] == 'valid_accuracy'), None)
+            if t is None: continue
+            ep = B if B is not None else result['config']['epochs']
+            out.append(f"On {data} at {ep} epochs, SPRKD vs {LABELS[other]}: Δacc = {t['mean_diff']:+.4f} "
+                       f"(paired t-test p = {_fmt(t['p_t'])}, Holm-adjusted p = {_fmt(t['p_holm'])}, {t['n']} seeds).")
+            break
+    return out
+
+def _cell(c, m):
+    return '–' if c is None else f"{_fmt(c['mean'], m)} ± {_fmt_std(c['std'], m)}"
+
 def experiment_markdown(result:dict) -> str:
-    "The experiment's report: settings, mean ± std table, and the tests in words."
+    "The experiment's report: settings, models, mean ± std tables per budget, the tests and one-sentence answers."
     s, cfg = result['summary'], result['config']
-    header = ['model'] + [METRIC_LABELS[m] for m in METRICS]
-    rows = []
-    for kind in ('teacher',) + STUDENTS:
-        row = [LABELS[kind]]
-        for m in METRICS:
-            c = s['table'][kind].get(m)
-            row.append('–' if c is None else f"{_fmt(c['mean'], m)} ± {_fmt_std(c['std'], m)}")
-        rows.append(row)
-    theader = ['comparison', 'metric', 'mean difference', 'paired t p', 'Wilcoxon p', 'Holm p', 'significant at α']
-    trows = [[f"{LABELS[t['a']]} − {LABELS[t['b']]}", METRIC_LABELS[t['metric']], _fmt(t['mean_diff']), _fmt(t['p_t']),
-              _fmt(t['p_wilcoxon']), _fmt(t['p_holm']) if math.isfinite(t['p_holm']) else '– (timing)',
-              ('yes' if t['p_t'] < s['alpha'] else 'no') if not math.isfinite(t['p_holm']) else
-              'yes' if t['p_holm'] < s['alpha'] else ('t-test only' if t['p_t'] < s['alpha'] else 'no')] for t in s['tests']]
-    caps = [r['metrics']['teacher']['saddle_points'] for r in result['runs']]
+    arms = s.get('arms', list(STUDENTS))
+    d = result.get('describe') or {}
+    header = ['model', 'parameters'] + [METRIC_LABELS[m] for m in METRICS] + ["teacher's training (s)"]
     n = s['n_seeds']
-    unconv = {LABELS[k]: sum(not r['metrics'][k].get('eigsh_converged', True) for r in result['runs']) for k in STUDENTS}
-    unconv_note = ''.join(f" λ of {k} in {c} of {n} seeds are from Lanczos runs that did not reach their tolerance (approximate)."
-                          for k, c in unconv.items() if c)
+    md = ["# fastsprkd experiment", "", f"`{result['command']}`" if result.get('command') else '', ""]
+    teacher = d.get('teacher') or f"DigitsCNN({cfg['teacher_width']})"
+    student = d.get('student') or f"DigitsCNN({cfg['student_width']})"
+    budgets = s.get('budgets', [None])
+    eps = [b if b is not None else cfg['epochs'] for b in budgets]
+    md += [f"Data **{d.get('data', cfg['dataset'])}**" + (f" ({d['train_items']:,} training items)" if d.get('train_items') else '')
+           + f", seeds {result['seeds']}, budgets {', '.join(map(str, eps))} epochs of `fit_one_cycle` (lr {cfg['lr']:g}, batch "
+           f"{cfg['bs']}); a new teacher per seed and budget, trained for the same budget: `{teacher}`; students `{student}`: "
+           + ', '.join(LABELS[a] for a in arms) + ". The students of a seed share the teacher, the initial weights and the "
+           f"batch order. Capture criterion {cfg['criterion']} (τ = {cfg['tau']:g}).", ""]
+    md += ["What each student gets from the teacher: the control nothing; Hinton KD its softened outputs; teacher warm start "
+           "the (layout-aware) crop of its final weights, then normal training; approach only the approach to the mean of its "
+           "lowest-loss saddle points (cropped), no negative-curvature steps, no perturbations; SPRKD the approach, then "
+           "negative-curvature steps and perturbations. Every student but the control relies on a teacher trained for the "
+           "same budget: its training time is stated next to the student's.", ""]
+    for B, ep in zip(budgets, eps):
+        rs = [r for r in result['runs'] if r.get('epochs') == B]
+        tab = s['tables'][str(B)] if 'tables' in s else s['table']
+        caps = [r['metrics']['teacher']['saddle_points'] for r in rs]
+        rows = []
+        for kind in ('teacher',) + tuple(arms):
+            c = tab.get(kind, {})
+            npar = rs[0]['metrics'][kind].get('num_params') if rs and kind in rs[0]['metrics'] else None
+            tt = tab['teacher'].get('train_seconds') if kind not in ('teacher', 'control') else None
+            rows.append([LABELS[kind], _fmt(npar)] + [_cell(c.get(m), m) for m in METRICS] + [_cell(tt, 'train_seconds')])
+        md += [f"## Mean ± standard deviation over {n} seeds: {ep} epoch{'s' if ep != 1 else ''}", "", _md_table(header, rows), "",
+               f"Saddle points captured by the teachers: {caps}.", ""]
+    unconv = {LABELS[k]: sum(not r['metrics'][k].get('eigsh_converged', True) for r in result['runs']) for k in arms}
+    unconv_note = ''.join(f" λ of {k} in {c} of {len(result['runs'])} runs are from Lanczos runs that did not reach their tolerance "
+                          f"(approximate)." for k, c in unconv.items() if c)
     probe_n = sorted({r.get('probe_items', cfg['n_probe']) for r in result['runs']})
     wil_note = (f" With {n} seeds the smallest two-sided Wilcoxon p-value possible is {2 / 2 ** n:.3g}"
                 + (", so the Wilcoxon test cannot reach significance at this α." if 2 / 2 ** n >= s['alpha'] else "."))
-    md = ["# fastsprkd experiment", "", f"`{result['command']}`" if result.get('command') else '', "",
-          f"Dataset **{cfg['dataset']}**, seeds {result['seeds']}, {cfg['epochs']} epochs each, a new teacher per seed "
-          f"(`DigitsCNN({cfg['teacher_width']})`), students `DigitsCNN({cfg['student_width']})`; the three students of a seed "
-          f"share the teacher, the initial weights and the batch order. Saddle points captured by the teachers: {caps} "
-          f"(criterion {cfg['criterion']}, τ = {cfg['tau']:g}).", "",
-          f"## Mean ± standard deviation over {n} seeds", "", _md_table(header, rows), "",
-          "Hessian metrics: training loss on a fixed probe set of "
-          f"{'/'.join(map(str, probe_n))} training items.{unconv_note} Training times are wall-clock on a machine shared with other work "
-          f"(load average {result['machine']['load_average']} at the end).", "",
-          "## Paired comparisons across seeds", "", _md_table(theader, trows), "",
-          f"{len(s['tests'])} comparisons at α = {s['alpha']:g}. Holm's correction controls the chance of any false positive "
-          f"among the {s['tests'][0]['family']} comparisons of model metrics; the training-time comparisons are tested alone "
-          f"(wall-clock, load-dependent) and left out of that family.{wil_note}", ""]
+    md += ["Hessian metrics: training loss on a fixed probe set of "
+           f"{'/'.join(map(str, probe_n))} training items.{unconv_note} Training times are wall-clock on a machine shared with other work "
+           f"(load average {result['machine']['load_average']} at the end)"
+           + (f"; the whole run took {result['wall_seconds']:.0f} s." if result.get('wall_seconds') else "."), ""]
+    theader = ['budget', 'comparison', 'metric', 'mean difference', 'paired t p', 'Wilcoxon p', 'Holm p', 'significant at α']
+    trows = [[f"{t['epochs'] if t.get('epochs') is not None else cfg['epochs']} ep", f"{LABELS[t['a']]} − {LABELS[t['b']]}",
+              METRIC_LABELS[t['metric']], _fmt(t['mean_diff']), _fmt(t['p_t']),
+              _fmt(t['p_wilcoxon']), _fmt(t['p_holm']) if math.isfinite(t['p_holm']) else '– (timing)',
+              ('yes' if t['p_t'] < s['alpha'] else 'no') if not math.isfinite(t['p_holm']) else
+              'yes' if t['p_holm'] < s['alpha'] else ('t-test only' if t['p_t'] < s['alpha'] else 'no')] for t in s['tests']]
+    md += ["## Paired comparisons across seeds", "", _md_table(theader, trows), "",
+           f"{len(s['tests'])} comparisons at α = {s['alpha']:g}. Holm's correction controls the chance of any false positive "
+           f"among the {s['tests'][0]['family'] if s['tests'] else 0} comparisons of model metrics (all budgets together); the "
+           f"training-time comparisons are tested alone (wall-clock, load-dependent) and left out of that family.{wil_note}", ""]
     md += [f"- {t['verdict']}" for t in s['tests']]
-    md += ["", "The table is the result as it came out of this run, not a confirmation of SPRKD: per-seed values are in "
+    ans = answer_sentences(result)
+    if ans: md += ["", "## In one sentence", ""] + [f"- {a}" for a in ans]
+    md += ["", "The tables are the result as it came out of this run, not a confirmation of SPRKD: per-seed values are in "
            "`experiment.json` and `runs.csv`.", ""]
     return '\n'.join(md)
 
 def run_experiment(out, # output directory (created atomically)
-                   cfg:StoryConfig|None=None, # settings
+                   cfg:StoryConfig|None=None, # settings (`cfg.arms`: the students)
                    seeds:int=5, # number of seeds
                    seed:int=0, # first seed
                    alpha:float=0.05, # significance level of the tests
                    progress:bool=True, # a progress bar over the seeds
                    command:str='', # the command line, for the report
                    log=None, # stage logger
+                   budgets=None, # training epochs to compare at, e.g. (15, 100) (default: `cfg.epochs` only)
+                   dls=None, # the user's `DataLoaders` (default: `cfg.dataset`)
+                   dls_fn:Callable|None=None, # or seed -> `DataLoaders`
+                   teacher_fn:Callable|None=None, # () -> teacher model or `Learner`
+                   student_fn:Callable|None=None, # () -> student model or `Learner`
+                   loss_func:Callable|None=None, # loss for plain models
+                   metrics=None, # metrics for plain models (the first is reported as valid accuracy)
                   ) -> dict:
-    "The story over `seeds` seeds (a teacher per seed); writes `experiment.json`, `experiment.md` and `runs.csv` into `out`."
+    "The story over `seeds` seeds and every budget (a teacher per seed and budget); writes `experiment.json`, `experiment.md`, `runs.csv`."
     cfg = cfg or StoryConfig()
     if not isinstance(seeds, int) or seeds < 2:
         raise ValueError(f"an experiment needs at least 2 seeds for a paired comparison, got {seeds!r}")
+    blist = [None] if budgets is None else list(budgets)
+    if not blist or any(b is not None and (not isinstance(b, int) or b < 1) for b in blist):
+        raise ValueError(f"budgets must be positive integers (epochs), got {budgets!r}")
+    task = make_task(cfg, dls, dls_fn, teacher_fn, student_fn, loss_func, metrics)
     t0 = time.perf_counter()
     seed_list = list(range(seed, seed + seeds))
     with atomic_output_dir(out, 'experiment') as tmp:
-        runs = []
-        for s in (progress_bar(seed_list) if progress else seed_list):
-            if log: log(f"seed {s}")
-            story = run_story(cfg, s, progress=False, spectrum=False)
-            runs.append(dict(seed=s, metrics=story.metrics, saddle_capture=story.saddle_summary(), probe_items=story.probe_items))
-        result = dict(command=command, config=asdict(cfg), seeds=seed_list, runs=runs, summary=summarize(runs, alpha),
-                      machine=machine_info(), wall_seconds=time.perf_counter() - t0)
+        runs, desc = [], {}
+        todo = [(B, s) for B in blist for s in seed_list]
+        for B, s in (progress_bar(todo) if progress else todo):
+            if log: log(f"seed {s}" + (f", {B} epochs" if B is not None else ''))
+            story = run_story(replace(cfg, epochs=B) if B is not None else cfg, s, progress=False, spectrum=False, task=task)
+            desc = story.describe()
+            runs.append(dict(seed=s, epochs=B, metrics=story.metrics, saddle_capture=story.saddle_summary(), probe_items=story.probe_items))
+        result = dict(command=command, config=asdict(cfg), seeds=seed_list, budgets=blist, describe=desc, runs=runs,
+                      summary=summarize(runs, alpha, arms=cfg.arms), machine=machine_info(), wall_seconds=time.perf_counter() - t0)
         (tmp/'experiment.json').write_text(_json_dumps(result) + '\n')
         (tmp/'experiment.md').write_text(experiment_markdown(result))
         with open(tmp/'runs.csv', 'w', newline='') as f:
-            w = csv.writer(f); w.writerow(['seed', 'model', 'metric', 'value'])
+            w = csv.writer(f); w.writerow(['seed', 'epochs', 'model', 'metric', 'value'])
             for r in runs:
                 for model, m in r['metrics'].items():
-                    for k, v in m.items(): w.writerow([r['seed'], model, k, v])
+                    for k, v in m.items(): w.writerow([r['seed'], r['epochs'] if r['epochs'] is not None else cfg.epochs, model, k, v])
     result['report'] = str(Path(out).expanduser().absolute()/'experiment.md')
     return result

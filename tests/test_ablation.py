@@ -1,0 +1,60 @@
+"The experiment on the user's data and models: a 1-D CNN on a tiny synthetic set, every ablation arm, two budgets."
+import json, math
+import torch
+from torch import nn
+import fastcore.test as fct
+from fastsprkd.data import tensor_dls
+from fastsprkd.experiment import StoryConfig, ARMS, run_experiment, evaluate_student, sprkd_events, train_student, make_task
+
+
+class Tiny1d(nn.Module):
+    "Conv1d(1→w, 3) → ReLU → flatten → Linear(w·12 → 3): the same parameter names at every width."
+    def __init__(self, width):
+        super().__init__(); self.width = width
+        self.conv = nn.Conv1d(1, width, 3, padding=1); self.head = nn.Linear(width * 12, 3)
+    def forward(self, x): return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+def _dls_fn(seed):
+    g = torch.Generator().manual_seed(123)  # the same data for every seed
+    y = torch.randint(0, 3, (96,), generator=g)
+    x = torch.randn(96, 1, 12, generator=g) * 0.5 + y.view(-1, 1, 1).float()
+    return tensor_dls(x, y, torch.arange(64), torch.arange(64, 96), bs=16, device='cpu')
+
+
+def test_run_experiment_user_data_all_arms(tmp_path):
+    cfg = StoryConfig(arms=ARMS, capture_every=2, n_probe=32, trace_matvecs=6, sprkd_n_probe=16, sprkd_max_matvecs=8, generosity=2)
+    res = run_experiment(tmp_path/'exp', cfg, seeds=2, progress=False, budgets=(1, 2), dls_fn=_dls_fn,
+                         teacher_fn=lambda: Tiny1d(6), student_fn=lambda: Tiny1d(3))
+    fct.test_eq(len(res['runs']), 4)  # 2 budgets × 2 seeds
+    for r in res['runs']:
+        fct.test_eq(set(r['metrics']), {'teacher', *ARMS})
+        for k in ARMS: assert math.isfinite(r['metrics'][k]['valid_accuracy']) and math.isfinite(r['metrics'][k]['hessian_trace'])
+        fct.test_eq(r['metrics']['control']['num_params'], 3 * 3 + 3 + 3 * 36 + 3)
+        fct.test_eq(r['metrics']['teacher']['num_params'], 6 * 3 + 6 + 3 * 72 + 3)
+        assert r['metrics']['approach']['sprkd_eigenstep'] == 0 and r['metrics']['approach']['sprkd_perturb'] == 0
+        assert r['metrics']['warm']['teacher_train_seconds'] == r['metrics']['teacher']['train_seconds']
+    s = res['summary']
+    fct.test_eq(s['budgets'], [1, 2])
+    pairs = {(t['a'], t['b']) for t in s['tests']}
+    fct.test_eq(pairs, {('sprkd', 'control'), ('sprkd', 'kd'), ('sprkd', 'warm'), ('sprkd', 'approach'), ('warm', 'control'),
+                        ('approach', 'warm')})
+    fam = [t for t in s['tests'] if not t['metric'].endswith('seconds')]
+    assert all(t['family'] == len(fam) == 2 * 6 * 5 for t in s['tests'])  # Holm over both budgets' model metrics
+    md = (tmp_path/'exp'/'experiment.md').read_text()
+    for want in ('Tiny1d(6) (243 parameters)', 'Tiny1d(3) (123 parameters)', 'user data', '(64 training items)',
+                 'seeds: 1 epoch\n', 'seeds: 2 epochs\n', 'teacher warm start', 'approach only', "teacher's training (s)",
+                 'SPRKD vs teacher warm start: Δacc ='):
+        assert want in md, want
+    json.loads((tmp_path/'exp'/'experiment.json').read_text())
+
+
+def test_evaluate_any_learner():
+    "evaluate_student / sprkd_events on a plain Learner: no hand-set attributes."
+    from fastai.learner import Learner
+    from fastai.metrics import accuracy
+    learn = Learner(_dls_fn(0), Tiny1d(3), loss_func=nn.CrossEntropyLoss(), metrics=accuracy)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    m = evaluate_student(learn, trace_matvecs=6)
+    assert math.isnan(m['train_seconds']) and math.isfinite(m['hessian_trace']) and 0 <= m['valid_accuracy'] <= 1
+    fct.test_eq(sprkd_events(learn), {})
