@@ -58,3 +58,31 @@ def test_evaluate_any_learner():
     m = evaluate_student(learn, trace_matvecs=6)
     assert math.isnan(m['train_seconds']) and math.isfinite(m['hessian_trace']) and 0 <= m['valid_accuracy'] <= 1
     fct.test_eq(sprkd_events(learn), {})
+
+
+def test_warm_start_starts_from_the_teacher_crop():
+    "The warm-start student's initial weights are the layout-aware crop of the teacher's final weights (lr ≈ 0: no move)."
+    from fastsprkd.saddle import crop_params
+    cfg = StoryConfig(epochs=1, lr=1e-12)
+    task = make_task(cfg, dls_fn=_dls_fn, teacher_fn=lambda: Tiny1d(6), student_fn=lambda: Tiny1d(3))
+    torch.manual_seed(0); teacher = Tiny1d(6)
+    learn = train_student('warm', cfg, 0, teacher=teacher, progress=False, task=task)
+    want = crop_params(dict(teacher.named_parameters()), Tiny1d(3))
+    for n, p in learn.model.named_parameters(): torch.testing.assert_close(p.detach(), want[n].detach(), atol=1e-6, rtol=0)
+    # head.weight keeps channels 1..3 of the conv, every one of the 12 positions
+    torch.testing.assert_close(learn.model.head.weight.detach(), teacher.head.weight.detach().view(3, 6, 12)[:, 1:4].reshape(3, 36), atol=1e-6, rtol=0)
+
+
+def test_run_story_with_learner_factories():
+    "Factories may return whole Learners (their own data, loss and metrics); the report names the models and the data."
+    from fastai.learner import Learner
+    from fastai.metrics import accuracy
+    from fastsprkd.experiment import run_story
+    mk = lambda w: Learner(_dls_fn(0), Tiny1d(w), loss_func=nn.CrossEntropyLoss(), metrics=accuracy)
+    st = run_story(StoryConfig(epochs=1, arms=('control', 'warm'), capture_every=2, n_probe=32, trace_matvecs=6), 0,
+                   progress=False, spectrum=False, teacher_fn=lambda: mk(6), student_fn=lambda: mk(3))
+    fct.test_eq(set(st.metrics), {'teacher', 'control', 'warm'})
+    fct.test_eq(st.probe_items, 32)
+    d = st.describe()
+    fct.test_eq((d['teacher'], d['student'], d['train_items']), ('Tiny1d(6) (243 parameters)', 'Tiny1d(3) (123 parameters)', 64))
+    fct.test_eq(d['data'], "the Learner factories' own data")

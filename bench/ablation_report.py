@@ -1,0 +1,31 @@
+"""Merge the per-(budget, seed) files of `bench/ablation_runs.py` into `experiment.json`/`experiment.md`, exactly as
+`run_experiment` reports them (Holm over every comparison of every budget), for the seeds that finished at every budget.
+
+    python bench/ablation_report.py mnist1d runs/mnist1d docs/experiment_mnist1d_ablation
+"""
+import json, sys
+from dataclasses import asdict
+from pathlib import Path
+from fastsprkd.experiment import StoryConfig, ARMS, summarize, experiment_markdown, machine_info
+from fastsprkd.experiment.report import _json_dumps
+
+def main(dataset, runs_dir, out, command=''):
+    runs = [json.loads(f.read_text()) for f in sorted(Path(runs_dir).glob('run_*.json'))]
+    budgets = sorted({r['epochs'] for r in runs})
+    seeds = sorted(s for s in {r['seed'] for r in runs} if all(any(r['seed'] == s and r['epochs'] == B for r in runs) for B in budgets))
+    runs = sorted([r for r in runs if r['seed'] in seeds], key=lambda r: (r['epochs'], r['seed']))
+    for r in runs:
+        for k, m in r['metrics'].items():
+            for a, v in m.items():
+                if v is None: m[a] = float('nan')  # JSON null: NaN
+    cfg = StoryConfig(dataset=dataset, arms=ARMS, epochs=budgets[0])
+    result = dict(command=command, config=asdict(cfg), seeds=seeds, budgets=budgets, describe=runs[0].pop('describe'),
+                  runs=[{k: v for k, v in r.items() if k != 'describe'} for r in runs],
+                  summary=summarize(runs, arms=ARMS), machine=machine_info(),
+                  wall_seconds=sum(r['wall_seconds'] for r in runs))
+    out = Path(out)
+    out.with_suffix('.json').write_text(_json_dumps(result) + '\n')
+    out.with_suffix('.md').write_text(experiment_markdown(result))
+    print(f"{dataset}: budgets {budgets}, seeds {seeds}; {result['wall_seconds']:.0f} s of runs; {out.with_suffix('.md')}")
+
+if __name__ == '__main__': main(*sys.argv[1:])
