@@ -1,5 +1,5 @@
 """Merge the per-(budget, seed) files of `bench/ablation_runs.py` into `experiment.json`/`experiment.md`, exactly as
-`run_experiment` reports them (Holm over every comparison of every budget), for the seeds that finished at every budget.
+`run_experiment` reports them (Holm over every comparison of every budget); each budget over the seeds that finished at it.
 
     python bench/ablation_report.py mnist1d runs/mnist1d docs/experiment_mnist1d_ablation
 """
@@ -10,10 +10,11 @@ from fastsprkd.experiment import StoryConfig, ARMS, summarize, experiment_markdo
 from fastsprkd.experiment.report import _json_dumps
 
 def main(dataset, runs_dir, out, command=''):
+    "Merge the run files of `runs_dir` into `out`.json/.md."
     runs = [json.loads(f.read_text()) for f in sorted(Path(runs_dir).glob('run_*.json'))]
     budgets = sorted({r['epochs'] for r in runs})
-    seeds = sorted(s for s in {r['seed'] for r in runs} if all(any(r['seed'] == s and r['epochs'] == B for r in runs) for B in budgets))
-    runs = sorted([r for r in runs if r['seed'] in seeds], key=lambda r: (r['epochs'], r['seed']))
+    seeds = sorted({r['seed'] for r in runs})  # each budget is summarized and tested over the seeds that finished at it
+    runs = sorted(runs, key=lambda r: (r['epochs'], r['seed']))
     for r in runs:
         for k, m in r['metrics'].items():
             for a, v in m.items():
@@ -25,7 +26,14 @@ def main(dataset, runs_dir, out, command=''):
                   wall_seconds=sum(r['wall_seconds'] for r in runs))
     out = Path(out)
     out.with_suffix('.json').write_text(_json_dumps(result) + '\n')
-    out.with_suffix('.md').write_text(experiment_markdown(result))
-    print(f"{dataset}: budgets {budgets}, seeds {seeds}; {result['wall_seconds']:.0f} s of runs; {out.with_suffix('.md')}")
+    per = {B: sorted(r['seed'] for r in runs if r['epochs'] == B) for B in budgets}
+    note = (f"\n**How this was run.** `{command or 'bench/ablation_runs.py'}`: the stories were split over several processes "
+            f"(`bench/ablation_runs.py`, one JSON file per budget and seed) on a 2-core CPU machine shared with other work, "
+            f"and merged by `bench/ablation_report.py`. Seeds per budget: "
+            + '; '.join(f"{B} epochs: {per[B]}" for B in budgets)
+            + f". The total CPU wall time ({result['wall_seconds']:.0f} s) is the sum of the per-(budget, seed) wall times.\n")
+    out.with_suffix('.md').write_text(experiment_markdown(result) + note)
+    per = {B: sorted(r['seed'] for r in runs if r['epochs'] == B) for B in budgets}
+    print(f"{dataset}: seeds per budget {per}; {result['wall_seconds']:.0f} s of runs; {out.with_suffix('.md')}")
 
 if __name__ == '__main__': main(*sys.argv[1:])

@@ -1,6 +1,6 @@
 "The experiment on the user's data and models: a 1-D CNN on a tiny synthetic set, every ablation arm, two budgets."
 import json, math
-import torch
+import pytest, torch
 from torch import nn
 import fastcore.test as fct
 from fastsprkd.data import tensor_dls
@@ -86,3 +86,16 @@ def test_run_story_with_learner_factories():
     d = st.describe()
     fct.test_eq((d['teacher'], d['student'], d['train_items']), ('Tiny1d(6) (243 parameters)', 'Tiny1d(3) (123 parameters)', 64))
     fct.test_eq(d['data'], "the Learner factories' own data")
+
+
+@pytest.mark.parametrize('extra,expect', [(['--arms', 'control,foo'], 'arms must be distinct names'),
+                                          (['--budgets', '3,x'], '--budgets must be a comma-separated list'),
+                                          (['--budgets', '0'], '--budgets must be a comma-separated list'),
+                                          (['--dataset', 'mnist1d', '--data-dir', '.'], 'only read for the mnist dataset')])
+def test_cli_bad_ablation_input(tmp_path, capsys, extra, expect):
+    from fastsprkd.cli import main
+    code = main(['experiment', '--out', str(tmp_path/'out')] + extra)
+    err = capsys.readouterr().err
+    fct.test_eq(code, 1)
+    assert expect in err and 'Traceback' not in err, err
+    fct.test_eq(list(tmp_path.iterdir()), [])

@@ -149,7 +149,7 @@ def atomic_output_dir(target, # the directory to create (or replace, if it is a 
         shutil.rmtree(tmp, ignore_errors=True)
         drop_created()
         if isinstance(e, OSError) and not isinstance(e, OutputDirError) and e.errno in _FULL:
-            where = f" ({str(e.filename).replace(str(tmp), str(target))})" if e.filename else ''
-            raise OutputDirError(f"writing the report failed: {_FULL[e.errno]}{where}; {prev}. Free some space (or raise "
+            where = f": {str(e.filename).replace(str(tmp), str(target))}" if e.filename else ''
+            raise OutputDirError(f"writing the report failed: {_FULL[e.errno]} ({e.strerror or e}{where}); {prev}. Free some space (or raise "
                                  f"the limit) and run again, or choose another --out") from None
         raise

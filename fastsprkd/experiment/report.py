@@ -309,7 +309,8 @@ def experiment_markdown(result:dict) -> str:
             npar = rs[0]['metrics'][kind].get('num_params') if rs and kind in rs[0]['metrics'] else None
             tt = tab['teacher'].get('train_seconds') if kind not in ('teacher', 'control') else None
             rows.append([LABELS[kind], _fmt(npar)] + [_cell(c.get(m), m) for m in METRICS] + [_cell(tt, 'train_seconds')])
-        md += [f"## Mean ± standard deviation over {n} seeds: {ep} epoch{'s' if ep != 1 else ''}", "", _md_table(header, rows), "",
+        nb = len({r['seed'] for r in rs}) or n
+        md += [f"## Mean ± standard deviation over {nb} seeds: {ep} epoch{'s' if ep != 1 else ''}", "", _md_table(header, rows), "",
                f"Saddle points captured by the teachers: {caps}.", ""]
     unconv = {LABELS[k]: sum(not r['metrics'][k].get('eigsh_converged', True) for r in result['runs']) for k in arms}
     unconv_note = ''.join(f" λ of {k} in {c} of {len(result['runs'])} runs are from Lanczos runs that did not reach their tolerance "
