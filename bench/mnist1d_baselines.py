@@ -25,7 +25,7 @@ def main(epochs='15,25', seeds='0,1,2'):
                 set_seed(s)
                 learn = Learner(mnist1d_dls(), cls(), loss_func=nn.CrossEntropyLoss(), metrics=accuracy)
                 with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(ep, 3e-2)
-                accs.append(float(learn.validate()[1]))
+                with learn.no_bar(): accs.append(float(learn.validate()[1]))
             a = np.array(accs)
             rows.append(f"| `{cls.__name__}()` | {num_params(cls()):,} | {ep} | {a.mean():.3f} ± {a.std(ddof=1):.3f} ({', '.join(f'{x:.3f}' for x in accs)}) | {PAPER[cls.__name__]:.2f} |")
     print("| model | parameters | epochs | test accuracy, mean ± std over seeds " + f"{ss}" + " | paper |")

@@ -155,11 +155,13 @@ def flatten_layout(model:nn.Module, # the model to trace (not run: shapes only, 
     out = {}
     for i, (name, mod, ins, _) in enumerate(events):
         if not isinstance(mod, nn.Linear) or ins is None or len(ins) != 2: continue
-        src = None
-        for j in range(i - 1, -1, -1):  # the latest earlier tensor of >= 3 dims with the Linear's number of features
-            for s in (events[j][3], events[j][2]):
-                if s is not None and len(s) >= 3 and math.prod(s[1:]) == ins[1]: src = (j, s); break
-            if src: break
+        src, F = None, ins[1]
+        for j in range(i - 1, -1, -1):  # back to the latest tensor of >= 3 dims with the Linear's number of features
+            _, m, a, o = events[j]
+            if o is not None and len(o) >= 3 and math.prod(o[1:]) == F: src = (j, o); break
+            if o is not None and len(o) == 2 and o[1] == F and a is not None and len(a) >= 3 and math.prod(a[1:]) == F:
+                src = (j, a); break  # a Flatten module
+            if isinstance(m, nn.Linear) and o is not None and o[-1] == F: break  # fed by another Linear: no conv layout
         if src is None: continue
         j, s = src
         conv = next((events[k][0] for k in range(j, -1, -1) if isinstance(events[k][1], _CONVS) and events[k][3] is not None

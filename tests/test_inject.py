@@ -84,3 +84,16 @@ def test_trained_mnist1d_teacher_crop():
     with torch.no_grad(): a_inj, a_hand = acc(student), acc(hand)
     assert abs(a_inj - a_hand) <= 0.05, (a_inj, a_hand)
     assert all(torch.equal(p, q) for p, q in zip(student.parameters(), hand.parameters()))
+
+
+def test_linear_after_linear_keeps_the_centre_crop():
+    "conv → flatten → fc1 → ReLU → fc2: fc2 reads fc1's units (centre crop) even where its width equals a conv output's size."
+    def net(c, h):  # conv output: c channels × 4 positions = 4c values; fc2 reads h = 4c units
+        return nn.Sequential(nn.Conv1d(1, c, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * c, h), nn.ReLU(), nn.Linear(h, 3))
+    teacher, student = net(8, 32), net(4, 16)
+    fct_layout = flatten_layout(student)
+    assert fct_layout == {'3.weight': ('0.weight', 4, 4)}, fct_layout
+    inject(student, dict(teacher.named_parameters()))
+    W1, W2 = teacher[3].weight.detach(), teacher[5].weight.detach()
+    assert torch.equal(student[3].weight.detach(), W1.view(32, 8, 4)[8:24, 2:6].reshape(16, 16))
+    assert torch.equal(student[5].weight.detach(), W2[:, 8:24])
