@@ -114,19 +114,25 @@ import warnings
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def _meta_forward(model:nn.Module, x:Tensor) -> list:
-    "Run `model` on the meta device (shapes only) with forward hooks; the (module name, module, input shape, output shape) of every call."
+    "Run `model` on the meta device (shapes only; its parameter and buffer slots are swapped for meta tensors and put back) with forward hooks; the (module name, module, input shape, output shape) of every call."
     events, hooks = [], []
     def hook(name):
         def f(mod, args, out):
             a = args[0] if args and isinstance(args[0], Tensor) else None
             events.append((name, mod, tuple(a.shape) if a is not None else None, tuple(out.shape) if isinstance(out, Tensor) else None))
         return f
-    state = {n: torch.empty_like(t, device='meta') for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    saved = []  # (slots, key, original): every parameter and buffer slot swapped for a meta tensor, restored on any exit
     try:
+        for m in model.modules():
+            for slots in (m._parameters, m._buffers):
+                for k, t in list(slots.items()):
+                    if t is None: continue
+                    saved.append((slots, k, t)); slots[k] = torch.empty_like(t, device='meta')
         for n, m in model.named_modules(): hooks.append(m.register_forward_hook(hook(n)))
-        with torch.no_grad(): torch.func.functional_call(model, state, (x,))
+        with torch.no_grad(): model(x)
     finally:
         for h in hooks: h.remove()
+        for slots, k, t in reversed(saved): slots[k] = t
     return events
 
 def _trial_inputs(model:nn.Module):

@@ -97,3 +97,21 @@ def test_linear_after_linear_keeps_the_centre_crop():
     W1, W2 = teacher[3].weight.detach(), teacher[5].weight.detach()
     assert torch.equal(student[3].weight.detach(), W1.view(32, 8, 4)[8:24, 2:6].reshape(16, 16))
     assert torch.equal(student[5].weight.detach(), W2[:, 8:24])
+
+
+def test_trace_leaves_the_model_as_it_was():
+    "The shape trace swaps meta tensors into the parameter and buffer slots and puts the very same objects back."
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 25, 3))
+    before = [(id(t), t.clone()) for t in list(m.parameters()) + list(m.buffers())]
+    fct_layout = flatten_layout(m)
+    assert fct_layout == {'4.weight': ('0.weight', 4, 25)}, fct_layout
+    after = list(m.parameters()) + list(m.buffers())
+    assert [id(t) for t in after] == [i for i, _ in before]
+    assert all(torch.equal(t, c) and t.device.type == 'cpu' for t, (_, c) in zip(after, before))
+    assert all(isinstance(p, nn.Parameter) for p in m.parameters())
+    class Boom(nn.Module):  # a forward that fails after the swap: restored all the same
+        def __init__(self): super().__init__(); self.conv = nn.Conv2d(1, 2, 3); self.fc = nn.Linear(2, 2)
+        def forward(self, x): raise KeyboardInterrupt
+    b = Boom(); ps = list(b.parameters())
+    with pytest.raises(KeyboardInterrupt): flatten_layout(b, example=torch.zeros(1, 1, 5, 5))
+    assert list(b.parameters()) == ps and all(p.device.type == 'cpu' for p in ps)
