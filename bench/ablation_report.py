@@ -1,7 +1,7 @@
 """Merge the per-(budget, seed) files of `bench/ablation_runs.py` into `experiment.json`/`experiment.md`, exactly as
 `run_experiment` reports them (Holm over every comparison of every budget); each budget over the seeds that finished at it.
 
-    python bench/ablation_report.py mnist1d runs/mnist1d docs/experiment_mnist1d_ablation
+    python bench/ablation_report.py mnist1d runs/mnist1d docs/experiment_mnist1d_ablation 'the command' [5,15]
 """
 import json, sys
 from dataclasses import asdict
@@ -9,9 +9,10 @@ from pathlib import Path
 from fastsprkd.experiment import StoryConfig, ARMS, summarize, experiment_markdown, machine_info
 from fastsprkd.experiment.report import _json_dumps
 
-def main(dataset, runs_dir, out, command=''):
+def main(dataset, runs_dir, out, command='', only=''):
     "Merge the run files of `runs_dir` into `out`.json/.md."
     runs = [json.loads(f.read_text()) for f in sorted(Path(runs_dir).glob('run_*.json'))]
+    if only: runs = [r for r in runs if r['epochs'] in {int(b) for b in only.split(',')}]  # e.g. '5,15'
     budgets = sorted({r['epochs'] for r in runs})
     seeds = sorted({r['seed'] for r in runs})  # each budget is summarized and tested over the seeds that finished at it
     runs = sorted(runs, key=lambda r: (r['epochs'], r['seed']))
@@ -32,7 +33,11 @@ def main(dataset, runs_dir, out, command=''):
             f"and merged by `bench/ablation_report.py`. Seeds per budget: "
             + '; '.join(f"{B} epochs: {per[B]}" for B in budgets)
             + f". The total CPU wall time ({result['wall_seconds']:.0f} s) is the sum of the per-(budget, seed) wall times.\n")
-    out.with_suffix('.md').write_text(experiment_markdown(result) + note)
+    md = experiment_markdown(result).replace("per-seed values are in `experiment.json` and `runs.csv`",
+                                             f"per-seed values are in `{out.name}.json`")
+    if dataset == 'mnist1d': note += ("\nThe bundled MLP and CNN against the MNIST-1D paper's figures: "
+                                      "[mnist1d_baselines.md](mnist1d_baselines.md).\n")
+    out.with_suffix('.md').write_text(md + note)
     per = {B: sorted(r['seed'] for r in runs if r['epochs'] == B) for B in budgets}
     print(f"{dataset}: seeds per budget {per}; {result['wall_seconds']:.0f} s of runs; {out.with_suffix('.md')}")
 
