@@ -11,4 +11,5 @@ from .callback.core import *
 from .callback.sprkd import *
 from .callback.observe import *
 from .experiment import (StoryConfig, Story, run_story, run_demo, run_experiment, train_teacher, train_student,
-                         evaluate_student, evaluation_probe, write_demo_report, summarize, paired_test, experiment_markdown)
+                         evaluate_student, evaluation_probe, write_demo_report, summarize, paired_test, experiment_markdown,
+                         ARMS, Task, make_task, describe_model, sprkd_events, comparisons, answer_sentences)

@@ -12,7 +12,7 @@ from pathlib import Path
 # importing fastai/torchvision under torch ≥ 2.10 warns that `torch.jit.script` is deprecated: noise on every command
 warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
 from .saddle import SaddleBankError
-from .experiment import (StoryConfig, DATASETS, LABELS, METRIC_LABELS, OutputDirError, check_output_dir, load_data,
+from .experiment import (StoryConfig, ARMS, DATASETS, LABELS, METRIC_LABELS, OutputDirError, check_output_dir, load_data,
                                   run_demo, run_experiment)
 
 # %% auto #0
@@ -23,8 +23,20 @@ def _log(msg):
     print(f"fastsprkd: {msg}", file=sys.stderr, flush=True)
 
 def _config(args) -> StoryConfig:
+    extra = {}
+    arms = getattr(args, 'arms', None)
+    if arms: extra['arms'] = ARMS if arms == 'all' else tuple(a.strip() for a in arms.split(','))
     return StoryConfig(dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs, n_train=args.n_train,
-                       n_probe=args.n_probe, trace_matvecs=args.trace_matvecs)
+                       n_probe=args.n_probe, trace_matvecs=args.trace_matvecs, **extra)
+
+def _budgets(args):
+    "The --budgets list of epochs (None: --epochs only)."
+    if not getattr(args, 'budgets', None): return None
+    try: bs = [int(b) for b in args.budgets.split(',')]
+    except ValueError: bs = []
+    if not bs or any(b < 1 for b in bs):
+        raise _UsageError(f"--budgets must be a comma-separated list of positive epoch counts (e.g. 15,100), got {args.budgets!r}")
+    return bs
 
 def _check_inputs(args) -> StoryConfig:
     "Everything that can be wrong with the user's input, checked before any training (raises `_UsageError`)."
@@ -53,20 +65,24 @@ def _experiment(args, command):
     if args.seeds < 2: raise _UsageError(f"--seeds must be at least 2 for a paired comparison, got {args.seeds}")
     if not 0 < args.alpha < 1: raise _UsageError(f"--alpha must be in (0, 1), got {args.alpha}")
     t0 = time.perf_counter()
-    res = run_experiment(args.out, cfg, args.seeds, args.seed, args.alpha, progress=True, command=command, log=_log)
-    t = next(t for t in res['summary']['tests'] if t['a'] == 'sprkd' and t['b'] == 'control' and t['metric'] == 'valid_accuracy')
-    print(f"fastsprkd experiment: {args.seeds} seeds in {time.perf_counter() - t0:.0f} s; SPRKD − control valid accuracy "
-          f"{t['mean_diff']:+.4f} (paired t-test p = {t['p_t']:.3g}); report: {res['report']}", flush=True)
+    budgets = _budgets(args)
+    res = run_experiment(args.out, cfg, args.seeds, args.seed, args.alpha, progress=True, command=command, log=_log, budgets=budgets)
+    ts = [t for t in res['summary']['tests'] if t['a'] == 'sprkd' and t['metric'] == 'valid_accuracy']
+    t = next((t for t in ts if t['b'] == 'control'), ts[0] if ts else None)
+    diff = (f"SPRKD − {LABELS[t['b']]} valid accuracy {t['mean_diff']:+.4f} (paired t-test p = {t['p_t']:.3g}"
+            + (f", at {t['epochs']} epochs" if t.get('epochs') is not None else '') + "); ") if t else ''
+    print(f"fastsprkd experiment: {args.seeds} seeds in {time.perf_counter() - t0:.0f} s; {diff}report: {res['report']}", flush=True)
     return 0
 
 # %% ../nbs/90_cli.ipynb #39d0f26b
 def _common(p, out):
-    p.add_argument('--dataset', choices=DATASETS, default='digits', help="digits (bundled, default) or mnist (files under --data-dir)")
+    p.add_argument('--dataset', choices=DATASETS, default='digits',
+                   help="digits (bundled, default), mnist (files under --data-dir) or mnist1d (MNIST-1D, generated offline)")
     p.add_argument('--data-dir', default=None, metavar='PATH', help="folder with torchvision's MNIST/raw files (mnist only)")
     p.add_argument('--epochs', type=int, default=8, help="training epochs of the teacher and of each student (default 8)")
     p.add_argument('--out', default=out, metavar='DIR', help=f"output directory (default {out}; a previous fastsprkd report there is replaced)")
     p.add_argument('--n-train', type=int, default=None, metavar='N',
-                   help="keep only N training items (default: all for digits, 10,000 for mnist)")
+                   help="keep only N training items (default: all for digits and mnist1d, 10,000 for mnist)")
     p.add_argument('--n-probe', type=int, default=256, help=argparse.SUPPRESS)  # probe set of the Hessian metrics
     p.add_argument('--trace-matvecs', type=int, default=60, help=argparse.SUPPRESS)  # Hutch++ budget
 
@@ -87,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument('--seeds', type=int, default=5, help="number of seeds (default 5, at least 2)")
     e.add_argument('--seed', type=int, default=0, help="first seed (default 0)")
     e.add_argument('--alpha', type=float, default=0.05, help="significance level (default 0.05)")
+    e.add_argument('--arms', default=None, metavar='LIST',
+                   help="students, comma-separated from control,kd,warm,approach,sprkd, or 'all' (default control,sprkd,kd)")
+    e.add_argument('--budgets', default=None, metavar='EPOCHS',
+                   help="comma-separated training budgets in epochs, e.g. 15,100 (default: --epochs)")
     e.set_defaults(func=_experiment)
     return p
 

@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 from fastai.data.core import DataLoaders
 
 # %% auto #0
-__all__ = ['split_idxs', 'tensor_dls', 'digits_dls', 'mnist_dls', 'probe_batches']
+__all__ = ['split_idxs', 'tensor_dls', 'digits_dls', 'mnist_dls', 'mnist1d_dls', 'probe_batches']
 
 # %% ../nbs/00_data.ipynb #f00de47f
 def _digits_arrays():
@@ -118,6 +118,37 @@ def mnist_dls(path, # folder containing torchvision's `MNIST/raw` (or `MNIST/pro
     x, y = torch.cat(xs), torch.cat(ys)
     valid_idx = torch.arange(len(xs[0]), len(x))
     return tensor_dls(x, y, train_idx, valid_idx, bs=bs, device=device, **kwargs)
+
+# %% ../nbs/00_data.ipynb #82661f96
+_MNIST1D_CACHE = {}
+
+def _mnist1d_arrays(seed:int=42):
+    "MNIST-1D's `(x, y, x_test, y_test)` (float32 n×1×40, int64) generated offline; cached per process and seed."
+    if seed not in _MNIST1D_CACHE:
+        try: from mnist1d.data import make_dataset, get_dataset_args
+        except ImportError as e:
+            raise ImportError("MNIST-1D needs the `mnist1d` package (pip install mnist1d); it generates the data set offline") from e
+        import random
+        args = get_dataset_args()
+        args.seed = seed
+        state = random.getstate(), np.random.get_state()  # make_dataset reseeds Python's and numpy's global generators
+        try: d = make_dataset(args)
+        finally: random.setstate(state[0]); np.random.set_state(state[1])
+        f = lambda a: torch.tensor(np.asarray(a), dtype=torch.float32).unsqueeze(1)
+        _MNIST1D_CACHE[seed] = (f(d['x']), torch.tensor(d['y'], dtype=torch.long), f(d['x_test']), torch.tensor(d['y_test'], dtype=torch.long))
+    return _MNIST1D_CACHE[seed]
+
+def mnist1d_dls(bs:int=100, # batch size (the paper's)
+                n_train:int|None=None, # keep only the first `n_train` of the 4,000 training items
+                seed:int=42, # seed of the generator (the paper's data set is seed 42)
+                device=None, # device of the batches
+                **kwargs, # passed to `DataLoaders.from_dsets`
+               ) -> DataLoaders:
+    "MNIST-1D (4,000 train / 1,000 test sequences of 1×40, 10 classes), generated offline, as fastai `DataLoaders`; test split as validation."
+    x, y, xt, yt = _mnist1d_arrays(seed)
+    n = len(x)
+    train_idx = torch.arange(n if n_train is None else min(n_train, n))
+    return tensor_dls(torch.cat([x, xt]), torch.cat([y, yt]), train_idx, torch.arange(n, n + len(xt)), bs=bs, device=device, **kwargs)
 
 # %% ../nbs/00_data.ipynb #f3b8d8f5
 from contextlib import contextmanager

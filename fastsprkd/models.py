@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['DigitsCNN', 'num_params', 'DigitsMLP', 'SeedCNN', 'TutorialCNN', 'SharpnessMLP']
+__all__ = ['DigitsCNN', 'num_params', 'DigitsMLP', 'Mnist1dCNN', 'Mnist1dMLP', 'SeedCNN', 'TutorialCNN', 'SharpnessMLP']
 
 # %% ../nbs/01_models.ipynb #779f9e2c
 class DigitsCNN(nn.Module):
@@ -50,6 +50,40 @@ class DigitsMLP(nn.Sequential):
         for h in hidden: layers += [nn.Linear(n, h), act()]; n = h
         layers.append(nn.Linear(n, n_out))
         super().__init__(*layers)
+
+# %% ../nbs/01_models.ipynb #02fc56d8
+class Mnist1dCNN(nn.Module):
+    "The MNIST-1D paper's CNN: Conv1d(1→w,5,s2)–ReLU–Conv1d(w→w,3,s2)–ReLU–Conv1d(w→w,3,s2)–ReLU–Flatten–Linear."
+    def __init__(self,
+                 width:int=25, # channels of every convolution (the paper's 25)
+                 n_out:int=10, # classes
+                 length:int=40, # input length (MNIST-1D: 40)
+                ):
+        super().__init__()
+        self.width = width
+        self.conv1 = nn.Conv1d(1, width, 5, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(width, width, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(width, width, 3, stride=2, padding=1)
+        n = (length + 2 - 5) // 2 + 1
+        for _ in range(2): n = (n + 2 - 3) // 2 + 1
+        self.linear = nn.Linear(width * n, n_out)
+    def forward(self, x):
+        x = x.view(len(x), 1, x.shape[-1])
+        x = torch.relu(self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x))))))
+        return self.linear(x.flatten(1))
+
+class Mnist1dMLP(nn.Module):
+    "The MNIST-1D paper's MLP: Linear(40→w)–ReLU–Linear(w→w)–ReLU–Linear(w→c)."
+    def __init__(self,
+                 width:int=100, # hidden units of both hidden layers (the paper's 100)
+                 n_out:int=10, # classes
+                 length:int=40, # input length
+                ):
+        super().__init__()
+        self.width = width
+        self.linear1, self.linear2, self.linear3 = nn.Linear(length, width), nn.Linear(width, width), nn.Linear(width, n_out)
+    def forward(self, x):
+        return self.linear3(torch.relu(self.linear2(torch.relu(self.linear1(x.flatten(1))))))
 
 # %% ../nbs/01_models.ipynb #d95127d4
 class SeedCNN(nn.Module):

@@ -21,7 +21,7 @@ from .core import unwrap_model
 
 # %% auto #0
 __all__ = ['BANK_FORMAT', 'BANK_VERSION', 'MAX_MANIFEST_BYTES', 'MAX_JSON_DEPTH', 'SaddleBankError', 'SaddlePoint', 'centre_crop',
-           'crop_params', 'inject', 'SaddleBank']
+           'flatten_layout', 'crop_params', 'inject', 'SaddleBank']
 
 # %% ../nbs/11_saddle.ipynb #ff529117
 def _dtype_name(dt:torch.dtype) -> str: return str(dt).replace('torch.', '')
@@ -109,19 +109,128 @@ def _check_names(have, want):
         raise SaddleBankError("the model's parameters do not match the saddle bank's (" + '; '.join(parts) + "). The student "
                               "must have the teacher's parameter names, e.g. the same model class with a smaller width.")
 
+# %% ../nbs/11_saddle.ipynb #7b5e7e6b
+import warnings
+
+# %% ../nbs/11_saddle.ipynb #67d14c13
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+def _meta_forward(model:nn.Module, x:Tensor) -> list:
+    "Run `model` on the meta device (shapes only; its parameter and buffer slots are swapped for meta tensors and put back) with forward hooks; the (module name, module, input shape, output shape) of every call."
+    events, hooks = [], []
+    def hook(name):
+        def f(mod, args, out):
+            a = args[0] if args and isinstance(args[0], Tensor) else None
+            events.append((name, mod, tuple(a.shape) if a is not None else None, tuple(out.shape) if isinstance(out, Tensor) else None))
+        return f
+    saved = []  # (slots, key, original): every parameter and buffer slot swapped for a meta tensor, restored on any exit
+    try:
+        for m in model.modules():
+            for slots in (m._parameters, m._buffers):
+                for k, t in list(slots.items()):
+                    if t is None: continue
+                    saved.append((slots, k, t)); slots[k] = torch.empty_like(t, device='meta')
+        for n, m in model.named_modules(): hooks.append(m.register_forward_hook(hook(n)))
+        with torch.no_grad(): model(x)
+    finally:
+        for h in hooks: h.remove()
+        for slots, k, t in reversed(saved): slots[k] = t
+    return events
+
+def _trial_inputs(model:nn.Module):
+    "Synthesized meta inputs for a shape trace, from the first `Linear` or convolution in registration order."
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear,) + _CONVS)), None)
+    if isinstance(first, nn.Linear): yield torch.empty(2, first.in_features, device='meta'); return
+    if first is None: return
+    nd = _CONVS.index(type(first)) + 1
+    for s in range(1, 257): yield torch.empty(2, first.in_channels, *([s] * nd), device='meta')
+
+def flatten_layout(model:nn.Module, # the model to trace (not run: shapes only, on the meta device)
+                   example=None, # an input batch (tensor, or a tuple whose first element is the input); default: synthesized
+                  ) -> dict|None:
+    """`{linear weight name: (conv weight name, channels, positions)}` for every `Linear` that consumes a flattened
+    convolution output; `{}` if there is none; None if the model could not be traced."""
+    model = unwrap_model(model)
+    if example is not None:
+        x = example[0] if isinstance(example, (tuple, list)) else example
+        trials = [torch.empty_like(x, device='meta')]
+    else: trials = _trial_inputs(model)
+    events = None
+    for x in trials:
+        try: events = _meta_forward(model, x); break
+        except Exception: continue
+    if events is None: return None
+    out = {}
+    for i, (name, mod, ins, _) in enumerate(events):
+        if not isinstance(mod, nn.Linear) or ins is None or len(ins) != 2: continue
+        src, F = None, ins[1]
+        for j in range(i - 1, -1, -1):  # back to the latest tensor of >= 3 dims with the Linear's number of features
+            _, m, a, o = events[j]
+            if o is not None and len(o) >= 3 and math.prod(o[1:]) == F: src = (j, o); break
+            if o is not None and len(o) == 2 and o[1] == F and a is not None and len(a) >= 3 and math.prod(a[1:]) == F:
+                src = (j, a); break  # a Flatten module
+            if isinstance(m, nn.Linear) and o is not None and o[-1] == F: break  # fed by another Linear: no conv layout
+        if src is None: continue
+        j, s = src
+        conv = next((events[k][0] for k in range(j, -1, -1) if isinstance(events[k][1], _CONVS) and events[k][3] is not None
+                     and events[k][3][1] == s[1]), None)
+        if conv is not None: out[f"{name}.weight" if name else 'weight'] = (f"{conv}.weight" if conv else 'weight', s[1], math.prod(s[2:]))
+    return out
+
+def _layout_plan(bank:dict, # name -> shape of the bank's (teacher's) tensors
+                 target, # the model (or dict of shapes)
+                 example=None, # an input batch for the trace
+                ) -> dict:
+    "`{linear weight name: (teacher channels, student channels, positions)}` for channel-aligned crops; warns or raises where it cannot map."
+    shapes = _shapes_of(target)
+    cut = [n for n, s in shapes.items() if len(s) == 2 and n in bank and len(bank[n]) == 2 and bank[n][1] != s[1]]
+    convs = any(len(s) >= 3 for s in shapes.values())
+    if not cut or not convs: return {}
+    layout = flatten_layout(target, example) if isinstance(target, nn.Module) else None
+    if layout is None:
+        why = ("the target is a dict of shapes" if not isinstance(target, nn.Module) else
+               "the model could not be traced with a synthesized input (pass `example=`, an input batch)")
+        warnings.warn(f"cannot tell whether {cut[:4]} consume a flattened convolution output ({why}): their input columns "
+                      f"get the plain centre crop, which scrambles channels × positions if they do")
+        return {}
+    plan = {}
+    for n in cut:
+        if n not in layout: continue
+        conv, c_s, pos = layout[n]
+        c_t = bank[conv][0] if conv in bank else None
+        if c_t is None or bank[n][1] != c_t * pos or shapes[n][1] != c_s * pos:
+            raise SaddleBankError(
+                f"cannot map {n!r}: in the model it reads {c_s} channels × {pos} positions of {conv[:-len('.weight')]!r} "
+                f"({shapes[n][1]} columns), but the bank's {n!r} has {bank[n][1]} columns, not "
+                f"{c_t if c_t is not None else '?'} teacher channels × {pos} positions: the teacher's flattened layout differs "
+                f"(another input size or architecture), so its columns cannot be matched to the student's")
+        plan[n] = (c_t, c_s, pos)
+    return plan
+
+# %% ../nbs/11_saddle.ipynb #16a096a0
 def crop_params(params:Mapping, # name -> tensor (e.g. `SaddleBank.target(n)`)
                 target, # a model, or a dict name -> shape (or tensor) to crop to
+                example=None, # an input batch of the model, for the layout trace (default: a synthesized input)
                ) -> dict:
-    "Centre crops of `params` to the shapes of `target`; the names must be the same."
+    "Crops of `params` to the shapes of `target` (centre crops; channel-aligned for a `Linear` after a flattened conv); same names."
     shapes = _shapes_of(target)
     _check_names(params, shapes)
-    return {n: centre_crop(params[n], shapes[n], n) for n in shapes}
+    plan = _layout_plan({n: tuple(t.shape) for n, t in params.items()}, target, example)
+    out = {}
+    for n, s in shapes.items():
+        if n in plan:
+            c_t, c_s, pos = plan[n]
+            w = params[n].reshape(params[n].shape[0], c_t, pos)
+            out[n] = centre_crop(w, (s[0], c_s, pos), n).reshape(s)
+        else: out[n] = centre_crop(params[n], s, n)
+    return out
 
 def inject(model:nn.Module, # the model that receives the values (in place)
-           params:Mapping, # name -> tensor, of the model's size or larger (centre-cropped)
+           params:Mapping, # name -> tensor, of the model's size or larger (cropped, see `crop_params`)
+           example=None, # an input batch of the model, for the layout trace (default: a synthesized input)
           ) -> nn.Module:
-    "Copy (centre crops of) `params` into the parameters of `model`, cast to its device and dtype; returns `model`."
-    cropped = crop_params(params, model)
+    "Copy (crops of) `params` into the parameters of `model`, cast to its device and dtype; returns `model`."
+    cropped = crop_params(params, model, example)
     with torch.no_grad():
         for n, p in unwrap_model(model).named_parameters(): p.copy_(cropped[n].to(device=p.device, dtype=p.dtype))
     return model
@@ -178,13 +287,15 @@ class SaddleBank:
             out[name] = (acc / len(pts)).to(t.dtype)
         return out
 
-    def check_compatible(self, model:nn.Module) -> str:
-        "'exact' if `model` has the bank's architecture, 'crop' if it is smaller with the same names and ranks; raises otherwise."
+    def check_compatible(self, model:nn.Module, example=None) -> str:
+        """'exact' if `model` has the bank's architecture, 'crop' if it is smaller with the same names and ranks and a
+        flattened-convolution layout that maps (`crop_params`; `example`: an input batch for its trace); raises otherwise."""
         if self._fingerprint is None: raise SaddleBankError("the saddle bank is empty: there is nothing to inject")
         bank = {n: s for n, s, _ in self._fingerprint}
         shapes = _shapes_of(model)
         _check_names(bank, shapes)
         for n, s in shapes.items(): centre_crop(torch.empty(bank[n], device='meta'), s, n)
+        _layout_plan(bank, model, example)
         return 'exact' if all(bank[n] == s for n, s in shapes.items()) else 'crop'
 
     def __repr__(self):

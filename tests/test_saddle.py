@@ -188,15 +188,20 @@ def test_compatibility_and_crop_injection():
     inject(student, bank.target(1))
     tp = dict(teacher.named_parameters())
     for n, p in student.named_parameters():
+        if n == 'fc.weight': continue  # reads the flattened conv2 output: channel-aligned, below
         T, S = tp[n].shape, p.shape
         idx = tuple(slice((t - s) // 2, (t - s) // 2 + s) for t, s in zip(T, S))
         assert torch.equal(p.detach(), tp[n].detach()[idx]), n
-    # explicit values: conv1.weight 32×1×3×3 → 16×1×3×3 starts at 8; fc.weight 10×256 → 10×128 starts at 64
+    # explicit values: conv1.weight 32×1×3×3 → 16×1×3×3 starts at 8; fc.weight 10×(64 channels × 4 positions) keeps
+    # channels 16..47 (those conv2 keeps), every position
     assert torch.equal(student.conv1.weight, teacher.conv1.weight[8:24])
-    assert torch.equal(student.fc.weight, teacher.fc.weight[:, 64:192])
+    assert torch.equal(student.fc.weight, teacher.fc.weight.view(10, 64, 4)[:, 16:48].reshape(10, 128))
     assert torch.equal(student.conv2.bias, teacher.conv2.bias[16:48])
-    cropped = crop_params(bank.target(1), {n: p.shape for n, p in student.named_parameters()})
+    cropped = crop_params(bank.target(1), student)
     assert all(torch.equal(cropped[n], p.detach()) for n, p in student.named_parameters())
+    with pytest.warns(UserWarning, match="dict of shapes"):  # no model to trace: plain centre crop, with a warning
+        cropped = crop_params(bank.target(1), {n: p.shape for n, p in student.named_parameters()})
+    assert torch.equal(cropped['fc.weight'], teacher.fc.weight.detach()[:, 64:192])
     # same size: an exact copy, also into float64
     same = inject(DigitsCNN(32).double(), bank.target(1))
     assert all(torch.equal(p.detach(), tp[n].detach().double()) for n, p in same.named_parameters())
