@@ -20,7 +20,7 @@ def test_killed_run_leftovers_are_removed(tmp_path):
     with atomic_output_dir(out) as t: (t/'report.md').write_text('first')
     dead = _dead_pid()
     # what `kill -9` leaves: a killed run's temporary directory and, killed mid-swap, a previous report moved aside
-    stale = [tmp_path/f'.out.{dead}-k1l2d.tmp', tmp_path/f'.out.old-{dead}']
+    stale = [tmp_path/f'.out.{dead}-k1l2d.tmp', tmp_path/f'.out.old-{dead}', tmp_path/f'.out.old-{dead}-0a1b2c3d']
     live = tmp_path/f'.out.{os.getpid()}-live1.tmp'  # a run still in progress (this process): kept
     other = tmp_path/f'.other.{dead}-x.tmp'  # another target's: kept
     for d in stale + [live, other]: d.mkdir(); (d/'report.md').write_text('partial')

@@ -55,9 +55,9 @@ def _pid_alive(pid:int) -> bool:
 def remove_stale_outputs(target, # the output directory whose leftovers are removed
                         ) -> list:
     """Remove what killed runs of `target` left next to it: temporary directories `.NAME.PID-XXXX.tmp` and previous reports
-    moved aside `.NAME.old-PID` whose process PID no longer exists (a live run's are kept). Returns the removed paths."""
+    moved aside `.NAME.old-PID-XXXX` whose process PID no longer exists (a live run's are kept). Returns the removed paths."""
     target = Path(target).expanduser().absolute()
-    pat = re.compile(rf"^\.{re.escape(target.name)}\.(?:(\d+)-[A-Za-z0-9_]+\.tmp|old-(\d+))$")
+    pat = re.compile(rf"^\.{re.escape(target.name)}\.(?:(\d+)-[A-Za-z0-9_]+\.tmp|old-(\d+)(?:-[0-9a-f]+)?)$")
     out = []
     try: entries = list(target.parent.iterdir())
     except OSError: return out
@@ -126,7 +126,7 @@ def atomic_output_dir(target, # the directory to create (or replace, if it is a 
                                      f"published; {prev}")
             _check_target(target)  # again: something may have appeared meanwhile
             if target.exists():
-                old = target.with_name(f'.{target.name}.old-{os.getpid()}')
+                old = target.with_name(f'.{target.name}.old-{os.getpid()}-{os.urandom(4).hex()}')  # unique: threads share a PID
                 try: target.rename(old)
                 except FileNotFoundError:
                     old = None
