@@ -83,11 +83,11 @@ def import_runs(body_lines):
     Comments and blank lines before a statement belong to its run."""
     tree = parse(body_lines)
     if tree is None or not tree.body: return None
-    runs = []
+    runs, prev_end = [], 0
     for node in tree.body:
         k = _is_import(node)
-        if not runs or runs[-1][0] != k: runs.append((k, _start(node) - 1))
-    runs[0] = (runs[0][0], 0)
+        if not runs or runs[-1][0] != k: runs.append((k, prev_end))
+        prev_end = node.end_lineno
     return runs
 
 def is_mixed(cell) -> bool:
