@@ -37,7 +37,7 @@ class _QuietMaster(_fp.MasterBar):
     def write(self, line, table=False):
         if table: self.lines.append(line)
     def on_iter_end(self):
-        if self.lines and not self._shown: self._shown = True; _display(_HTML(_fp.text2html_table(self.lines)))
+        if self.lines and not self._shown: self._shown = True; _display(_HTML(_fp.text2html_table(self.lines)._repr_html_()))
 
 _fp.master_bar, _fp.progress_bar = _QuietMaster, _QuietBar
 _fp.NBMasterBar, _fp.NBProgressBar = _QuietMaster, _QuietBar
@@ -83,8 +83,7 @@ def shrink(nb) -> list[str]:
 def run_one(path: Path) -> None:
     "Execute notebook `path` in place (called in a fresh process)."
     from execnb.shell import CaptureShell
-    from execnb.nbio import read_nb, write_nb
-    from fastcore.basics import dict2obj
+    from fastcore.nbio import read_nb
     os.chdir(path.parent)
     sh = CaptureShell(path, mpl_format='png')
     sh.run(PREAMBLE)
@@ -94,7 +93,7 @@ def run_one(path: Path) -> None:
     sh.run_all(nb, exc_stop=True, preproc=skip)
     d = json.loads(json.dumps(nb))  # plain dicts
     for w in shrink(d): print(f'{path.name}: {w}', file=sys.stderr)
-    write_nb(dict2obj(d), path)
+    path.write_text(json.dumps(d, sort_keys=True, indent=1, ensure_ascii=False) + '\n', encoding='utf-8')
 
 
 def main(argv=None):
