@@ -52,8 +52,8 @@ docs-run: $(STAMP)
 
 # Processed docs of the core, observer and tutorial pages -> HTML (pandoc) -> PNGs in docs/ (headless Chromium).
 docs-screenshots: $(STAMP)
-	$(BIN)/python tools/nbcheck.py --proc --skip no-plot-output,visible-test,mixed-imports,external-ref,dead-link --n-workers $(NB_WORKERS)
-	PYTHON=$(BIN)/python bash tools/screenshots.sh
+	$(BIN)/python tools/nbcheck.py --proc --skip no-plot-output,visible-test,mixed-imports,external-ref,dead-link,index-stale --n-workers $(NB_WORKERS)
+	$(BIN)/python tools/screenshots.py
 
 test: sync-check docs-check pytest nbtest
 

@@ -15,6 +15,8 @@ Checks:
   an example the prose introduces, and stays visible.)
 - `no-plot-output`: a code cell that plots (`.plot(`, `plt.`, `show_batch`, ...) has no stored image output
   (run `make docs-run`).
+- `index-stale`: `nbs/index.ipynb`, the site's home page, does not hold what README.md says (README.md is
+  hand-written; nbdev must not regenerate it). `--fix` rebuilds the page from README.md, links rewritten for the site.
 - `external-ref`: a notebook cites a file the reader does not have (SPEC, STYLE, /work/...).
 - `dead-link` (with `--proc`, or `--links DIR`): a link in the processed notebooks points to a page of the site, or
   a file of the repository, that does not exist.
@@ -238,7 +240,7 @@ def check_links(proc, nbs=None, root=ROOT):
                     if page.endswith('.html.md'): page = page[:-3]
                     if page not in pages: probs.append((p, i, 'dead-link', f'{url}: no page {page!r} in {nbs.name}/'))
                 elif repo and url.startswith(repo):
-                    m = re.match(r'(?:tree|blob)/[^/]+/(.*)', target[len(repo):])
+                    m = re.match(r'(?:tree|blob|raw)/[^/]+/(.*)', target[len(repo):])
                     if m and not (root/m.group(1)).exists():
                         probs.append((p, i, 'dead-link', f'{url}: no file {m.group(1)!r} in the repository'))
                 elif not re.match(r'^[a-zA-Z][\w+.-]*:|^#|^//', url) and target:
@@ -268,6 +270,46 @@ def proc_docs(root=ROOT, n_workers=2):
         return False
     return True
 
+# ---------------------------------------------------------------- home page from the README
+
+def index_nb(root=ROOT):
+    "The site's home page (`nbs/index.ipynb`) holding README.md, its links rewritten to the site or the repository."
+    from nbdev.config import get_config, nbpath2html
+    cfg = get_config(root)
+    nbs, git = Path(cfg.nbs_path), cfg.git_url.rstrip('/')
+    text = (root/'README.md').read_text(encoding='utf-8')
+    def url(t):
+        if re.match(r'^[a-zA-Z][\w+.-]*:|^#', t): return t
+        path, _, frag = t.partition('#')
+        f = (root/path)
+        if f.suffix == '.ipynb' and f.parent.resolve() == nbs.resolve(): return nbpath2html(f.name).as_posix() + (f'#{frag}' if frag else '')
+        kind = 'tree' if f.is_dir() else 'raw' if f.suffix.lower() in ('.png', '.jpg', '.jpeg', '.gif', '.svg') else 'blob'
+        return f'{git}/{kind}/{cfg.branch}/{path.rstrip("/")}' + (f'#{frag}' if frag else '')
+    text = re.sub(r'(\]\()([^)\s]+)(\))', lambda m: m.group(1) + url(m.group(2)) + m.group(3), text)
+    def nblink(m):
+        f = nbs/Path(m.group(2)).name
+        return f'[`{m.group(1) or ""}{m.group(2)}`]({nbpath2html(f.name).as_posix()})' if f.exists() else m.group(0)
+    text = re.sub(r'(?<!\[)`(nbs/)?(\d\w*\.ipynb)`', nblink, text)
+    lines = text.splitlines()
+    assert lines[0].startswith('# '), 'README.md must start with its title'
+    paras = '\n'.join(lines[1:]).strip().split('\n\n')
+    summary = ' '.join(paras[0].split())
+    body = '\n\n'.join(paras[1:])
+    secs = re.split(r'(?m)^(?=## )', body)
+    note = '<!-- Generated from README.md by `python tools/nbcheck.py --fix`: edit README.md, not this notebook. -->\n\n'
+    srcs = [f'{lines[0]}\n\n> {summary}'] + [(note if i == 0 else '') + s.strip() for i, s in enumerate(secs) if s.strip()]
+    cells = [dict(cell_type='markdown', id=hashlib.sha1(f'index-{i}'.encode()).hexdigest()[:8], metadata={},
+                  source=s.splitlines(True)) for i, s in enumerate(srcs)]
+    return dict(cells=cells, metadata={'kernelspec': {'display_name': 'python3', 'language': 'python', 'name': 'python3'}},
+                nbformat=4, nbformat_minor=5)
+
+def check_index(root=ROOT, fix=False):
+    p = Path(root)/'nbs'/'index.ipynb'
+    want = json.dumps(index_nb(root), sort_keys=True, indent=1, ensure_ascii=False) + '\n'
+    if p.exists() and p.read_text(encoding='utf-8') == want: return []
+    if fix: p.write_text(want, encoding='utf-8'); return []
+    return [(p, 0, 'index-stale', 'the home page does not hold what README.md says (python tools/nbcheck.py --fix)')]
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--check', action='store_true', help='report problems; exit 1 if any (the default)')
@@ -281,6 +323,7 @@ def main(argv=None):
     nbs = Path(a.nbs) if a.nbs else ROOT/'nbs'
     probs = []
     for p in nb_files(nbs): probs += check_nb(p, fix=a.fix)
+    if not a.nbs: probs += check_index(ROOT, fix=a.fix)
     links = a.links
     if a.proc:
         if not proc_docs(ROOT, a.n_workers): return 1
