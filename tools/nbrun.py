@@ -12,11 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DPI = 60
+DPI = 72
 MAX_LINES, MAX_CHARS, MAX_HTML, MAX_IMG = 40, 6000, 60_000, 400_000
 
 PREAMBLE = f'''
 import os, random, warnings
+warnings.filterwarnings('ignore', message=r'`torch\\.jit\\.script` is deprecated', category=FutureWarning)
 import numpy as np, torch
 random.seed(0); np.random.seed(0); torch.manual_seed(0)
 import matplotlib
@@ -64,7 +65,10 @@ def shrink(nb) -> list[str]:
         outs = []
         for o in c.get('outputs', []) or []:
             if o.get('output_type') == 'stream':
-                o['text'] = _cap(re.sub(r'[^\n]*\r(?!\n)', '', _text(o['text'])))
+                t = re.sub(r'[^\n]*\r(?!\n)', '', _text(o['text']))
+                t = re.sub(r'<ipython-input-\d+-[0-9a-f]+>:\d+: ', '', t)           # warnings raised in the notebook
+                t = re.sub(r'/\S*/site-packages/', '', t)                           # this machine's paths
+                o['text'] = _cap(t)
                 if not o['text'].strip(): continue
             d = o.get('data', {})
             if 'text/html' in d:

@@ -21,7 +21,7 @@ CSS = """body{font-family:'DejaVu Sans',Arial,sans-serif;max-width:1040px;margin
 pre{background:#f6f8fa;padding:8px 10px;border-radius:4px;overflow-x:auto;font-size:13px}
 code{font-family:'DejaVu Sans Mono',monospace;font-size:13px}
 table{border-collapse:collapse;margin:8px 0;font-size:13.5px} th,td{border-bottom:1px solid #dee2e6;padding:4px 8px;text-align:left;vertical-align:top}
-thead th{border-bottom:2px solid #adb5bd} hr{border:0;border-top:1px solid #dee2e6;margin:20px 0 6px}
+thead th{border-bottom:2px solid #adb5bd} table:not(.fastprogress):not(.dataframe) td:nth-child(4){width:50%} hr{border:0;border-top:1px solid #dee2e6;margin:20px 0 6px}
 a{color:#0d6efd;text-decoration:none} img{max-width:100%} .out{margin:4px 0 14px}
 pre.out{background:#fff;border-left:3px solid #dee2e6}"""
 
