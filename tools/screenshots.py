@@ -32,7 +32,10 @@ def _t(v): return ''.join(v) if isinstance(v, list) else v
 def nb2md(nb, start: str) -> str:
     "Markdown of the processed notebook `nb` from the first cell containing `start` on."
     cells = nb['cells']
-    i0 = next(i for i, c in enumerate(cells) if start in _t(c['source']))
+    i0 = next((i for i, c in enumerate(cells) if start in _t(c['source'])), None)
+    if i0 is None:
+        print(f'warning: no cell contains {start!r}; the screenshot starts at the top of the page (edit SHOTS)', file=sys.stderr)
+        i0 = 0
     out = []
     for c in cells[i0:]:
         s = _t(c['source'])
