@@ -47,7 +47,7 @@ docs-check: $(STAMP)
 # Executes every notebook in nbs/ in place (slow cells included; progress bars off, fixed seeds, small outputs),
 # then nbdev-clean (it keeps the outputs, drops execution counts and metadata).
 docs-run: $(STAMP)
-	$(BIN)/python tools/nbrun.py nbs
+	$(BIN)/python tools/nbrun.py nbs --n-workers $(NB_WORKERS)
 	$(BIN)/nbdev-clean
 
 # Processed docs of the core, observer and tutorial pages -> HTML (pandoc) -> PNGs in docs/ (headless Chromium).
