@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NB_WORKERS ?= 2
 
-.PHONY: test demo bench sync-check pytest nbtest export clean
+.PHONY: test demo bench sync-check docs-check docs-run docs-screenshots pytest nbtest export clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,7 +38,24 @@ pytest: $(STAMP)
 nbtest: $(STAMP)
 	$(BIN)/nbdev-test --n-workers $(NB_WORKERS)
 
-test: sync-check pytest nbtest
+# Fails when nbdev's docs processing (nbdev-proc-nbs, the step before Quarto) crashes, or when tools/nbcheck.py
+# finds a cell mixing imports and code, a visible check cell, a plot without a stored image (run `make docs-run`),
+# a reference to a file the reader does not have, or a link to a page/file that does not exist.
+docs-check: $(STAMP)
+	$(BIN)/python tools/nbcheck.py --check --proc --n-workers $(NB_WORKERS)
+
+# Executes every notebook in nbs/ in place (slow cells included; progress bars off, fixed seeds, small outputs),
+# then nbdev-clean (it keeps the outputs, drops execution counts and metadata).
+docs-run: $(STAMP)
+	$(BIN)/python tools/nbrun.py nbs --n-workers $(NB_WORKERS)
+	$(BIN)/nbdev-clean
+
+# Processed docs of the core, observer and tutorial pages -> HTML (pandoc) -> PNGs in docs/ (headless Chromium).
+docs-screenshots: $(STAMP)
+	$(BIN)/python tools/nbcheck.py --proc --skip no-plot-output,visible-test,mixed-imports,external-ref,dead-link,index-stale --n-workers $(NB_WORKERS)
+	$(BIN)/python tools/screenshots.py
+
+test: sync-check docs-check pytest nbtest
 
 demo: $(STAMP)
 	$(BIN)/fastsprkd demo
