@@ -1097,26 +1097,39 @@ class GGNOperator(CurvatureOperator):
         "U ↦ H_out·U on batched tangents of the output (c × pred.shape)."
         lk = _likelihood(self.loss_func)
         if lk is None or len(yb) != 1 or not isinstance(yb[0], Tensor) or (lk[0] == 'ce' and yb[0].is_floating_point()):
-            gL = grad(self._loss_of_output(yb))  # any other loss: its Hessian w.r.t. the output by forward-over-reverse
-            return vmap(lambda u: jvp(gL, (pred,), (u,))[1])
+            # any other loss: its Hessian w.r.t. the output by reverse-over-reverse (symmetric: the vjp of the gradient),
+            # which needs no forward-mode derivative (huber_loss has none)
+            _, hvp = vjp(grad(self._loss_of_output(yb)), pred)
+            return vmap(lambda u: hvp(u)[0])
         kind, red, prep = lk
         z, t = prep(pred, yb[0])
         func = getattr(self.loss_func, 'func', self.loss_func)
         h2 = self._h2(kind, func, red, z, t, i)
         P = vmap(lambda u: prep(u, yb[0])[0])  # the fastai loss's transpose/flatten (linear), and its transpose below
-        _, Pt = vjp(lambda u: prep(u, yb[0])[0], pred)
-        Pt = vmap(lambda w: Pt(w)[0])
+        _, prep_vjp = vjp(lambda u: prep(u, yb[0])[0], pred)
+        Pt = vmap(lambda w: prep_vjp(w)[0])
         return lambda U: Pt(h2(P(U)))
     def _h2(self, kind, func, red, z, t, i): return _output_hessian(kind, func, red, z, t)
 
     def _batch_setup(self, xb, yb, fixed, i):
         f, theta = self._out_fn(xb, fixed), self._theta()
         pred, vjp_fn = vjp(f, *theta)
-        return f, vjp_fn, self._h_out(pred.detach(), yb, i)
+        return f, pred, vjp_fn, self._h_out(pred.detach(), yb, i)
+
+    _jvp_ok = True  # False once forward mode failed on this model: J·v as the vjp of v ↦ Jᵀv (needs double backward instead)
+    def _jv(self, f, pred, vjp_fn, theta, V):
+        "J·V for the columns of V: (c, *output shape)."
+        if self._jvp_ok:
+            try: return vmap(lambda v: jvp(f, theta, tuple(self.unflatten(v)))[1], in_dims=1)(V)
+            except (NotImplementedError, RuntimeError) as e:
+                if not _mode_unavailable(e): raise
+                self._jvp_ok = False
+        _, tr = vjp(vjp_fn, torch.zeros_like(pred))  # u ↦ Jᵀu is linear: its vjp with v is J·v
+        return vmap(lambda v: tr(tuple(self.unflatten(v)))[0], in_dims=1)(V)
 
     def _product_batch(self, state, theta, V, key):
-        f, vjp_fn, h = state
-        JV = vmap(lambda v: jvp(f, theta, tuple(self.unflatten(v)))[1], in_dims=1)(V)  # (c, *output shape)
+        f, pred, vjp_fn, h = state
+        JV = self._jv(f, pred, vjp_fn, theta, V)
         G = vmap(vjp_fn)(h(JV))
         return torch.cat([g.reshape(g.shape[0], -1) for g in G], 1).T.contiguous()
 
