@@ -4,7 +4,13 @@ from torch import nn
 from torch.func import functional_call, jacrev, hessian, grad
 from fastsprkd.core import GGNOperator, EFOperator, FisherMCOperator, HessianOperator, curvature_operator
 
-torch.set_default_dtype(torch.float64)
+@pytest.fixture(autouse=True)
+def _float64():
+    "float64 by default inside this module's tests only (restored after each: other test files run in the same process)."
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 def _mlp(seed=0, d=4, c=3):
     torch.manual_seed(seed)
@@ -199,3 +205,49 @@ def test_no_forward_mode():
     op = GGNOperator(m, lf, (x, y))
     assert (op.to_dense() - _dense_ggn(m, lf, [(x, y)], _names(m))).abs().max() <= 1e-10
     assert not op._jvp_ok
+
+# ---------------------------------------------------------------- curvature= where an operator is built for the user
+@pytest.mark.filterwarnings('ignore:HessianSpectrumCallback')
+def test_observer_ggn_bit_identical_and_psd():
+    import numpy as np
+    from test_observe import train, OPTS, CHEAP
+    torch.set_default_dtype(torch.float32)  # the digits network of test_observe is float32
+    from fastsprkd.callback.observe import HessianSpectrumCallback, SharpnessCallback
+    ref, losses, rng = train(OPTS['adam'], [])
+    spec = HessianSpectrumCallback(every=3, n_probe=32, k=2, trace=False, curvature='ggn', precond=False, **CHEAP)
+    sharp = SharpnessCallback(curvature='ggn')
+    built, new = [], spec.new_operator
+    spec.new_operator = lambda *a, **k: built.append(new(*a, **k)) or built[-1]
+    got, losses2, rng2 = train(OPTS['adam'], [spec, sharp])
+    for k in ref: assert torch.equal(ref[k], got[k]), k
+    assert [float(l) for l in losses] == [float(l) for l in losses2]
+    assert torch.equal(rng[0], rng2[0]) and rng[1] == rng2[1] and np.array_equal(rng[2], rng2[2])
+    assert built and all(type(o) is GGNOperator for o in built) and len(spec.history) >= 2
+    for r in spec.history:  # a PSD matrix: λ_min ≥ 0 up to the eigen-solver's tolerance (tol·‖G‖)
+        assert r['lambda_min'] >= -2e-2 * r['lambda_max'], r
+    assert all(r['dir_sharpness'] >= -1e-6 for r in sharp.history)
+
+def test_saddle_callbacks_refuse_psd_matrices():
+    from fastsprkd.callback.sprkd import SaddleCaptureCallback, SaddleRecruitCallback
+    for c in ('ggn', 'ef', 'fisher'):
+        with pytest.raises(ValueError, match='negative'): SaddleCaptureCallback(curvature=c)
+        with pytest.raises(ValueError, match='negative'): SaddleRecruitCallback('nowhere', curvature=c)
+    assert SaddleCaptureCallback().matrix == 'hessian'
+    from fastsprkd.callback.observe import HessianSpectrumCallback
+    with pytest.raises(ValueError, match='curvature must be one of'): HessianSpectrumCallback(curvature='gauss-newton')
+
+def test_influence_and_landscape_ggn():
+    from fastsprkd.analysis import influence, loss_landscape, per_sample_gradients
+    m, (x, y), lf = _mlp(), _data(), nn.CrossEntropyLoss()
+    xt, yt = _data(n=3, seed=9)
+    names = _names(m)
+    G = _dense_ggn(m, lf, [(x, y)], names)
+    d = 1e-3
+    Gtr, Gte = per_sample_gradients(m, lf, (x, y), names), per_sample_gradients(m, lf, (xt, yt), names)
+    want = -Gtr @ torch.linalg.solve(G + d * torch.eye(len(G)), Gte.T)
+    for method in ('exact', 'cg'):
+        got = influence(m, lf, (x, y), (xt, yt), damping=d, method=method, curvature='ggn', tol=1e-12, max_iter=500)
+        assert (got - want).abs().max() <= 1e-7 * want.abs().max(), method
+    ls = loss_landscape(m, lf, (x, y), 'top_eigenvector', alphas=torch.tensor([0.]), curvature='ggn')
+    top = torch.linalg.eigh(G).eigenvectors[:, -1]
+    assert abs(float(ls.directions[0] @ top)) / float(ls.directions[0].norm()) > 1 - 1e-6
