@@ -649,6 +649,16 @@ class CurvatureOperator(LinearOperator):
             self._per_vec_bytes = 4 * self.num_params * item + 3 * self._activation_bytes(xb, fixed)
         return int(max(1, min(K, self.memory_budget // self._per_vec_bytes)))
 
+    cache_graph = False  # single-batch data: a matrix may keep its per-batch graph while `_cache_key` is unchanged
+    def _cache_key(self):
+        "What the gradient graph depends on: the modules' modes and the parameters, buffers and batch (compared by value)."
+        # not autograd's version counters: `p.data` updates (fastai's optimizers, `p.data = ...`) do not bump them
+        if not (isinstance(self.data, list) and len(self.data) == 1) or not self.cache_graph or self._at is not None: return None
+        if any(m.training for m in self.model.modules()): return None  # train mode may be random (Dropout): no caching
+        state, attr_ts = _plain_attributes([*self.model.modules(), self.loss_func])
+        ts = [*self.model.parameters(), *self.model.buffers(), *(o for o in self.data[0] if isinstance(o, Tensor)), *attr_ts]
+        return [m.training for m in self.model.modules()] + state, ts
+
     # ---- the batch loop: the one thing a matrix defines is its product on one batch (`_product_batch`)
     _matrix, _what = 'curvature matrix', 'curvature-matrix product'
     def _call_setup(self, K):
@@ -805,15 +815,6 @@ class HessianOperator(CurvatureOperator):
         def one(v): return torch.cat([h.reshape(-1) for h in jvp(gf, (theta,), (tuple(self.unflatten(v)),))[1]])
         if V.shape[1] == 1: return one(V[:, 0])[:, None]
         return vmap(one, in_dims=1, out_dims=1)(V)
-
-    def _cache_key(self):
-        "What the gradient graph depends on: the modules' modes and the parameters, buffers and batch (compared by value)."
-        # not autograd's version counters: `p.data` updates (fastai's optimizers, `p.data = ...`) do not bump them
-        if not (isinstance(self.data, list) and len(self.data) == 1) or not self.cache_graph or self._at is not None: return None
-        if any(m.training for m in self.model.modules()): return None  # train mode may be random (Dropout): no caching
-        state, attr_ts = _plain_attributes([*self.model.modules(), self.loss_func])
-        ts = [*self.model.parameters(), *self.model.buffers(), *(o for o in self.data[0] if isinstance(o, Tensor)), *attr_ts]
-        return [m.training for m in self.model.modules()] + state, ts
 
     _matrix, _what = 'Hessian', 'Hessian-vector product'
     def _call_setup(self, K):
@@ -1071,9 +1072,6 @@ class GGNOperator(CurvatureOperator):
     (after `output_fn`) w.r.t. `params`, H_out the Hessian of the loss w.r.t. that output (analytic for cross-entropy, MSE and
     BCE-with-logits, also fastai's flattened versions; by autograd for any other loss). PSD for a convex loss."""
     _matrix, _what = 'GGN', 'GGN-vector product'
-    def __init__(self, model, loss_func, data, params=None, *, check_determinism:bool=False, **kwargs):
-        super().__init__(model, loss_func, data, params, **kwargs)
-        self._finish_init(check_determinism)
 
     def _out_fn(self, xb, fixed):
         "The model's output (after `output_fn`) as a function of the selected parameters."
@@ -1111,10 +1109,31 @@ class GGNOperator(CurvatureOperator):
         return lambda U: Pt(h2(P(U)))
     def _h2(self, kind, func, red, z, t, i): return _output_hessian(kind, func, red, z, t)
 
+    def __init__(self, model, loss_func, data, params=None, *, check_determinism:bool=False, cache_graph:bool=True, **kwargs):
+        self.cache_graph, self._graph, self._key = cache_graph, None, None
+        super().__init__(model, loss_func, data, params, **kwargs)
+        self._finish_init(check_determinism)
+
+    def _call_setup(self, K):
+        "As the Hessian's: single-batch data keeps the output's graph (its vjp) while the model's state is unchanged."
+        fixed, theta, key = self._fixed(), self._theta(), self._cache_key()
+        if key is not None and (self._graph is None or not _same_key(self._graph[0], key)):
+            self._graph = None  # rebuilt from copies: a kept graph shares no storage with the model's tensors
+            fixed = {k: v if v is None else v.detach().clone() for k, v in fixed.items()}
+            theta = tuple(t.clone() for t in theta)
+        self._key = key
+        return fixed, theta, key
+
     def _batch_setup(self, xb, yb, fixed, i):
-        f, theta = self._out_fn(xb, fixed), self._theta()
+        if self._key is not None and self._graph is not None: return self._graph[1]
+        f = self._out_fn(xb, fixed)
+        theta = self._theta() if self._key is None else tuple(t.clone() for t in self._theta())
         pred, vjp_fn = vjp(f, *theta)
-        return f, pred, vjp_fn, self._h_out(pred.detach(), yb, i)
+        state = f, pred, vjp_fn, self._h_out(pred.detach(), yb, i)
+        if self._key is not None:
+            after = self._cache_key()
+            self._graph = ((after[0], [t.detach().clone() for t in after[1]]), state)
+        return state
 
     _jvp_ok = True  # False once forward mode failed on this model: J·v as the vjp of v ↦ Jᵀv (needs double backward instead)
     def _jv(self, f, pred, vjp_fn, theta, V):
@@ -1201,7 +1220,7 @@ def curvature_operator(curvature:str='hessian', # 'hessian', 'ggn', 'ef' (empiri
     "The operator of the named curvature matrix, built with `args`/`kwargs` (as `HessianOperator`'s; arguments another matrix lacks are dropped)."
     if curvature not in _CURVATURES:
         raise ValueError(f"curvature must be one of {', '.join(map(repr, _CURVATURES))}, got {curvature!r}")
-    if curvature != 'hessian':
-        for k in ('mode', 'cache_graph', 'check_determinism'): kwargs.pop(k, None)
+    if curvature != 'hessian': kwargs.pop('mode', None)  # the Hessian's fwd/rev engines
+    if curvature == 'ef': kwargs.pop('cache_graph', None)  # per-sample gradients keep no graph
     return _CURVATURES[curvature](*args, **kwargs)
 

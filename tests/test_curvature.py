@@ -251,3 +251,14 @@ def test_influence_and_landscape_ggn():
     ls = loss_landscape(m, lf, (x, y), 'top_eigenvector', alphas=torch.tensor([0.]), curvature='ggn')
     top = torch.linalg.eigh(G).eigenvectors[:, -1]
     assert abs(float(ls.directions[0] @ top)) / float(ls.directions[0].norm()) > 1 - 1e-6
+
+def test_ggn_kept_graph_follows_the_model():
+    "Single-batch data keeps the output's graph between products; a parameter update (p.data, as fastai's optimizers) is seen."
+    m, (x, y), lf = _mlp(), _data(), nn.CrossEntropyLoss()
+    op = GGNOperator(m, lf, (x, y))
+    v = torch.randn(op.num_params)
+    a = op @ v
+    assert op._graph is not None and torch.equal(op @ v, a)
+    m[0].weight.data += 0.1
+    b = op @ v
+    assert torch.equal(b, GGNOperator(m, lf, (x, y), cache_graph=False) @ v) and not torch.equal(a, b)
