@@ -262,3 +262,13 @@ def test_ggn_kept_graph_follows_the_model():
     m[0].weight.data += 0.1
     b = op @ v
     assert torch.equal(b, GGNOperator(m, lf, (x, y), cache_graph=False) @ v) and not torch.equal(a, b)
+
+def test_tuple_output_needs_output_fn():
+    class Two(nn.Module):
+        def __init__(self): super().__init__(); self.l = nn.Linear(4, 3)
+        def forward(self, x): return self.l(x), x
+    m, (x, y), lf = Two().double(), _data(), nn.CrossEntropyLoss()
+    with pytest.raises(TypeError, match='output_fn'): GGNOperator(m, lf, (x, y))
+    G = GGNOperator(m, lf, (x, y), output_fn=lambda o: o[0]).to_dense()
+    H = HessianOperator(m, lf, (x, y), output_fn=lambda o: o[0]).to_dense()
+    assert (G - H).abs().max() <= 1e-10  # a linear model: GGN = Hessian
