@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
 from torch.func import functional_call, grad, vmap
-from .core import as_operator, preserved_state, HessianOperator, functional_forward, _select_params, _prepare_data, _split_batch, _fetched
+from .core import as_operator, preserved_state, HessianOperator, curvature_operator, functional_forward, _select_params, _prepare_data, _split_batch, _fetched
 from .eigen import eigsh
 from .estimators import Estimate, logdet, solve, spectral_density, _not_pd_message, _dense_eigvals
 
@@ -147,13 +147,14 @@ def influence(model:nn.Module, # the trained model
               n_inp:int|None=None, # number of inputs in a batch
               chunk_size:int|None=None, # samples per vectorized per-sample-gradient chunk
               output_fn=None, # applied to the model's output before the loss (see `HessianOperator`)
+              curvature:str='hessian', # the matrix inverted: 'hessian', 'ggn' (PSD: CG needs damping only for its null space), 'ef' or 'fisher'
              ) -> Tensor:
     "Koh & Liang's I_up,loss[i, j] = −∇L(test_j)ᵀ (H + damping·I)⁻¹ ∇L(train_i), as an n_train × n_test matrix."
     if method not in ('cg', 'lissa', 'exact'): raise ValueError(f"method must be 'cg', 'lissa' or 'exact', got {method!r}")
     if isinstance(train_data, torch.utils.data.DataLoader) and isinstance(train_data.sampler, torch.utils.data.RandomSampler):
         raise ValueError("train_data shuffles: the influence matrix has one row per training item in data order, which a "
                          "shuffling DataLoader does not keep; pass a DataLoader with shuffle=False")
-    op = HessianOperator(model, loss_func, train_data, params, eval_mode=eval_mode, n_inp=n_inp, output_fn=output_fn)
+    op = curvature_operator(curvature, model, loss_func, train_data, params, eval_mode=eval_mode, n_inp=n_inp, output_fn=output_fn)
     if tol is None: tol = max(1e-8, 100 * torch.finfo(op.dtype).eps)  # float32 CG stalls near 3e-8
     kw = dict(eval_mode=eval_mode, n_inp=n_inp, chunk_size=chunk_size, output_fn=output_fn)
     G_test = per_sample_gradients(model, loss_func, test_data, op.names, **kw)
@@ -273,13 +274,14 @@ def loss_landscape(model:nn.Module, # the model (restored exactly afterwards)
                    eval_mode:bool=True, # evaluate in eval mode
                    n_inp:int|None=None, # number of inputs in a batch
                    output_fn=None, # applied to the model's output before the loss (see `HessianOperator`)
+                   curvature:str='hessian', # the matrix of 'top_eigenvector' directions: 'hessian', 'ggn', 'ef' or 'fisher'
                   ) -> LossLandscape:
     "Loss along 1 or 2 directions from the current parameters (PyHessian tutorial, Li et al. 2018)."
     alphas = torch.linspace(-0.5, 0.5, 21) if alphas is None else torch.as_tensor(alphas)
     alphas = alphas.double().flatten()
     betas = None if betas is None else torch.as_tensor(betas).double().flatten()
     if len(alphas) == 0 or (betas is not None and len(betas) == 0): raise ValueError("alphas and betas must not be empty")
-    op = HessianOperator(model, loss_func, data, params, eval_mode=eval_mode, n_inp=n_inp, output_fn=output_fn)
+    op = curvature_operator(curvature, model, loss_func, data, params, eval_mode=eval_mode, n_inp=n_inp, output_fn=output_fn)
     two = betas is not None
     def one_direction(o):  # a name, a flat tensor, or per-parameter tensors (a list in `params` order, or a dict by name)
         return (isinstance(o, str) or (isinstance(o, Tensor) and o.dim() == 1 and len(o) == op.num_params) or isinstance(o, dict)

@@ -15,7 +15,8 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 # %% auto #0
 __all__ = ['LinearOperator', 'DenseOperator', 'as_operator', 'preserved_state', 'preserved_rng', 'functional_forward',
-           'unwrap_model', 'differentiable_attention', 'HessianOperator']
+           'unwrap_model', 'differentiable_attention', 'CurvatureOperator', 'HessianOperator', 'GGNOperator',
+           'FisherMCOperator', 'EFOperator', 'curvature_operator']
 
 # %% ../nbs/02_core.ipynb #de543227
 class LinearOperator:
@@ -409,9 +410,11 @@ def _output_bytes(model, params, xb, owners=frozenset()):
         for h in hs: h.remove()
     return outs
 
-# %% ../nbs/02_core.ipynb #5f637fea
-class HessianOperator(LinearOperator):
-    "Exact Hessian of the sample-weighted mean loss of `model` over `data` w.r.t. `params`, as a linear operator."
+# %% ../nbs/02_core.ipynb #c0a1b2c3
+class CurvatureOperator(LinearOperator):
+    """Base of the curvature matrices of the sample-weighted mean loss of `model` over `data` w.r.t. `params`: the batch
+    loop and its sample weights, the all-reduce across ranks, state restoration, `flatten`/`unflatten`, the memory budget,
+    `loss`/`gradient`. A matrix defines its product on one batch (`_product_batch`)."""
     def __init__(self,
                  model:nn.Module, # the model; its device and dtype are the operator's
                  loss_func, # `loss_func(pred, *targets)` -> scalar mean loss (fastai or torch losses)
@@ -419,19 +422,15 @@ class HessianOperator(LinearOperator):
                  params=None, # None: all parameters that require grad; or parameters, modules or names
                  *,
                  eval_mode:bool=True, # evaluate in eval mode (deterministic BatchNorm/Dropout); False keeps the model's modes
-                 mode:str='auto', # 'fwd' (forward-over-reverse), 'rev' (reverse-over-reverse) or 'auto'
                  n_inp:int|None=None, # number of inputs in a batch (default: the data's `n_inp`, else all but the last item)
                  chunk_size:int|None=None, # vectors per vectorized product in `matmat` (default: from `memory_budget`)
                  memory_budget:int=2**30, # bytes that one vectorized chunk of `matmat` may use (estimate)
                  max_dense_bytes:int=2**31, # `to_dense` refuses larger matrices
-                 check_determinism:bool=False, # compare two identical products once and raise if they differ
-                 cache_graph:bool=True, # single-batch data: keep the gradient graph while the model's state is unchanged (see below)
                  process_group='auto', # 'auto': all-reduce over the default group when torch.distributed is initialized; a group; or None/False
-                 at=None, # values of the selected parameters (tensors in `params` order) to take the Hessian at, instead of the model's own (never written into it)
+                 at=None, # values of the selected parameters (tensors in `params` order) to take the matrix at, instead of the model's own (never written into it)
                  validate:bool=True, # one checking forward pass at construction (False: only count the samples, e.g. for a batch whose loss was just computed)
                  output_fn=None, # applied to the model's output before the loss, `loss_func(output_fn(model(*x)), *y)` (e.g. `lambda out: out[0]`)
                 ):
-        if mode not in ('auto', 'fwd', 'rev'): raise ValueError(f"mode must be 'auto', 'fwd' or 'rev', got {mode!r}")
         if output_fn is not None and not callable(output_fn):
             raise TypeError(f"output_fn must be a callable applied to the model's output (e.g. lambda out: out[0]), got {type(output_fn).__name__}")
         self.output_fn = output_fn
@@ -441,7 +440,7 @@ class HessianOperator(LinearOperator):
         if self.process_group is not None and dist.get_world_size(self.process_group) == 1: self.process_group = None
         self.rank = dist.get_rank(self.process_group) if self.process_group is not None else 0
         self.world_size = dist.get_world_size(self.process_group) if self.process_group is not None else 1
-        self.model, self.loss_func, self.eval_mode, self.mode = model, loss_func, eval_mode, mode
+        self.model, self.loss_func, self.eval_mode = model, loss_func, eval_mode
         self.memory_budget, self.chunk_size, self.max_dense_bytes = memory_budget, chunk_size, max_dense_bytes
         named = dict(model.named_parameters())
         self.params = [named[n] for n in self.names]
@@ -459,12 +458,9 @@ class HessianOperator(LinearOperator):
         self.validate = validate
         self.data, data_n_inp = _prepare_data(data)
         self.n_inp = n_inp if n_inp is not None else data_n_inp
-        # modules whose forward-over-reverse product is known to be wrong: never the fwd path
-        self._offenders = _fwd_offenders(model, self.params)
-        if mode == 'fwd' and self._offenders: raise self._offender_error()
-        self._fwd_ok, self._auto, self._graph, self.cache_graph, self._timed = not self._offenders, {}, None, cache_graph, {}
-        self._fwd_checked = False  # whether fwd and rev products were compared (and agreed) on this model
-        self._rev_many, self._vjp = None, None  # reverse-over-reverse for several columns: 'vmap' or 'loop' (None: not timed yet)
+        self._timed = {}
+    def _finish_init(self, check_determinism=False):
+        "Count (and check) the samples; call at the end of a subclass's `__init__`."
         if self.process_group is None: self.num_samples = self.local_num_samples = self._validate()
         else: self.num_samples = self._global_num_samples()  # validates this rank's data inside the all-reduce
         if check_determinism: self.check_determinism()
@@ -550,7 +546,7 @@ class HessianOperator(LinearOperator):
                         self._check_loss(loss, i)
                     total += self._batch_size(xb)
         if total == 0 and self.process_group is None:
-            raise ValueError("data is empty: no batch (or only empty batches) to compute the Hessian on; pass at least one (x, y) batch")
+            raise ValueError(f"data is empty: no batch (or only empty batches) to compute the {self._matrix} on; pass at least one (x, y) batch")
         return total
 
     # ---- distributed: every quantity is this rank's share, summed over the ranks in one all-reduce
@@ -560,25 +556,23 @@ class HessianOperator(LinearOperator):
             return torch.tensor([float(self.local_num_samples)], dtype=torch.float64, device=self.device)
         n = self._all_reduce(local, torch.zeros(1, dtype=torch.float64, device=self.device), 'validation pass')
         n = int(round(n.item()))
-        if n == 0: raise ValueError(f"data is empty on all {self.world_size} ranks: no batch to compute the Hessian on; "
+        if n == 0: raise ValueError(f"data is empty on all {self.world_size} ranks: no batch to compute the {self._matrix} on; "
                                     f"pass each rank its shard of (x, y) batches")
         return n
 
     def _all_reduce(self, compute, like:Tensor, what:str) -> Tensor:
         """`compute()` (this rank's share, shaped like `like`) summed over the ranks in one all-reduce, which also carries
-        every rank's failure flag and `mode='auto'` timings; all ranks raise if one failed. Without a process group: `compute()`."""
+        every rank's failure flag and what the engine shares (`_tail_out`: the Hessian's `mode='auto'` timings); all ranks raise if one failed. Without a process group: `compute()`."""
         if self.process_group is None: return compute()
         err = None
         try: out = compute()
         except Exception as e: err, out = e, torch.zeros_like(like)
         # trailer: one failure flag per rank, then (t_rev, t_fwd) of auto-mode timings for single and many vectors, fwd failures
         R = self.world_size
-        tail = torch.zeros(R + 5, dtype=torch.float64)
+        extra = self._tail_out()  # what a matrix's engine shares across ranks (the Hessian's mode timings)
+        tail = torch.zeros(R + extra.numel(), dtype=torch.float64)
         tail[self.rank] = err is not None
-        for i, many in enumerate((False, True)):
-            if many in self._timed: tail[R + 2*i], tail[R + 2*i + 1] = self._timed[many]
-        tail[R + 4] = not self._fwd_ok
-        self._timed = {}
+        tail[R:] = extra
         buf = torch.cat([out.reshape(-1), tail.to(device=out.device, dtype=out.dtype)])
         dist.all_reduce(buf, group=self.process_group)
         out, tail = buf[:out.numel()].view_as(out), buf[out.numel():].to('cpu', torch.float64)
@@ -586,12 +580,11 @@ class HessianOperator(LinearOperator):
         if err is not None: raise err
         if failed: raise RuntimeError(f"rank {', '.join(map(str, failed))} of the process group failed while computing the {what} "
                                       f"(see that rank's error); rank {self.rank} stops too")
-        # decisions that depend on this rank's data are made identically everywhere: the mode that is faster summed over the ranks
-        if tail[R + 4] > 0: self._fwd_ok = False
-        for i, many in enumerate((False, True)):
-            t_rev, t_fwd = float(tail[R + 2*i]), float(tail[R + 2*i + 1])
-            if t_rev > 0: self._auto[many] = _pick_mode(t_fwd if self._fwd_ok else math.inf, t_rev)
+        self._tail_in(tail[R:])  # decisions that depend on this rank's data, made identically everywhere
         return out
+
+    def _tail_out(self) -> Tensor: return torch.zeros(0, dtype=torch.float64)
+    def _tail_in(self, tail:Tensor): pass
 
     def _check_loss(self, loss, i, check_finite=True):
         if not isinstance(loss, Tensor) or loss.dim() != 0:
@@ -656,6 +649,105 @@ class HessianOperator(LinearOperator):
             # each vector carries tangents of every activation (forward and backward) and of the parameters
             self._per_vec_bytes = 4 * self.num_params * item + 3 * self._activation_bytes(xb, fixed)
         return int(max(1, min(K, self.memory_budget // self._per_vec_bytes)))
+
+    cache_graph = False  # single-batch data: a matrix may keep its per-batch graph while `_cache_key` is unchanged
+    def _cache_key(self):
+        "What the gradient graph depends on: the modules' modes and the parameters, buffers and batch (compared by value)."
+        # not autograd's version counters: `p.data` updates (fastai's optimizers, `p.data = ...`) do not bump them
+        if not (isinstance(self.data, list) and len(self.data) == 1) or not self.cache_graph or self._at is not None: return None
+        if any(m.training for m in self.model.modules()): return None  # train mode may be random (Dropout): no caching
+        state, attr_ts = _plain_attributes([*self.model.modules(), self.loss_func])
+        ts = [*self.model.parameters(), *self.model.buffers(), *(o for o in self.data[0] if isinstance(o, Tensor)), *attr_ts]
+        return [m.training for m in self.model.modules()] + state, ts
+
+    # ---- the batch loop: the one thing a matrix defines is its product on one batch (`_product_batch`)
+    _matrix, _what = 'curvature matrix', 'curvature-matrix product'
+    def _call_setup(self, K):
+        "`(fixed tensors, parameter values, cache key)` for one `matmat` call (inside `_ctx`)."
+        return self._fixed(), self._theta(), None
+    def _call_end(self): pass
+    def _batch_setup(self, xb, yb, fixed, i):
+        "What `_product_batch` needs of batch `i` (computed once per batch, shared by its chunks of columns)."
+        return xb, yb, fixed
+    def _product_batch(self, state, theta, V, key) -> Tensor:
+        "The matrix of one batch's loss times the columns of V (n×c): a new tensor."
+        raise NotImplementedError(f"{type(self).__name__} must define _product_batch")
+
+    def _matmat(self, V):
+        K = V.shape[1]
+        def local():
+            out = None
+            with self._ctx():
+                fixed, theta, key = self._call_setup(K)
+                try:
+                    for i, (xb, yb) in enumerate(self._batches()):
+                        w = self._batch_size(xb) / self.num_samples
+                        state = self._batch_setup(xb, yb, fixed, i)
+                        c = self._chunk(K, xb, fixed) if K > 1 else 1
+                        for s in range(0, K, c):
+                            r = self._product_batch(state, theta, V[:, s:s+c], key)  # a new tensor: scaled in place
+                            if w != 1: r.mul_(w)
+                            if out is None and r.shape[1] == K: out = r
+                            else:
+                                if out is None: out = torch.zeros_like(V)
+                                out[:, s:s+c] += r
+                finally: self._call_end()
+            return torch.zeros_like(V) if out is None else out
+        out = self._all_reduce(local, V, self._what)
+        return self._check_result(out, self._what)
+
+    def check_determinism(self, rtol:float=1e-6):
+        "Raise if two products with the same vector differ (shuffling, dropout, train-mode BatchNorm)."
+        g = torch.Generator().manual_seed(0)
+        v = torch.randn(self.num_params, generator=g, dtype=torch.float64).to(self.dtype).to(self.device)
+        a, b = self.matvec(v), self.matvec(v)
+        err = (a - b).norm() / a.norm().clamp_min(torch.finfo(self.dtype).tiny)
+        if err > rtol:
+            raise RuntimeError(f"two identical {self._what}s differ (relative difference {err:.2e}): the operator is not "
+                               f"deterministic. Likely causes: a shuffling DataLoader or one that drops its last batch, "
+                               f"Dropout, or BatchNorm in train mode (use eval_mode=True).")
+        return err
+
+
+    def __repr__(self):
+        ranks = f" on {self.world_size} ranks" if self.process_group is not None else ""
+        return (f"{type(self).__name__}({self.num_params:,} parameters in {len(self.names)} tensors, {self.num_samples:,} samples{ranks}, "
+                f"{self.dtype}, {self.device})")
+
+
+# %% ../nbs/02_core.ipynb #5f637fea
+class HessianOperator(CurvatureOperator):
+    "Exact Hessian of the sample-weighted mean loss of `model` over `data` w.r.t. `params`, as a linear operator."
+    def __init__(self,
+                 model:nn.Module, # the model; its device and dtype are the operator's
+                 loss_func, # `loss_func(pred, *targets)` -> scalar mean loss (fastai or torch losses)
+                 data, # one batch `(x, y)` or an iterable of batches (fastai/torch DataLoader, list)
+                 params=None, # None: all parameters that require grad; or parameters, modules or names
+                 *,
+                 eval_mode:bool=True, # evaluate in eval mode (deterministic BatchNorm/Dropout); False keeps the model's modes
+                 mode:str='auto', # 'fwd' (forward-over-reverse), 'rev' (reverse-over-reverse) or 'auto'
+                 n_inp:int|None=None, # number of inputs in a batch (default: the data's `n_inp`, else all but the last item)
+                 chunk_size:int|None=None, # vectors per vectorized product in `matmat` (default: from `memory_budget`)
+                 memory_budget:int=2**30, # bytes that one vectorized chunk of `matmat` may use (estimate)
+                 max_dense_bytes:int=2**31, # `to_dense` refuses larger matrices
+                 check_determinism:bool=False, # compare two identical products once and raise if they differ
+                 cache_graph:bool=True, # single-batch data: keep the gradient graph while the model's state is unchanged (see below)
+                 process_group='auto', # 'auto': all-reduce over the default group when torch.distributed is initialized; a group; or None/False
+                 at=None, # values of the selected parameters (tensors in `params` order) to take the Hessian at, instead of the model's own (never written into it)
+                 validate:bool=True, # one checking forward pass at construction (False: only count the samples, e.g. for a batch whose loss was just computed)
+                 output_fn=None, # applied to the model's output before the loss, `loss_func(output_fn(model(*x)), *y)` (e.g. `lambda out: out[0]`)
+                ):
+        if mode not in ('auto', 'fwd', 'rev'): raise ValueError(f"mode must be 'auto', 'fwd' or 'rev', got {mode!r}")
+        super().__init__(model, loss_func, data, params, eval_mode=eval_mode, n_inp=n_inp, chunk_size=chunk_size,
+                         memory_budget=memory_budget, max_dense_bytes=max_dense_bytes, process_group=process_group, at=at,
+                         validate=validate, output_fn=output_fn)
+        self.mode, model = mode, self.model
+        self._offenders = _fwd_offenders(model, self.params)
+        if mode == 'fwd' and self._offenders: raise self._offender_error()
+        self._fwd_ok, self._auto, self._graph, self.cache_graph, self._timed = not self._offenders, {}, None, cache_graph, {}
+        self._fwd_checked = False  # whether fwd and rev products were compared (and agreed) on this model
+        self._rev_many, self._vjp = None, None  # reverse-over-reverse for several columns: 'vmap' or 'loop' (None: not timed yet)
+        self._finish_init(check_determinism)
 
     def _rev_graph(self, f, theta, cache_key):
         "Leaf copies of the parameters and the graph of the gradient (kept between calls for single-batch data)."
@@ -725,43 +817,34 @@ class HessianOperator(LinearOperator):
         if V.shape[1] == 1: return one(V[:, 0])[:, None]
         return vmap(one, in_dims=1, out_dims=1)(V)
 
-    def _cache_key(self):
-        "What the gradient graph depends on: the modules' modes and the parameters, buffers and batch (compared by value)."
-        # not autograd's version counters: `p.data` updates (fastai's optimizers, `p.data = ...`) do not bump them
-        if not (isinstance(self.data, list) and len(self.data) == 1) or not self.cache_graph or self._at is not None: return None
-        if any(m.training for m in self.model.modules()): return None  # train mode may be random (Dropout): no caching
-        state, attr_ts = _plain_attributes([*self.model.modules(), self.loss_func])
-        ts = [*self.model.parameters(), *self.model.buffers(), *(o for o in self.data[0] if isinstance(o, Tensor)), *attr_ts]
-        return [m.training for m in self.model.modules()] + state, ts
+    _matrix, _what = 'Hessian', 'Hessian-vector product'
+    def _call_setup(self, K):
+        fixed, theta, key = self._fixed(), self._theta(), self._cache_key()
+        mode = self.mode if self.mode != 'auto' else self._auto.get(K > 1)
+        if mode == 'fwd' and self._fwd_ok: key = None  # forward-over-reverse keeps no graph
+        if key is not None and (self._graph is None or not _same_key(self._graph[0], key)):
+            self._graph = None  # rebuilt from copies: a graph kept between calls shares no storage (nor version counter) with the model's tensors
+            fixed = {k: v if v is None else v.detach().clone() for k, v in fixed.items()}
+            theta = tuple(t.clone() for t in theta)
+        return fixed, theta, key
+    def _call_end(self): self._vjp = None  # the vmapped path's graph lives for one call
+    def _batch_setup(self, xb, yb, fixed, i): return self._loss_fn(xb, yb, fixed)
+    def _product_batch(self, f, theta, V, key): return self._hvp_batch(f, theta, V, key)
 
-    def _matmat(self, V):
-        K = V.shape[1]
-        def local():
-            out = None
-            with self._ctx():
-                fixed, theta, key = self._fixed(), self._theta(), self._cache_key()
-                mode = self.mode if self.mode != 'auto' else self._auto.get(K > 1)
-                if mode == 'fwd' and self._fwd_ok: key = None  # forward-over-reverse keeps no graph
-                if key is not None and (self._graph is None or not _same_key(self._graph[0], key)):
-                    self._graph = None  # rebuilt from copies: a graph kept between calls shares no storage (nor version counter) with the model's tensors
-                    fixed = {k: v if v is None else v.detach().clone() for k, v in fixed.items()}
-                    theta = tuple(t.clone() for t in theta)
-                try:
-                    for xb, yb in self._batches():
-                        w = self._batch_size(xb) / self.num_samples
-                        f = self._loss_fn(xb, yb, fixed)
-                        c = self._chunk(K, xb, fixed) if K > 1 else 1
-                        for s in range(0, K, c):
-                            r = self._hvp_batch(f, theta, V[:, s:s+c], key)  # a new tensor: scaled in place
-                            if w != 1: r.mul_(w)
-                            if out is None and r.shape[1] == K: out = r
-                            else:
-                                if out is None: out = torch.zeros_like(V)
-                                out[:, s:s+c] += r
-                finally: self._vjp = None  # the vmapped path's graph lives for one call
-            return torch.zeros_like(V) if out is None else out
-        out = self._all_reduce(local, V, 'Hessian-vector product')
-        return self._check_result(out, 'Hessian-vector product')
+    # ---- distributed: the auto-mode timings (t_rev, t_fwd) for single and many vectors, and fwd failures, summed over ranks
+    def _tail_out(self):
+        t = torch.zeros(5, dtype=torch.float64)
+        for i, many in enumerate((False, True)):
+            if many in self._timed: t[2*i], t[2*i + 1] = self._timed[many]
+        t[4] = not self._fwd_ok
+        self._timed = {}
+        return t
+    def _tail_in(self, tail):
+        "The mode that is faster summed over the ranks."
+        if tail[4] > 0: self._fwd_ok = False
+        for i, many in enumerate((False, True)):
+            t_rev, t_fwd = float(tail[2*i]), float(tail[2*i + 1])
+            if t_rev > 0: self._auto[many] = _pick_mode(t_fwd if self._fwd_ok else math.inf, t_rev)
 
     def _time(self, fn, *args):
         "Output of the first call of `fn(*args)` and the faster of two timings (the first may carry one-time costs)."
@@ -835,18 +918,6 @@ class HessianOperator(LinearOperator):
         # distributed: the choice is replaced by the one from the timings summed over the ranks, after the all-reduce
         if self.process_group is not None: self._timed[many] = (t_rev, 0. if math.isinf(t_fwd) else t_fwd)
         return out
-
-    def check_determinism(self, rtol:float=1e-6):
-        "Raise if two products with the same vector differ (shuffling, dropout, train-mode BatchNorm)."
-        g = torch.Generator().manual_seed(0)
-        v = torch.randn(self.num_params, generator=g, dtype=torch.float64).to(self.dtype).to(self.device)
-        a, b = self.matvec(v), self.matvec(v)
-        err = (a - b).norm() / a.norm().clamp_min(torch.finfo(self.dtype).tiny)
-        if err > rtol:
-            raise RuntimeError(f"two identical Hessian-vector products differ (relative difference {err:.2e}): the operator is not "
-                               f"deterministic. Likely causes: a shuffling DataLoader or one that drops its last batch, "
-                               f"Dropout, or BatchNorm in train mode (use eval_mode=True).")
-        return err
 
     def __repr__(self):
         ranks = f" on {self.world_size} ranks" if self.process_group is not None else ""
@@ -922,3 +993,236 @@ def to_dense(self:HessianOperator,
         H[off:off+s, off:off+s] = (B[:s] + B[:s].T) / 2
     self.num_matvecs += n
     return H
+
+# %% ../nbs/02_core.ipynb #a7c1d0e2
+def _loss_reduction(loss_func) -> str:
+    "'mean' or 'sum': the reduction of `loss_func` (its `reduction`, or that of the torch loss a fastai loss wraps; plain functions: 'mean')."
+    red = getattr(loss_func, 'reduction', None)
+    if red is None: red = getattr(getattr(loss_func, 'func', None), 'reduction', None)
+    red = 'mean' if red is None else red
+    if red not in ('mean', 'sum'):
+        raise ValueError(f"loss_func must reduce the batch to a scalar with reduction='mean' or 'sum', got reduction={red!r}")
+    return red
+
+def _likelihood(loss_func):
+    """`(kind, reduction, prep)` for a loss with a known likelihood ('ce', 'mse' or 'bce'): torch's `CrossEntropyLoss` (no
+    class weights nor label smoothing), `MSELoss`, `BCEWithLogitsLoss` (no weights), or fastai's flattened losses wrapping them
+    (`prep(pred, targ)` then applies their transpose/flatten, a linear map of the prediction). None for any other loss."""
+    func, prep = loss_func, (lambda p, t: (p, t))
+    if hasattr(loss_func, 'func') and all(hasattr(loss_func, a) for a in ('axis', 'flatten', 'floatify', 'is_2d')):  # fastai's BaseLoss
+        func, lf = loss_func.func, loss_func
+        def prep(pred, targ):
+            pred, targ = pred.transpose(lf.axis, -1).contiguous(), targ.transpose(lf.axis, -1).contiguous()
+            if lf.floatify and targ.dtype != torch.float16: targ = targ.float()
+            if targ.dtype in (torch.int8, torch.int16, torch.int32): targ = targ.long()
+            if lf.flatten: pred, targ = (pred.reshape(-1, pred.shape[-1]) if lf.is_2d else pred.reshape(-1)), targ.reshape(-1)
+            return pred, targ
+    if type(func) is nn.CrossEntropyLoss and func.weight is None and func.label_smoothing == 0: kind = 'ce'
+    elif type(func) is nn.MSELoss: kind = 'mse'
+    elif type(func) is nn.BCEWithLogitsLoss and func.weight is None and func.pos_weight is None: kind = 'bce'
+    else: return None
+    if func.reduction not in ('mean', 'sum'): return None
+    return kind, func.reduction, prep
+
+def _ce_parts(z, t, func, reduction):
+    "Class probabilities (class dim 1, or 0 unbatched), the mask of counted targets (broadcastable) and the reduction factor of a cross-entropy."
+    cdim = 1 if z.dim() > 1 else 0
+    p = torch.softmax(z, cdim)
+    m = (t != func.ignore_index).to(z.dtype).unsqueeze(cdim) if not t.is_floating_point() else torch.ones_like(z.narrow(cdim, 0, 1))
+    r = 1. / m.sum() if reduction == 'mean' else 1.
+    return p, m, r, cdim
+
+def _output_hessian(kind, func, reduction, z, t):
+    "U ↦ ∇²_z loss · U for the batched tangents U (c × z.shape), analytic."
+    if kind == 'ce':
+        p, m, r, cd = _ce_parts(z, t, func, reduction)
+        return lambda U: (m * r) * (p * U - p * (p * U).sum(cd + 1, keepdim=True))
+    r = 1. / z.numel() if reduction == 'mean' else 1.
+    if kind == 'mse': return lambda U: (2 * r) * U
+    s = torch.sigmoid(z)
+    return lambda U: (r * s * (1 - s)) * U
+
+def _output_fisher(kind, func, reduction, z, t, mc_samples, gen):
+    """U ↦ (Monte-Carlo Fisher of the loss w.r.t. z) · U: `mc_samples` labels drawn from the model's predictive distribution
+    (categorical for cross-entropy, N(z, 1/2) for MSE, Bernoulli(σ(z)) for BCE), independently per output position; its
+    expectation is `_output_hessian`'s matrix (the GGN's)."""
+    M = mc_samples
+    if kind == 'ce':
+        p, m, r, cd = _ce_parts(z, t, func, reduction)
+        pc = p.movedim(cd, -1).detach().to('cpu', torch.float64)
+        idx = torch.multinomial(pc.reshape(-1, pc.shape[-1]), M, replacement=True, generator=gen)  # (positions, M)
+        onehot = nn.functional.one_hot(idx.T, pc.shape[-1]).reshape(M, *pc.shape).movedim(-1, cd + 1)
+        S = p - onehot.to(device=z.device, dtype=z.dtype)  # (M, *z.shape): ∇_z of the per-position loss at each sampled label
+        def h(U):
+            inner = (S.unsqueeze(1) * U).sum(cd + 2, keepdim=True)  # (M, c, …): ⟨s_m, u⟩ over the classes, per position
+            return (m * r / M) * (S.unsqueeze(1) * inner).sum(0)
+        return h
+    r = 1. / z.numel() if reduction == 'mean' else 1.
+    if kind == 'mse':
+        e = torch.randn(M, *z.shape, generator=gen, dtype=torch.float64).to(device=z.device, dtype=z.dtype)
+        s2 = (2 * e ** 2).mean(0)  # s = 2(z − y), y ~ N(z, 1/2): s ~ N(0, 2)
+    else:
+        sig = torch.sigmoid(z)
+        y = torch.bernoulli(sig.detach().to('cpu', torch.float64).expand(M, *z.shape), generator=gen).to(device=z.device, dtype=z.dtype)
+        s2 = ((sig - y) ** 2).mean(0)
+    return lambda U: (r * s2) * U
+
+
+# %% ../nbs/02_core.ipynb #a7c1d0e3
+class GGNOperator(CurvatureOperator):
+    """Generalized Gauss-Newton matrix `Jᵀ·H_out·J` of the sample-weighted mean loss: J the Jacobian of the model's output
+    (after `output_fn`) w.r.t. `params`, H_out the Hessian of the loss w.r.t. that output (analytic for cross-entropy, MSE and
+    BCE-with-logits, also fastai's flattened versions; by autograd for any other loss). PSD for a convex loss."""
+    _matrix, _what = 'GGN', 'GGN-vector product'
+
+    def _out_fn(self, xb, fixed):
+        "The model's output (after `output_fn`) as a function of the selected parameters."
+        out_fn = self.output_fn
+        def f(*ps):
+            pred = functional_forward(self.model, {**fixed, **dict(zip(self.names, ps))}, xb)
+            if out_fn is not None: pred = out_fn(pred)
+            if not isinstance(pred, Tensor):
+                raise TypeError(f"{type(self).__name__} needs the model's output as one tensor, got {_describe_output(pred)}; pass "
+                                f"output_fn= to pick the prediction (e.g. output_fn=lambda out: out[0])")
+            return _plain(pred)
+        return f
+
+    def _loss_of_output(self, yb):
+        lf = self.loss_func
+        def L(pred):
+            with torch._C.DisableTorchFunctionSubclass(): return _plain(lf(pred, *yb))
+        return L
+
+    def _h_out(self, pred, yb, i):
+        "U ↦ H_out·U on batched tangents of the output (c × pred.shape)."
+        lk = _likelihood(self.loss_func)
+        if lk is None or len(yb) != 1 or not isinstance(yb[0], Tensor) or (lk[0] == 'ce' and yb[0].is_floating_point()):
+            # any other loss: its Hessian w.r.t. the output by reverse-over-reverse (symmetric: the vjp of the gradient),
+            # which needs no forward-mode derivative (huber_loss has none)
+            _, hvp = vjp(grad(self._loss_of_output(yb)), pred)
+            return vmap(lambda u: hvp(u)[0])
+        kind, red, prep = lk
+        z, t = prep(pred, yb[0])
+        func = getattr(self.loss_func, 'func', self.loss_func)
+        h2 = self._h2(kind, func, red, z, t, i)
+        P = vmap(lambda u: prep(u, yb[0])[0])  # the fastai loss's transpose/flatten (linear), and its transpose below
+        _, prep_vjp = vjp(lambda u: prep(u, yb[0])[0], pred)
+        Pt = vmap(lambda w: prep_vjp(w)[0])
+        return lambda U: Pt(h2(P(U)))
+    def _h2(self, kind, func, red, z, t, i): return _output_hessian(kind, func, red, z, t)
+
+    def __init__(self, model, loss_func, data, params=None, *, check_determinism:bool=False, cache_graph:bool=True, **kwargs):
+        self.cache_graph, self._graph, self._key = cache_graph, None, None
+        super().__init__(model, loss_func, data, params, **kwargs)
+        self._finish_init(check_determinism)
+
+    def _call_setup(self, K):
+        "As the Hessian's: single-batch data keeps the output's graph (its vjp) while the model's state is unchanged."
+        fixed, theta, key = self._fixed(), self._theta(), self._cache_key()
+        if key is not None and (self._graph is None or not _same_key(self._graph[0], key)):
+            self._graph = None  # rebuilt from copies: a kept graph shares no storage with the model's tensors
+            fixed = {k: v if v is None else v.detach().clone() for k, v in fixed.items()}
+            theta = tuple(t.clone() for t in theta)
+        self._key = key
+        return fixed, theta, key
+
+    def _batch_setup(self, xb, yb, fixed, i):
+        if self._key is not None and self._graph is not None: return self._graph[1]
+        f = self._out_fn(xb, fixed)
+        theta = self._theta() if self._key is None else tuple(t.clone() for t in self._theta())
+        pred, vjp_fn = vjp(f, *theta)
+        state = f, pred, vjp_fn, self._h_out(pred.detach(), yb, i)
+        if self._key is not None:
+            after = self._cache_key()
+            self._graph = ((after[0], [t.detach().clone() for t in after[1]]), state)
+        return state
+
+    _jvp_ok = True  # False once forward mode failed on this model: J·v as the vjp of v ↦ Jᵀv (needs double backward instead)
+    def _jv(self, f, pred, vjp_fn, theta, V):
+        "J·V for the columns of V: (c, *output shape)."
+        if self._jvp_ok:
+            try: return vmap(lambda v: jvp(f, theta, tuple(self.unflatten(v)))[1], in_dims=1)(V)
+            except (NotImplementedError, RuntimeError) as e:
+                if not _mode_unavailable(e): raise
+                self._jvp_ok = False
+        _, tr = vjp(vjp_fn, torch.zeros_like(pred))  # u ↦ Jᵀu is linear: its vjp with v is J·v
+        return vmap(lambda v: tr(tuple(self.unflatten(v)))[0], in_dims=1)(V)
+
+    def _product_batch(self, state, theta, V, key):
+        f, pred, vjp_fn, h = state
+        JV = self._jv(f, pred, vjp_fn, theta, V)
+        G = vmap(vjp_fn)(h(JV))
+        return torch.cat([g.reshape(g.shape[0], -1) for g in G], 1).T.contiguous()
+
+class FisherMCOperator(GGNOperator):
+    """Monte-Carlo Fisher `Jᵀ·F̂·J`: F̂ the mean of `s sᵀ` over `mc_samples` labels drawn from the model's predictive
+    distribution (s = ∇ of the loss w.r.t. the output at the sampled label; per output position), seeded: the same `seed`
+    gives the same matrix on every product. Its expectation is the GGN (exactly, for these exponential-family losses)."""
+    _matrix, _what = 'Monte-Carlo Fisher', 'Fisher-vector product'
+    def __init__(self, model, loss_func, data, params=None, *, mc_samples:int=1, seed:int=0, **kwargs):
+        if _likelihood(loss_func) is None:
+            raise ValueError(f"FisherMCOperator samples labels from the likelihood of the loss, known for nn.CrossEntropyLoss "
+                             f"(without class weights or label smoothing), nn.MSELoss and nn.BCEWithLogitsLoss (and fastai's "
+                             f"flattened versions); got {type(loss_func).__name__}. Use GGNOperator (its expectation) instead")
+        if not isinstance(mc_samples, int) or mc_samples < 1: raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
+        self.mc_samples, self.seed = mc_samples, seed
+        super().__init__(model, loss_func, data, params, **kwargs)
+    def _h_out(self, pred, yb, i):
+        if len(yb) != 1 or not isinstance(yb[0], Tensor): raise ValueError(f"FisherMCOperator needs one target tensor per batch, got {len(yb)} targets")
+        if _likelihood(self.loss_func)[0] == 'ce' and yb[0].is_floating_point():
+            raise ValueError("FisherMCOperator needs class-index targets for cross-entropy (soft targets: use GGNOperator)")
+        return super()._h_out(pred, yb, i)
+    def _h2(self, kind, func, red, z, t, i):
+        gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + self.rank * 10_007 + i)  # per batch (and rank)
+        return _output_fisher(kind, func, red, z, t, self.mc_samples, gen)
+
+class EFOperator(CurvatureOperator):
+    """Empirical Fisher `Σᵢ gᵢ gᵢᵀ` of per-sample gradients gᵢ = ∇ℓᵢ, ℓᵢ the loss of sample i alone
+    (`loss_func(model(xᵢ), yᵢ)` on a batch of one), with the scaling of the loss's reduction: for a mean-reduced
+    loss the batch loss is (1/B)·Σᵢ ℓᵢ and its EF is (1/B)·Σᵢ gᵢgᵢᵀ; over the data (sample-weighted) EF = (1/N)·Σᵢ gᵢgᵢᵀ
+    (curvlinops' `EFLinearOperator` convention). A sum-reduced loss gives Σᵢ gᵢgᵢᵀ per batch. Per-sample gradients come from
+    `torch.func.vmap`, in chunks of samples that fit `memory_budget`."""
+    _matrix, _what = 'empirical Fisher', 'EF-vector product'
+    def __init__(self, model, loss_func, data, params=None, *, check_determinism:bool=False, **kwargs):
+        self.reduction = _loss_reduction(loss_func)
+        super().__init__(model, loss_func, data, params, **kwargs)
+        self._finish_init(check_determinism)
+    def _chunk(self, K, xb, fixed): return K  # columns are cheap: the per-sample gradients are the cost, computed once per batch
+
+    def _sample_chunk(self, xb, fixed):
+        B, item = self._batch_size(xb), torch.finfo(self.dtype).bits // 8
+        if getattr(self, '_per_sample_bytes', None) is None:
+            self._per_sample_bytes = 3 * self.num_params * item + 3 * self._activation_bytes(xb, fixed) // B + 1
+        return int(max(1, min(B, self.memory_budget // self._per_sample_bytes)))
+
+    def _per_sample_grads(self, xb, yb, fixed, theta):
+        "B × n matrix of the per-sample gradients."
+        for o in (*xb, *yb):
+            if not isinstance(o, Tensor) or o.dim() == 0:
+                raise TypeError(f"EFOperator needs every input and target of a batch to be a tensor with a batch dimension, got {type(o).__name__}")
+        def one(ps, x, y):
+            return self._loss_fn(tuple(t[None] for t in x), tuple(t[None] for t in y), fixed)(*ps)
+        g = vmap(grad(one), in_dims=(None, 0, 0))(theta, xb, yb)
+        return torch.cat([t.reshape(t.shape[0], -1) for t in g], 1)
+
+    def _product_batch(self, state, theta, V, key):
+        xb, yb, fixed = state
+        B = self._batch_size(xb)
+        cs = self._sample_chunk(xb, fixed)
+        out = torch.zeros_like(V)
+        for s in range(0, B, cs):
+            G = self._per_sample_grads(tuple(t[s:s+cs] for t in xb), tuple(t[s:s+cs] for t in yb), fixed, theta)
+            out += G.T @ (G @ V)
+        return out.mul_(1. / B) if self.reduction == 'mean' else out
+
+_CURVATURES = {'hessian': HessianOperator, 'ggn': GGNOperator, 'ef': EFOperator, 'fisher': FisherMCOperator}
+
+def curvature_operator(curvature:str='hessian', # 'hessian', 'ggn', 'ef' (empirical Fisher) or 'fisher' (Monte-Carlo Fisher)
+                       *args, **kwargs) -> CurvatureOperator:
+    "The operator of the named curvature matrix, built with `args`/`kwargs` (as `HessianOperator`'s; arguments another matrix lacks are dropped)."
+    if curvature not in _CURVATURES:
+        raise ValueError(f"curvature must be one of {', '.join(map(repr, _CURVATURES))}, got {curvature!r}")
+    if curvature != 'hessian': kwargs.pop('mode', None)  # the Hessian's fwd/rev engines
+    if curvature == 'ef': kwargs.pop('cache_graph', None)  # per-sample gradients keep no graph
+    return _CURVATURES[curvature](*args, **kwargs)
+

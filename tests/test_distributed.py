@@ -130,6 +130,8 @@ def _checks(rank, out):
     res['group_mv'] = HessianOperator(model, ce, data, process_group=dist.new_group([0, 1])).matvec(v)  # an explicit group
     one_rank = _shards()[0] + _shards()[1] if rank == 0 else []  # rank 1 holds no data at all
     res['empty_mv'] = HessianOperator(model, ce, one_rank).matvec(v)
+    from fastsprkd.core import GGNOperator, EFOperator
+    res['ggn_mv'], res['ef_mv'] = GGNOperator(model, ce, data).matvec(v), EFOperator(model, ce, data).matvec(v)  # the other matrices: the same all-reduce
 
     # 2. a rank whose shard has a NaN loss raises there, and the other rank raises naming it (no hang)
     bad = data if rank == 0 else [(torch.full_like(data[0][0], float('nan')), data[0][1])]
@@ -296,3 +298,15 @@ def test_failing_rank_fails_the_test(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(Exception, match='rank 1 fails on purpose'): spawn(_fails, tmp_path, timeout=60)
     assert time.monotonic() - t0 < 50
+
+def test_ggn_and_ef_match_single_process(ranks):
+    "GGN- and EF-vector products over 2 shards = full data in one process, the same bits on every rank."
+    from torch import nn
+    from fastsprkd.core import GGNOperator, EFOperator
+    _, rs = ranks
+    shards = _shards()
+    v, _ = _vectors(GGNOperator(_model(), nn.CrossEntropyLoss(), shards[0]).num_params)
+    for k, cls in (('ggn_mv', GGNOperator), ('ef_mv', EFOperator)):
+        want = cls(_model(), nn.CrossEntropyLoss(), shards[0] + shards[1]).matvec(v)
+        for r, res in enumerate(rs): assert _rel(res[k], want) < 1e-6, f"rank {r}: {k}"
+        assert torch.equal(rs[0][k], rs[1][k]), k

@@ -14,11 +14,11 @@ from fastai.torch_core import to_device
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision, NonNativeMixedPrecision
 from fastai.data.load import DataLoader as FastaiDataLoader
-from ..core import HessianOperator, preserved_state, preserved_rng, unwrap_model, _select_unwrapped, _no_autocast
+from ..core import HessianOperator, CurvatureOperator, curvature_operator, preserved_state, preserved_rng, unwrap_model, _select_unwrapped, _no_autocast
 from ..data import probe_batches
 
 # %% auto #0
-__all__ = ['training_fit', 'training_probe', 'as_probe', 'learner_output_fn', 'params_id', 'deprecated_argument',
+__all__ = ['CURVATURES', 'training_fit', 'training_probe', 'as_probe', 'learner_output_fn', 'params_id', 'deprecated_argument',
            'CurvatureCallback']
 
 # %% ../../nbs/09_callback_core.ipynb #e626dca3
@@ -101,8 +101,11 @@ def deprecated_argument(cls_name, old, new, value, hint=''):
                   DeprecationWarning, stacklevel=4)
     return value
 
+CURVATURES = ('hessian', 'ggn', 'ef', 'fisher')  # the `curvature=` of the callbacks (see `fastsprkd.core.curvature_operator`)
+
 class CurvatureCallback(Callback):
     "Base of the callbacks that take Hessian products in a fit: probe set, parameters, modes, output function and cached operator."
+    hessian_only = False  # True for callbacks that need negative curvature (the saddle tests): `curvature=` other than 'hessian' is refused
     def __init__(self,
                  probe=None, # probe data: a batch (x, y), a list of batches or a DataLoader (default: `n_probe` training items)
                  n_probe:int=128, # size of the default probe set
@@ -112,7 +115,14 @@ class CurvatureCallback(Callback):
                  eval_mode:bool|str=True, # True: eval mode; False: the model's modes; 'train_bn': eval mode with BatchNorm on batch statistics
                  mode:str='auto', # Hessian-vector products: 'auto', 'rev' or 'fwd' (see `HessianOperator`)
                  output_fn=None, # applied to the model's output before the loss (default: from the learner's `after_pred` callbacks)
+                 curvature:str='hessian', # the matrix: 'hessian', 'ggn' (Gauss-Newton), 'ef' (empirical Fisher) or 'fisher' (Monte-Carlo Fisher)
                 ):
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {', '.join(map(repr, CURVATURES))}, got {curvature!r}")
+        if self.hessian_only and curvature != 'hessian':
+            raise ValueError(f"{type(self).__name__} needs curvature='hessian', got curvature={curvature!r}: it looks for negative "
+                             f"curvature (saddle points), and the {curvature!r} matrix is positive semi-definite, so it has none")
+        self.matrix = curvature  # the name of the matrix (`curvature` is the measurement context, below)
         if eval_mode not in _EVAL_MODES or not isinstance(eval_mode, (bool, str)):
             raise ValueError(f"eval_mode must be True, False or 'train_bn', got {eval_mode!r}")
         if mode not in ('auto', 'rev', 'fwd'): raise ValueError(f"mode must be 'auto', 'rev' or 'fwd', got {mode!r}")
@@ -151,7 +161,7 @@ class CurvatureCallback(Callback):
         "`output_fn` if given, else the learner's `after_pred` transformation (None: the output is the prediction)."
         return self.output_fn if self.output_fn is not None else learner_output_fn(self.learn)
 
-    def operator(self, names=None) -> HessianOperator:
+    def operator(self, names=None) -> CurvatureOperator:
         "The cached operator on the probe set for `names` (default: `selected()`), rebuilt when the model or the names change."
         model = self.learn.model
         names = list(self.selected() if names is None else names)
@@ -163,9 +173,9 @@ class CurvatureCallback(Callback):
             self.op_id = params_id(names)
         return self._op
 
-    def new_operator(self, *args, **kwargs) -> HessianOperator:
-        "A new `HessianOperator(*args, **kwargs)`: the one place the callbacks build operators (override to wrap or count them)."
-        return HessianOperator(*args, **kwargs)
+    def new_operator(self, *args, **kwargs) -> CurvatureOperator:
+        "A new operator of the `curvature` matrix (`HessianOperator(*args, **kwargs)` by default): the one place the callbacks build operators (override to wrap or count them)."
+        return curvature_operator(self.matrix, *args, **kwargs)
 
     @contextmanager
     def curvature(self):

@@ -63,7 +63,8 @@ class _Observer(CurvatureCallback):
 
     def _column_names(self) -> list: return []
     def _column_value(self, name): raise NotImplementedError
-    def new_operator(self, *args, **kwargs): return HessianOperator(*args, **kwargs)  # this module's name (tests count them)
+    def new_operator(self, *args, **kwargs):  # this module's name for the Hessian (tests count them)
+        return HessianOperator(*args, **kwargs) if self.matrix == 'hessian' else super().new_operator(*args, **kwargs)
 
     def _add_metrics(self):
         self._cols = [ValueMetric(partial(self._column_value, c), c) for c in self._column_names()]
@@ -147,6 +148,7 @@ class HessianSpectrumCallback(_Observer):
                  trace_rtol:float|None=0.05, # stop the trace estimate once its standard error is ≤ trace_rtol·|trace| (None: always trace_matvecs products)
                  lambda_min_rtol:float|None=0.05, # refine λ_min until its residual (a bound on its error) is ≤ lambda_min_rtol·|λ_min|, within max_matvecs more products (None: tol·‖H‖ only)
                  precond:bool|None=None, # also λ_max(D^{-1/2}HD^{-1/2}) of an adaptive optimizer's preconditioner D and its edge of stability (None: when the optimizer has one)
+                 curvature:str='hessian', # the matrix observed: 'hessian', 'ggn', 'ef' (empirical Fisher) or 'fisher' (Monte-Carlo); the last three are PSD
                  *,
                  data=None, # deprecated: `probe=`
                  train_bn:bool|None=None, # deprecated: `eval_mode='train_bn'`
@@ -156,7 +158,7 @@ class HessianSpectrumCallback(_Observer):
             probe = deprecated_argument('HessianSpectrumCallback', 'data', 'probe', data)
         if train_bn is not None: eval_mode = deprecated_argument('HessianSpectrumCallback', 'train_bn', 'eval_mode', 'train_bn' if train_bn else True)
         super().__init__(probe=probe, n_probe=n_probe, probe_bs=probe_bs, seed=seed, params=params, eval_mode=eval_mode, mode=mode,
-                         output_fn=output_fn)
+                         output_fn=output_fn, curvature=curvature)
         if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
             raise ValueError(f"every must be a positive integer or None, got {every!r}")
         if budget is None and every is None and at_epoch_end is None: budget = 0.1  # the default schedule
@@ -342,9 +344,10 @@ class SharpnessCallback(_Observer):
                  mode:str='rev', # Hessian-vector product: 'rev' (one double backward), 'fwd' or 'auto' (times both: slower per step)
                  keep_tensors:bool=False, # keep the flat gradient and update of each step in the rows ('grad', 'update', on the CPU)
                  output_fn=None, # applied to the model's output before the loss (default: from the learner's `after_pred` callbacks)
+                 curvature:str='hessian', # the matrix of the directional sharpness: 'hessian', 'ggn', 'ef' or 'fisher'
                 ):
         # the Hessian is of each step's own batches, not of a probe set: one operator per step ('auto' would time both modes every step)
-        super().__init__(params=params, eval_mode=eval_mode, mode=mode, output_fn=output_fn)
+        super().__init__(params=params, eval_mode=eval_mode, mode=mode, output_fn=output_fn, curvature=curvature)
         if not isinstance(every, int) or every < 1: raise ValueError(f"every must be a positive integer, got {every!r}")
         store_attr('every,columns,keep_tensors')
 

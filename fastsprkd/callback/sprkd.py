@@ -69,6 +69,7 @@ def _loss_scale(learn) -> float:
 class SaddleCaptureCallback(CurvatureCallback):
     "Teacher side of SPRKD: every `every` steps, test the Hessian's extreme eigenvalues on a probe set and bank saddle points."
     order, run_valid = MixedPrecision.order + 2, False
+    hessian_only = True  # negative curvature: a PSD matrix (GGN, Fisher) has none
     def __init__(self,
                  every:int=100, # test every `every` training steps (the original's step_delta)
                  k:int=2, # eigenvalues from both ends of the spectrum (k//2 smallest, the rest largest; the original's n_eigs)
@@ -89,8 +90,10 @@ class SaddleCaptureCallback(CurvatureCallback):
                  eval_mode:bool|str=True, # probe Hessian in eval mode (deterministic BatchNorm/Dropout); False: the model's modes at the test; 'train_bn'
                  mode:str='auto', # Hessian-vector products: 'auto' (times both once per operator), 'rev' or 'fwd' (see `HessianOperator`)
                  output_fn=None, # applied to the model's output before the loss (default: from the learner's `after_pred` callbacks)
+                 curvature:str='hessian', # only 'hessian': a saddle test needs negative curvature, which the PSD GGN/Fisher matrices lack
                 ):
-        super().__init__(probe=probe, n_probe=n_probe, seed=seed, params=params, eval_mode=eval_mode, mode=mode, output_fn=output_fn)
+        super().__init__(probe=probe, n_probe=n_probe, seed=seed, params=params, eval_mode=eval_mode, mode=mode, output_fn=output_fn,
+                         curvature=curvature)
         if not isinstance(every, int) or every < 1: raise ValueError(f"every must be a positive integer, got {every!r}")
         if not isinstance(k, int) or isinstance(k, bool) or k < 2:
             raise ValueError(f"k must be an integer ≥ 2 (one eigenvalue from each end of the spectrum), got {k!r}")
@@ -312,6 +315,7 @@ _TRANSITIONS = {'approach': {'train'}, 'train': {'escape', 'perturb'}, 'escape':
 class SaddleRecruitCallback(CurvatureCallback):
     "Student side of SPRKD: approach the bank's saddle region, then escape it by negative-curvature steps or perturbations."
     order, run_valid = GradientClip.order + 1, False
+    hessian_only = True  # negative curvature: a PSD matrix (GGN, Fisher) has none
     def __init__(self,
                  bank_or_path, # a `SaddleBank` or the directory of a saved one
                  generosity:int=5, # number of lowest-loss bank points averaged into the target
@@ -346,8 +350,10 @@ class SaddleRecruitCallback(CurvatureCallback):
                  approach:ApproachSettings|None=None, # the approach's settings at once (instead of epsilon, max_approach_steps, approach_halflife)
                  eigensteps:EigenstepSettings|None=None, # the eigensteps' (instead of escape, max_negative_eigensteps, eigenstep_size, min_eigenstep, curvature_floor, tol, max_matvecs)
                  perturbation:PerturbationSettings|None=None, # the perturbations' (instead of perturb, noise, noise_var, perturb_every, pgd_epoch_limit, min_decrease)
+                 curvature:str='hessian', # only 'hessian': the escape follows negative curvature, which the PSD GGN/Fisher matrices lack
                 ):
-        super().__init__(probe=probe, n_probe=n_probe, seed=seed, params=params, eval_mode=eval_mode, mode=mode, output_fn=output_fn)
+        super().__init__(probe=probe, n_probe=n_probe, seed=seed, params=params, eval_mode=eval_mode, mode=mode, output_fn=output_fn,
+                         curvature=curvature)
         flat = dict(epsilon=epsilon, max_approach_steps=max_approach_steps, approach_halflife=approach_halflife, escape=escape,
                     max_negative_eigensteps=max_negative_eigensteps, eigenstep_size=eigenstep_size, min_eigenstep=min_eigenstep,
                     curvature_floor=curvature_floor, tol=tol, max_matvecs=max_matvecs, perturb=perturb, noise=noise, noise_var=noise_var,

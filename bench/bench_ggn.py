@@ -1,0 +1,61 @@
+"""GGN and Fisher products (issue 16): product time ÷ one plain `torch.autograd.grad` of the same batch, for fastsprkd's
+GGNOperator, EFOperator (one product with K=1: per-sample gradients, the whole cost), a one-sample FisherMCOperator and the
+Hessian (HessianOperator, default settings: mode='auto', kept graph), next to curvlinops' GGNLinearOperator in the same run.
+
+    nice -n 10 .venv/bin/python bench/bench_ggn.py [--repeat 5]
+
+Interleaved rounds (`bench_families.interleaved`): every call once per round, the median of the per-round ratios.
+Attention models run curvlinops inside `differentiable_attention()` (math kernel), fastsprkd's operators by themselves.
+"""
+import argparse, sys, os
+import torch
+from torch import nn
+sys.path.insert(0, os.path.dirname(__file__))
+from common import save, table, machine, digits_tensors
+from bench_families import setup, plain_grad, in_math, interleaved
+from fastsprkd.core import HessianOperator, GGNOperator, EFOperator, FisherMCOperator
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def curvlinops_ggn(model, lf, x, y):
+    from curvlinops import GGNLinearOperator
+    ps = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad(): G = GGNLinearOperator(model, lf, ps, [(x, y)], check_deterministic=False)
+    v = torch.randn(sum(p.numel() for p in ps))
+    return in_math(lambda: G @ v)
+
+
+def cases():
+    from fastsprkd.models import DigitsCNN
+    torch.manual_seed(0)
+    x, y = digits_tensors(512)
+    m = DigitsCNN(32).eval()
+    yield f"digits CNN ({sum(p.numel() for p in m.parameters()):,} params), 512 imgs", m, x, y, nn.CrossEntropyLoss()
+    yield setup('transformer')
+
+
+def bench(repeat):
+    rows = []
+    for desc, model, x, y, lf in cases():
+        fns = {'grad': plain_grad(model, lf, x, y)}
+        for name, cls, kw in (('Hessian (auto)', HessianOperator, {}), ('GGN', GGNOperator, {}), ('EF', EFOperator, {}),
+                              ('MC Fisher (1 sample)', FisherMCOperator, dict(mc_samples=1))):
+            op = cls(model, lf, (x, y), **kw)
+            v = torch.randn(op.num_params)
+            fns[name] = lambda op=op, v=v: op.matvec(v)
+        fns['curvlinops GGN'] = curvlinops_ggn(model, lf, x, y)
+        res = interleaved(fns, repeat)
+        r = {'model': desc, 'grad ms': f"{res['grad'][0]*1e3:.0f}"}
+        for k, (t, ratio) in list(res.items())[1:]: r[k] = f"{ratio:.2f}x"
+        rows.append(r); print(r, flush=True)
+    print(table(rows, list(rows[0])))
+    return rows
+
+
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--repeat', type=int, default=5)
+    a = ap.parse_args()
+    print(machine(), flush=True)
+    print(f"results in {save('ggn', bench(a.repeat))}")
