@@ -118,5 +118,8 @@ def test_keyboard_interrupt_at_random_points_leaves_the_model_unchanged(name):
         t = _Interrupter(at)
         try: _traced(lambda: fn(model, data), t)
         except KeyboardInterrupt: fired += 1
+        except RuntimeError as e:  # an interrupt inside code that TorchScript runs (torch._decomp) reaches us wrapped
+            if 'KeyboardInterrupt: injected' not in str(e): raise
+            fired += 1
         _assert_unchanged(model, before, allowed)
     assert fired >= len(points) // 2, (fired, points, n)
