@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
 from torch.func import functional_call, grad, vmap
-from .core import as_operator, preserved_state, HessianOperator, curvature_operator, functional_forward, select_parameters, prepare_batches, split_batch, fetched_batches
+from .core import as_operator, preserved_state, HessianOperator, curvature_operator, functional_loss, select_parameters, prepare_batches, split_batch, fetched_batches
 from .eigen import eigsh
 from .estimators import Estimate, logdet, solve, spectral_density, not_pd_message, dense_eigvalsh
 
@@ -95,6 +95,7 @@ def _per_sample_grad_batches(model, loss_func, data, names, n_inp=None, chunk_si
     device = theta[0].device
     fixed = {k: p.detach() for k, p in named.items() if k not in set(names)}
     fixed.update(dict(model.named_buffers()))
+    L = functional_loss(model, loss_func, names, fixed, output_fn)  # the operators' loss, one sample at a time
     batches, data_n_inp = prepare_batches(data)
     n_inp = n_inp if n_inp is not None else data_n_inp
     for b in fetched_batches(batches):  # as the operator reads them: a fastai loader with its validation transforms
@@ -107,8 +108,7 @@ def _per_sample_grad_batches(model, loss_func, data, names, n_inp=None, chunk_si
         nx = len(xb)
         def loss_one(th, *sample):
             s = [o.unsqueeze(0) if d == 0 else o for o, d in zip(sample, dims)]
-            pred = functional_forward(model, {**fixed, **dict(zip(names, th))}, tuple(s[:nx]))
-            return loss_func(pred if output_fn is None else output_fn(pred), *s[nx:])
+            return L(th, tuple(s[:nx]), tuple(s[nx:]))
         g = vmap(grad(loss_one), in_dims=(None, *dims), chunk_size=chunk_size)(theta, *items)
         yield torch.cat([t.reshape(B, -1) for t in g], 1)
 

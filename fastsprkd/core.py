@@ -16,7 +16,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 # %% auto #0
 __all__ = ['LinearOperator', 'DenseOperator', 'as_operator', 'preserved_state', 'preserved_rng', 'validation_transforms',
            'autocast_disabled', 'plain_tensor', 'fetched_batches', 'prepare_batches', 'split_batch',
-           'select_parameters', 'functional_forward', 'unwrap_model', 'select_unwrapped_parameters',
+           'select_parameters', 'functional_forward', 'functional_loss', 'unwrap_model', 'select_unwrapped_parameters',
            'differentiable_attention', 'CurvatureOperator', 'HessianOperator', 'GGNOperator', 'FisherMCOperator',
            'EFOperator', 'curvature_operator']
 
@@ -321,6 +321,27 @@ def _same_key(a, b):
     return a[0] == b[0] and len(a[1]) == len(b[1]) and all(
         x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and _equal(x, y) for x, y in zip(a[1], b[1]))
 
+def functional_loss(model:nn.Module, # the model, left unchanged
+                    loss_func, # `loss_func(pred, *targets)` -> scalar loss
+                    names:list, # names of the parameters that `theta` gives, in this order
+                    fixed:dict, # every other parameter and buffer, by name (None: left out, e.g. train-mode BatchNorm statistics)
+                    output_fn=None, # applied to the model's output before the loss
+                   ):
+    """`f(theta, xb, yb)`: `loss_func(output_fn(model(*xb)), *yb)` with the parameters `names` set to the tensors `theta` and
+    the rest to `fixed`, as a plain tensor: the one functional loss that the curvature operators and `per_sample_gradients`
+    differentiate. A model output the loss cannot take (a tuple or dict, no `output_fn`) is a TypeError that names the fix."""
+    def f(theta, xb, yb):
+        pred = functional_forward(model, {**fixed, **dict(zip(names, theta))}, xb)
+        if output_fn is not None: pred = output_fn(pred)
+        # fastai losses return `TensorBase`, whose `__torch_function__` makes every product several times slower
+        with torch._C.DisableTorchFunctionSubclass():
+            try: return plain_tensor(loss_func(pred, *yb))
+            except Exception as e:  # a tuple/dict output the loss cannot take: say so, and how to fix it
+                if output_fn is None and isinstance(pred, (tuple, list, Mapping)): raise _output_hint(pred, e) from e
+                raise
+    return f
+
+
 # %% ../nbs/02_core.ipynb #8d461050
 import torch.distributed as dist
 
@@ -507,17 +528,9 @@ class CurvatureOperator(LinearOperator):
                 for b in ('running_mean', 'running_var', 'num_batches_tracked'): fixed[f"{name}.{b}" if name else b] = None
         return fixed
     def _loss_fn(self, xb, yb, fixed):
-        out_fn = self.output_fn
-        def f(*ps):
-            pred = functional_forward(self.model, {**fixed, **dict(zip(self.names, ps))}, xb)
-            if out_fn is not None: pred = out_fn(pred)
-            # fastai losses return `TensorBase`, whose `__torch_function__` makes every product several times slower
-            with torch._C.DisableTorchFunctionSubclass():
-                try: return plain_tensor(self.loss_func(pred, *yb))
-                except Exception as e:  # a tuple/dict output the loss cannot take: say so, and how to fix it
-                    if out_fn is None and isinstance(pred, (tuple, list, Mapping)): raise _output_hint(pred, e) from e
-                    raise
-        return f
+        "The loss on the batch `(xb, yb)` as a function of the selected parameters, `f(*ps)` (see `functional_loss`)."
+        L = functional_loss(self.model, self.loss_func, self.names, fixed, self.output_fn)
+        return lambda *ps: L(ps, xb, yb)
     def _theta(self): return self._at if self._at is not None else tuple(p.detach() for p in self.params)
 
     @contextmanager

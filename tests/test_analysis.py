@@ -411,3 +411,22 @@ def test_influence_on_a_fastai_training_loader_uses_the_clean_items():
     test = (X[48:52], Y[48:52])
     ref = influence(m, nn.CrossEntropyLoss(), [(X[:48], Y[:48])], test, method='exact')
     fct.test_close(influence(m, nn.CrossEntropyLoss(), dls.train, test, method='exact'), ref, eps=1e-10)
+
+
+def test_per_sample_gradients_use_the_operators_loss():
+    """The per-sample loss is core's `functional_loss`: a tuple output without `output_fn` is the operators' error naming the
+    fix, and the rows' mean is the gradient of `functional_loss` on the whole batch (a mean loss)."""
+    from fastsprkd.core import functional_loss
+    torch.manual_seed(0)
+    class Pair(nn.Module):
+        def __init__(self): super().__init__(); self.fc = nn.Linear(3, 2)
+        def forward(self, x): return self.fc(x), x
+    m = Pair().double(); x, y = torch.randn(5, 3, dtype=D), torch.randint(0, 2, (5,))
+    lf = nn.functional.cross_entropy
+    with pytest.raises(TypeError, match=r"output_fn=lambda out: out\[0\]"): per_sample_gradients(m, lf, (x, y))
+    G = per_sample_gradients(m, lf, (x, y), output_fn=lambda out: out[0])
+    names = [n for n, _ in m.named_parameters()]
+    L = functional_loss(m, lf, names, {}, output_fn=lambda out: out[0])
+    g = torch.func.grad(L)(tuple(p.detach() for p in m.parameters()), (x,), (y,))
+    torch.testing.assert_close(G.mean(0), torch.cat([t.reshape(-1) for t in g]))
+    assert type(G) is torch.Tensor and G.shape == (5, 8)
