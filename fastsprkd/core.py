@@ -161,11 +161,6 @@ def validation_transforms(dl):
         for nm, v in old.items(): getattr(dl, nm).split_idx = v
 
 # %% ../nbs/02_core.ipynb #a4c1e7d2
-def _params_id(names) -> str:
-    "A short stable id of a parameter set: the first 8 hex digits of the SHA-1 of the names (the callbacks' `params_id`)."
-    import hashlib
-    return hashlib.sha1('\n'.join(names).encode()).hexdigest()[:8]
-
 def autocast_disabled(where):
     "A context with autocast off on a device (or a model's device): curvature in the parameters' dtype, never in fp16/bf16."
     from contextlib import nullcontext
