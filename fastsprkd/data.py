@@ -13,10 +13,10 @@ from torch.utils.data import TensorDataset
 from fastai.data.core import DataLoaders
 
 # %% auto #0
-__all__ = ['split_idxs', 'tensor_dls', 'digits_dls', 'mnist_dls', 'mnist1d_dls', 'probe_batches']
+__all__ = ['digits_tensors', 'split_idxs', 'tensor_dls', 'digits_dls', 'mnist_dls', 'mnist1d_dls', 'probe_batches']
 
 # %% ../nbs/00_data.ipynb #f00de47f
-def _digits_arrays():
+def digits_tensors():
     "Images (n×1×8×8, float32 in [0,1]) and labels (int64) of scikit-learn's bundled digits."
     from sklearn.datasets import load_digits
     d = load_digits()
@@ -70,7 +70,7 @@ def digits_dls(bs:int=64, # batch size
                **kwargs, # passed to `DataLoaders.from_dsets` (e.g. `num_workers`)
               ) -> DataLoaders:
     "scikit-learn's bundled handwritten digits as fastai `DataLoaders` of `channels×size×size` float images."
-    x, y = _digits_arrays()
+    x, y = digits_tensors()
     train_idx, valid_idx = split_idxs(len(x), valid_pct, seed)
     if n_train is not None: train_idx = train_idx[:n_train]
     if normalize:

@@ -4,7 +4,7 @@ from torch import nn
 import fastcore.test as fct
 from conftest import DEVICES
 from fastsprkd.core import HessianOperator
-from fastsprkd.data import _digits_arrays
+from fastsprkd.data import digits_tensors
 from fastsprkd.estimators import Estimate
 from fastsprkd.analysis import (BasinVolume, basin_volume, log_unit_ball_volume, influence, per_sample_gradients,
                                 plot_influence, LossLandscape, loss_landscape, gradient_correlation, directional_sharpness)
@@ -103,7 +103,7 @@ def test_basin_volume_takes_any_real_scalar_log_determinant():
 
 # ---------------------------------------------------------------- influence
 def digits_1_vs_7(n_train=250):
-    x, y = _digits_arrays()
+    x, y = digits_tensors()
     keep = (y == 1) | (y == 7)
     X, Y = x[keep].flatten(1).double(), (y[keep] == 7).double()[:, None]
     return X[:n_train], Y[:n_train], X[n_train:], Y[n_train:]
@@ -235,7 +235,7 @@ def test_plot_influence_returns_ax():
 def small_cnn_and_data():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
-    x, y = _digits_arrays()
+    x, y = digits_tensors()
     return model, nn.CrossEntropyLoss(), (x[:128], y[:128])
 
 
@@ -342,7 +342,7 @@ def test_loss_landscape_bad_input():
 def test_directional_sharpness_equals_dense_quadratic_form():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10)).double()
-    x, y = _digits_arrays()
+    x, y = digits_tensors()
     x, y = x[:64].double(), y[:64]
     ce = nn.CrossEntropyLoss()
     names = [n for n, _ in model.named_parameters()]

@@ -57,8 +57,8 @@ def spawn(fn, out, *args, timeout:float=240.):
 
 # ---------------------------------------------------------------- shared setup (imported lazily: spawn start-up is slow)
 def _digits():
-    from fastsprkd.data import _digits_arrays, split_idxs
-    x, y = _digits_arrays()
+    from fastsprkd.data import digits_tensors, split_idxs
+    x, y = digits_tensors()
     train, _ = split_idxs(len(x))
     return x[train].double(), y[train]
 
