@@ -102,3 +102,12 @@ def test_checks_can_fail(tmp_path):
         'fastsprkd/callback/core.py:1 imports _plain from fastsprkd.core', 'fastsprkd/core.py:2 imports _helper from fastsprkd.eigen']
     assert _layer_violations(mods, tmp_path) == [
         'fastsprkd.core (layer 0):1 imports fastsprkd.analysis (layer 3)', 'fastsprkd.core (layer 0):2 imports fastsprkd.eigen (layer 1)']
+
+def test_star_import_shadows_no_fastai_name():
+    """`from fastai.vision.all import *` then `from fastsprkd.all import *` replaces no fastai name, except `trace` (the
+    Hutchinson estimator of `fastsprkd.estimators` over fastcore's debugging decorator `fastcore.xtras.trace`)."""
+    fa, fs = {}, {}
+    exec('from fastai.vision.all import *', fa)
+    exec('from fastsprkd.all import *', fs)
+    shadowed = {n for n in fs if not n.startswith('__') and n in fa and fs[n] is not fa[n]}
+    assert shadowed <= {'trace'}, f"fastsprkd.all replaces fastai names: {sorted(shadowed - {'trace'})}; give them descriptive names"
