@@ -7,7 +7,7 @@ import json, sys
 from dataclasses import asdict
 from pathlib import Path
 from fastsprkd.experiment import StoryConfig, ARMS, summarize, experiment_markdown, machine_info
-from fastsprkd.experiment.report import _json_dumps
+from fastsprkd.experiment.report import strict_json_dumps
 
 def main(dataset, runs_dir, out, command='', only=''):
     "Merge the run files of `runs_dir` into `out`.json/.md."
@@ -26,7 +26,7 @@ def main(dataset, runs_dir, out, command='', only=''):
                   summary=summarize(runs, arms=ARMS), machine=machine_info(),
                   wall_seconds=sum(r['wall_seconds'] for r in runs))
     out = Path(out)
-    out.with_suffix('.json').write_text(_json_dumps(result) + '\n')
+    out.with_suffix('.json').write_text(strict_json_dumps(result) + '\n')
     per = {B: sorted(r['seed'] for r in runs if r['epochs'] == B) for B in budgets}
     note = (f"\n**How this was run.** `{command or 'bench/ablation_runs.py'}`: the stories were split over several processes "
             f"(`bench/ablation_runs.py`, one JSON file per budget and seed) on a 2-core CPU machine shared with other work, "

@@ -6,7 +6,7 @@ run can be split over processes and whatever finished can be reported (`bench/ab
 import json, sys, time
 from pathlib import Path
 from fastsprkd.experiment import StoryConfig, ARMS, run_story
-from fastsprkd.experiment.report import _json_dumps
+from fastsprkd.experiment.report import strict_json_dumps
 
 def main(dataset, budgets, seeds, out):
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
@@ -18,7 +18,7 @@ def main(dataset, budgets, seeds, out):
             story = run_story(StoryConfig(dataset=dataset, epochs=B, arms=ARMS), s, progress=False, spectrum=False)
             r = dict(seed=s, epochs=B, metrics=story.metrics, saddle_capture=story.saddle_summary(), probe_items=story.probe_items,
                      describe=story.describe(), wall_seconds=time.perf_counter() - t0)
-            f.with_suffix('.part').write_text(_json_dumps(r)); f.with_suffix('.part').rename(f)
+            f.with_suffix('.part').write_text(strict_json_dumps(r)); f.with_suffix('.part').rename(f)
             print(f"{dataset} {B} epochs seed {s}: {r['wall_seconds']:.0f} s", flush=True)
 
 if __name__ == '__main__': main(*sys.argv[1:])

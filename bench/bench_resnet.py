@@ -31,10 +31,10 @@ from common import median_time, save, table, machine
 
 def setup(bs, device='cpu'):
     import torchvision
-    from fastsprkd.data import _digits_arrays
+    from fastsprkd.data import digits_tensors
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, num_classes=10).eval().to(device)
-    x, y = _digits_arrays()
+    x, y = digits_tensors()
     x = nn.functional.interpolate(x[:bs], size=(32, 32), mode='bilinear', align_corners=False).expand(-1, 3, -1, -1).contiguous()
     return model, x.to(device), y[:bs].to(device), nn.CrossEntropyLoss()
 

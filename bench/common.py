@@ -21,8 +21,8 @@ def machine():
 
 def digits_tensors(n=None, side=8):
     "The bundled digits as tensors (upsampled to `side`×`side` for the MNIST-sized networks; no MNIST download)."
-    from fastsprkd.data import _digits_arrays
-    x, y = _digits_arrays()
+    from fastsprkd.data import digits_tensors
+    x, y = digits_tensors()
     if n is not None: x, y = x[:n], y[:n]
     if side != 8: x = nn.functional.interpolate(x, size=(side, side), mode='bilinear', align_corners=False)
     return x, y

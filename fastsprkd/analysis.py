@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
 from torch.func import functional_call, grad, vmap
-from .core import as_operator, preserved_state, HessianOperator, curvature_operator, functional_forward, _select_params, _prepare_data, _split_batch, _fetched
+from .core import as_operator, preserved_state, HessianOperator, curvature_operator, functional_loss, select_parameters, prepare_batches, split_batch, fetched_batches
 from .eigen import eigsh
-from .estimators import Estimate, logdet, solve, spectral_density, _not_pd_message, _dense_eigvals
+from .estimators import Estimate, logdet, solve, spectral_density, not_pd_message, dense_eigvalsh
 
 # %% auto #0
 __all__ = ['BasinVolume', 'log_unit_ball_volume', 'basin_volume', 'per_sample_gradients', 'influence', 'plot_influence',
@@ -72,12 +72,12 @@ def basin_volume(op_or_logdet, # operator/square tensor H, or a given log det(H 
         if method == 'slq':
             sd = spectral_density(op, num_probes=num_probes, num_steps=num_steps, seed=seed)
             lo = sd.nodes.min().item()
-            if lo + shift <= 0: raise ValueError(_not_pd_message(lo, shift, 'smallest Ritz value') + " The basin is unbounded.")
+            if lo + shift <= 0: raise ValueError(not_pd_message(lo, shift, 'smallest Ritz value') + " The basin is unbounded.")
             est = sd.trace(lambda t: torch.log(t + shift))
         elif method == 'exact':
             before = op.num_matvecs
-            ev = _dense_eigvals(op)
-            if ev[0] + shift <= 0: raise ValueError(_not_pd_message(ev[0].item(), shift) + " The basin is unbounded.")
+            ev = dense_eigvalsh(op)
+            if ev[0] + shift <= 0: raise ValueError(not_pd_message(ev[0].item(), shift) + " The basin is unbounded.")
             est = Estimate((ev + shift).log().sum().item(), 0., op.num_matvecs - before, None, 'exact')
         else: raise ValueError(f"method must be 'exact' or 'slq', got {method!r}")
     _n = int(n)
@@ -95,10 +95,11 @@ def _per_sample_grad_batches(model, loss_func, data, names, n_inp=None, chunk_si
     device = theta[0].device
     fixed = {k: p.detach() for k, p in named.items() if k not in set(names)}
     fixed.update(dict(model.named_buffers()))
-    batches, data_n_inp = _prepare_data(data)
+    L = functional_loss(model, loss_func, names, fixed, output_fn)  # the operators' loss, one sample at a time
+    batches, data_n_inp = prepare_batches(data)
     n_inp = n_inp if n_inp is not None else data_n_inp
-    for b in _fetched(batches):  # as the operator reads them: a fastai loader with its validation transforms
-        xb, yb = _split_batch(b, n_inp, device)
+    for b in fetched_batches(batches):  # as the operator reads them: a fastai loader with its validation transforms
+        xb, yb = split_batch(b, n_inp, device)
         items = (*xb, *yb)
         dims = tuple(0 if isinstance(o, Tensor) and o.dim() > 0 else None for o in items)
         if not any(d == 0 for d in dims): raise ValueError("no item of the batch is a tensor with a batch dimension")
@@ -107,8 +108,7 @@ def _per_sample_grad_batches(model, loss_func, data, names, n_inp=None, chunk_si
         nx = len(xb)
         def loss_one(th, *sample):
             s = [o.unsqueeze(0) if d == 0 else o for o, d in zip(sample, dims)]
-            pred = functional_forward(model, {**fixed, **dict(zip(names, th))}, tuple(s[:nx]))
-            return loss_func(pred if output_fn is None else output_fn(pred), *s[nx:])
+            return L(th, tuple(s[:nx]), tuple(s[nx:]))
         g = vmap(grad(loss_one), in_dims=(None, *dims), chunk_size=chunk_size)(theta, *items)
         yield torch.cat([t.reshape(B, -1) for t in g], 1)
 
@@ -123,7 +123,7 @@ def per_sample_gradients(model:nn.Module, # the model
                          output_fn=None, # applied to the model's output before the loss (see `HessianOperator`)
                         ) -> Tensor:
     "Gradients of every sample's loss w.r.t. `params`, as an n_samples × n_params matrix (vectorized with `torch.func`)."
-    names = _select_params(model, params)
+    names = select_parameters(model, params)
     with preserved_state(model):
         if eval_mode: model.eval()
         rows = list(_per_sample_grad_batches(model, loss_func, data, names, n_inp, chunk_size, output_fn))

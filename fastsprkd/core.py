@@ -14,9 +14,11 @@ from torch import nn, Tensor
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 # %% auto #0
-__all__ = ['LinearOperator', 'DenseOperator', 'as_operator', 'preserved_state', 'preserved_rng', 'functional_forward',
-           'unwrap_model', 'differentiable_attention', 'CurvatureOperator', 'HessianOperator', 'GGNOperator',
-           'FisherMCOperator', 'EFOperator', 'curvature_operator']
+__all__ = ['LinearOperator', 'DenseOperator', 'as_operator', 'preserved_state', 'preserved_rng', 'validation_transforms',
+           'autocast_disabled', 'plain_tensor', 'fetched_batches', 'prepare_batches', 'split_batch',
+           'select_parameters', 'functional_forward', 'functional_loss', 'unwrap_model', 'select_unwrapped_parameters',
+           'differentiable_attention', 'CurvatureOperator', 'HessianOperator', 'GGNOperator', 'FisherMCOperator',
+           'EFOperator', 'curvature_operator']
 
 # %% ../nbs/02_core.ipynb #de543227
 class LinearOperator:
@@ -146,7 +148,7 @@ def preserved_rng():
         if cuda is not None: torch.cuda.set_rng_state_all(cuda)
 
 @contextmanager
-def _validation_tfms(dl):
+def validation_transforms(dl):
     "`dl`'s item and batch pipelines (and its dataset's) at split_idx 1, as for validation: no training-only augmentation."
     old = {}
     for nm in ('after_item', 'before_batch', 'after_batch'):
@@ -159,12 +161,7 @@ def _validation_tfms(dl):
         for nm, v in old.items(): getattr(dl, nm).split_idx = v
 
 # %% ../nbs/02_core.ipynb #a4c1e7d2
-def _params_id(names) -> str:
-    "A short stable id of a parameter set: the first 8 hex digits of the SHA-1 of the names (the callbacks' `params_id`)."
-    import hashlib
-    return hashlib.sha1('\n'.join(names).encode()).hexdigest()[:8]
-
-def _no_autocast(where):
+def autocast_disabled(where):
     "A context with autocast off on a device (or a model's device): curvature in the parameters' dtype, never in fp16/bf16."
     from contextlib import nullcontext
     if isinstance(where, nn.Module):
@@ -177,25 +174,25 @@ def _no_autocast(where):
 def _is_batch(data) -> bool:
     return isinstance(data, (tuple, list)) and len(data) > 0 and all(isinstance(o, Tensor) for o in data)
 
-def _plain(t):
+def plain_tensor(t):
     "Strip tensor subclasses (fastai's `TensorBase`), which `torch.func` does not need."
     return t.as_subclass(Tensor) if isinstance(t, Tensor) and type(t) is not Tensor and not isinstance(t, nn.Parameter) else t
 
-def _fetched(data):
-    """The batches of `data` (as `_prepare_data` returns it): a list as it is; a DataLoader's with its validation transforms
+def fetched_batches(data):
+    """The batches of `data` (as `prepare_batches` returns it): a list as it is; a DataLoader's with its validation transforms
     for fastai's (no training-time augmentation: the same batches on every sweep) and with the global RNG restored (torch's
     draws a base seed on each iteration). Both only while a batch is fetched, so that nothing is left changed between
     batches, nor by a sweep abandoned midway."""
     if isinstance(data, (list, tuple)): yield from data; return
     it = None
     while True:
-        with preserved_rng(), _validation_tfms(data):
+        with preserved_rng(), validation_transforms(data):
             if it is None: it = iter(data)
             try: b = next(it)
             except StopIteration: return
         yield b
 
-def _prepare_data(data):
+def prepare_batches(data):
     "A re-iterable of batches and the batches' `n_inp` (None when unknown)."
     if _is_batch(data): return [tuple(data)], None
     n_inp = getattr(data, 'n_inp', None)
@@ -211,14 +208,15 @@ def _prepare_data(data):
     return data, n_inp
 
 # %% ../nbs/02_core.ipynb #22e498b2
-def _split_batch(b, n_inp, device):
+def split_batch(b, n_inp, device):
+    "The inputs and targets of batch `b` (the first `n_inp`, default all but the last), as plain tensors on `device`."
     if not isinstance(b, (tuple, list)) or not len(b): raise TypeError(f"each batch must be a tuple (x, y), got {type(b).__name__}")
-    b = [_plain(o).to(device) if isinstance(o, Tensor) else o for o in b]
+    b = [plain_tensor(o).to(device) if isinstance(o, Tensor) else o for o in b]
     if n_inp is None: n_inp = max(1, len(b) - 1)
     return tuple(b[:n_inp]), tuple(b[n_inp:])
 
 # %% ../nbs/02_core.ipynb #5246b3ce
-def _select_params(model, params):
+def select_parameters(model, params):
     "Names of the selected parameters, in model order."
     named = dict(model.named_parameters())
     if params is None:
@@ -318,6 +316,27 @@ def _same_key(a, b):
     return a[0] == b[0] and len(a[1]) == len(b[1]) and all(
         x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and _equal(x, y) for x, y in zip(a[1], b[1]))
 
+def functional_loss(model:nn.Module, # the model, left unchanged
+                    loss_func, # `loss_func(pred, *targets)` -> scalar loss
+                    names:list, # names of the parameters that `theta` gives, in this order
+                    fixed:dict, # every other parameter and buffer, by name (None: left out, e.g. train-mode BatchNorm statistics)
+                    output_fn=None, # applied to the model's output before the loss
+                   ):
+    """`f(theta, xb, yb)`: `loss_func(output_fn(model(*xb)), *yb)` with the parameters `names` set to the tensors `theta` and
+    the rest to `fixed`, as a plain tensor: the one functional loss that the curvature operators and `per_sample_gradients`
+    differentiate. A model output the loss cannot take (a tuple or dict, no `output_fn`) is a TypeError that names the fix."""
+    def f(theta, xb, yb):
+        pred = functional_forward(model, {**fixed, **dict(zip(names, theta))}, xb)
+        if output_fn is not None: pred = output_fn(pred)
+        # fastai losses return `TensorBase`, whose `__torch_function__` makes every product several times slower
+        with torch._C.DisableTorchFunctionSubclass():
+            try: return plain_tensor(loss_func(pred, *yb))
+            except Exception as e:  # a tuple/dict output the loss cannot take: say so, and how to fix it
+                if output_fn is None and isinstance(pred, (tuple, list, Mapping)): raise _output_hint(pred, e) from e
+                raise
+    return f
+
+
 # %% ../nbs/02_core.ipynb #8d461050
 import torch.distributed as dist
 
@@ -335,11 +354,11 @@ def _inner_names(wrapper, inner, params):
         return o[len(prefix):] if isinstance(o, str) and o.startswith(prefix) else o
     return one(params) if isinstance(params, (str, Tensor, nn.Module)) else [one(o) for o in params]
 
-def _select_unwrapped(model, params) -> list:
+def select_unwrapped_parameters(model, params) -> list:
     "Names (on the unwrapped model, without DDP's `module.`) of the selected parameters of `unwrap_model(model)`; `params` may name either."
     inner = unwrap_model(model)
     if inner is not model and params is not None: params = _inner_names(model, inner, params)
-    return _select_params(inner, params)
+    return select_parameters(inner, params)
 
 def _resolve_group(process_group):
     "The process group to all-reduce over, or None: 'auto' is the default group when torch.distributed is initialized."
@@ -434,7 +453,7 @@ class CurvatureOperator(LinearOperator):
         if output_fn is not None and not callable(output_fn):
             raise TypeError(f"output_fn must be a callable applied to the model's output (e.g. lambda out: out[0]), got {type(output_fn).__name__}")
         self.output_fn = output_fn
-        self.names = _select_unwrapped(model, params)
+        self.names = select_unwrapped_parameters(model, params)
         model = unwrap_model(model)  # products never go through DDP's gradient hooks
         self.process_group = _resolve_group(process_group)
         if self.process_group is not None and dist.get_world_size(self.process_group) == 1: self.process_group = None
@@ -456,7 +475,7 @@ class CurvatureOperator(LinearOperator):
             at = tuple(self.unflatten(at))
         self._at, self._fixed_at = at, {}  # _fixed_at: values of unselected parameters (a sub-operator of one built with `at`)
         self.validate = validate
-        self.data, data_n_inp = _prepare_data(data)
+        self.data, data_n_inp = prepare_batches(data)
         self.n_inp = n_inp if n_inp is not None else data_n_inp
         self._timed = {}
     def _finish_init(self, check_determinism=False):
@@ -482,8 +501,8 @@ class CurvatureOperator(LinearOperator):
     # ---- the loss as a function of the selected parameters
     def _batches(self):
         "The (inputs, targets) of every non-empty batch, on the operator's device."
-        for b in _fetched(self.data):
-            xb, yb = _split_batch(b, self.n_inp, self.device)
+        for b in fetched_batches(self.data):
+            xb, yb = split_batch(b, self.n_inp, self.device)
             if self._batch_size(xb) > 0:  # an empty batch has weight 0 (and a NaN mean loss): skip it
                 self._in_dtypes = [o.dtype for o in xb if isinstance(o, Tensor)]  # for `_ctx`'s dtype message
                 yield xb, yb
@@ -504,17 +523,9 @@ class CurvatureOperator(LinearOperator):
                 for b in ('running_mean', 'running_var', 'num_batches_tracked'): fixed[f"{name}.{b}" if name else b] = None
         return fixed
     def _loss_fn(self, xb, yb, fixed):
-        out_fn = self.output_fn
-        def f(*ps):
-            pred = functional_forward(self.model, {**fixed, **dict(zip(self.names, ps))}, xb)
-            if out_fn is not None: pred = out_fn(pred)
-            # fastai losses return `TensorBase`, whose `__torch_function__` makes every product several times slower
-            with torch._C.DisableTorchFunctionSubclass():
-                try: return _plain(self.loss_func(pred, *yb))
-                except Exception as e:  # a tuple/dict output the loss cannot take: say so, and how to fix it
-                    if out_fn is None and isinstance(pred, (tuple, list, Mapping)): raise _output_hint(pred, e) from e
-                    raise
-        return f
+        "The loss on the batch `(xb, yb)` as a function of the selected parameters, `f(*ps)` (see `functional_loss`)."
+        L = functional_loss(self.model, self.loss_func, self.names, fixed, self.output_fn)
+        return lambda *ps: L(ps, xb, yb)
     def _theta(self): return self._at if self._at is not None else tuple(p.detach() for p in self.params)
 
     @contextmanager
@@ -524,7 +535,7 @@ class CurvatureOperator(LinearOperator):
         # autocast off: curvature in the parameters' dtype even when called inside an autocast region
         # attention on a kernel with second derivatives (the math kernel, no fused fast path): see "Attention" below
         with preserved_state(self.model, values=False if self.eval_mode else 'buffers', copy_grads=False), \
-             _no_autocast(self.model), differentiable_attention():
+             autocast_disabled(self.model), differentiable_attention():
             if self.eval_mode: self.model.eval()
             try: yield
             except RuntimeError as e:  # also without validation (`validate=False`): the helpful dtype message
@@ -1084,13 +1095,13 @@ class GGNOperator(CurvatureOperator):
             if not isinstance(pred, Tensor):
                 raise TypeError(f"{type(self).__name__} needs the model's output as one tensor, got {_describe_output(pred)}; pass "
                                 f"output_fn= to pick the prediction (e.g. output_fn=lambda out: out[0])")
-            return _plain(pred)
+            return plain_tensor(pred)
         return f
 
     def _loss_of_output(self, yb):
         lf = self.loss_func
         def L(pred):
-            with torch._C.DisableTorchFunctionSubclass(): return _plain(lf(pred, *yb))
+            with torch._C.DisableTorchFunctionSubclass(): return plain_tensor(lf(pred, *yb))
         return L
 
     def _h_out(self, pred, yb, i):

@@ -13,10 +13,10 @@ from torch.utils.data import TensorDataset
 from fastai.data.core import DataLoaders
 
 # %% auto #0
-__all__ = ['split_idxs', 'tensor_dls', 'digits_dls', 'mnist_dls', 'mnist1d_dls', 'probe_batches']
+__all__ = ['digits_tensors', 'split_idxs', 'tensor_dls', 'digits_dls', 'mnist_dls', 'mnist1d_dls', 'probe_batches']
 
 # %% ../nbs/00_data.ipynb #f00de47f
-def _digits_arrays():
+def digits_tensors():
     "Images (n×1×8×8, float32 in [0,1]) and labels (int64) of scikit-learn's bundled digits."
     from sklearn.datasets import load_digits
     d = load_digits()
@@ -70,7 +70,7 @@ def digits_dls(bs:int=64, # batch size
                **kwargs, # passed to `DataLoaders.from_dsets` (e.g. `num_workers`)
               ) -> DataLoaders:
     "scikit-learn's bundled handwritten digits as fastai `DataLoaders` of `channels×size×size` float images."
-    x, y = _digits_arrays()
+    x, y = digits_tensors()
     train_idx, valid_idx = split_idxs(len(x), valid_pct, seed)
     if n_train is not None: train_idx = train_idx[:n_train]
     if normalize:
@@ -153,7 +153,7 @@ def mnist1d_dls(bs:int=100, # batch size (the paper's)
 # %% ../nbs/00_data.ipynb #f3b8d8f5
 from contextlib import contextmanager
 from fastai.torch_core import to_device
-from .core import preserved_rng as _rng_preserved, _plain, _validation_tfms
+from .core import preserved_rng as _rng_preserved, plain_tensor, validation_transforms
 
 # %% ../nbs/00_data.ipynb #84d323b6
 def probe_batches(dl, # a fastai `DataLoader` (e.g. `dls.train`), or a torch `DataLoader`, over an indexed dataset
@@ -185,10 +185,10 @@ def probe_batches(dl, # a fastai `DataLoader` (e.g. `dls.train`), or a torch `Da
                 out.append(tuple(to_device(b, device) if device is not None else b))
         return out
     device = device if device is not None else dl.device
-    with _rng_preserved(), _validation_tfms(dl):
+    with _rng_preserved(), validation_transforms(dl):
         items = [it for it in (dl.do_item(i) for i in idxs) if it is not None]
         for s in range(0, len(items), bs):
             b = dl.do_batch(items[s:s+bs])
             if device is not None: b = to_device(b, device)
-            out.append(tuple(_plain(o) for o in dl.after_batch(b)))
+            out.append(tuple(plain_tensor(o) for o in dl.after_batch(b)))
     return out

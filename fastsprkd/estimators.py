@@ -14,7 +14,8 @@ from .core import as_operator, LinearOperator
 from .eigen import lanczos, eigsh
 
 # %% auto #0
-__all__ = ['Estimate', 'trace', 'diagonal', 'SpectralDensity', 'spectral_density', 'logdet', 'SolveResult', 'solve']
+__all__ = ['Estimate', 'trace', 'diagonal', 'SpectralDensity', 'spectral_density', 'not_pd_message', 'dense_eigvalsh', 'logdet',
+           'SolveResult', 'solve']
 
 # %% ../nbs/04_estimators.ipynb #0e7e29df
 @dataclass
@@ -386,11 +387,13 @@ def spectral_density(op, # linear operator or square tensor
     return SpectralDensity(nodes, weights, op.num_matvecs - before, n)
 
 # %% ../nbs/04_estimators.ipynb #c876fbb6
-def _not_pd_message(lam_min, shift, what='smallest eigenvalue'):
+def not_pd_message(lam_min, shift, what='smallest eigenvalue'):
+    "The error message for a log-determinant of H + shift·I that is not positive definite (H's smallest eigenvalue `lam_min`)."
     return (f"H + shift·I is not positive definite: its {what} is {lam_min + shift:.6g} (H's is {lam_min:.6g}, "
             f"shift = {shift:g}), so its log-determinant is not a real number. Use a shift above {-lam_min:.6g}.")
 
-def _dense_eigvals(op) -> Tensor:
+def dense_eigvalsh(op) -> Tensor:
+    "All eigenvalues (float64, ascending, on CPU) of the symmetrized dense matrix of `op`; an error on non-finite entries."
     H = op.to_dense().double()
     if not torch.isfinite(H).all(): raise FloatingPointError("the matrix has non-finite entries")
     return torch.linalg.eigvalsh((H + H.T) / 2).cpu()
@@ -409,14 +412,14 @@ def logdet(op, # linear operator or square tensor H
     op = as_operator(op)
     if method == 'exact':
         before = op.num_matvecs
-        ev = _dense_eigvals(op)
-        if ev[0] + shift <= 0: raise ValueError(_not_pd_message(ev[0].item(), shift))
+        ev = dense_eigvalsh(op)
+        if ev[0] + shift <= 0: raise ValueError(not_pd_message(ev[0].item(), shift))
         return Estimate((ev + shift).log().sum().item(), 0., op.num_matvecs - before, None, 'exact')
     if method != 'slq': raise ValueError(f"method must be 'exact' or 'slq', got {method!r}")
     sd = spectral_density(op, num_probes=num_probes, num_steps=num_steps, seed=seed, lanczos_dtype=lanczos_dtype)
     lo = sd.nodes.min().item()
     if lo + shift <= 0:
-        warnings.warn(_not_pd_message(lo, shift, 'smallest Ritz value') + " Returning NaN.")
+        warnings.warn(not_pd_message(lo, shift, 'smallest Ritz value') + " Returning NaN.")
         return Estimate(float('nan'), float('nan'), sd.num_matvecs, None, 'slq')
     est = sd.trace(lambda t: torch.log(t + shift))
     est.method = 'slq'
@@ -557,7 +560,7 @@ def solve(op, # linear operator or square tensor H, or for 'lissa' a list of ope
     if scale is None:
         if len(ops) > 1: raise ValueError("pass `scale` (above λ_max(H) + damping) when LiSSA samples from a list of operators")
         lam = eigsh(ops[0], k=1, which='LA', tol=1e-3).eigenvalues[-1].item() + damping
-        if not lam > 0: raise ValueError(_not_pd_message(lam - damping, damping, 'largest eigenvalue').replace('shift', 'damping'))
+        if not lam > 0: raise ValueError(not_pd_message(lam - damping, damping, 'largest eigenvalue').replace('shift', 'damping'))
         scale = 1.1 * lam
     if not scale > 0: raise ValueError(f"scale must be positive, got {scale}")
     w = torch.tensor([float(getattr(o, 'num_samples', 1)) for o in ops], dtype=torch.float64); w = w / w.sum()

@@ -21,7 +21,7 @@ from .core import unwrap_model
 
 # %% auto #0
 __all__ = ['BANK_FORMAT', 'BANK_VERSION', 'MAX_MANIFEST_BYTES', 'MAX_JSON_DEPTH', 'SaddleBankError', 'SaddlePoint', 'centre_crop',
-           'flatten_layout', 'crop_params', 'inject', 'SaddleBank']
+           'flatten_layout', 'crop_params', 'inject', 'SaddleBank', 'set_plain_mode', 'finite_json']
 
 # %% ../nbs/11_saddle.ipynb #ff529117
 def _dtype_name(dt:torch.dtype) -> str: return str(dt).replace('torch.', '')
@@ -310,23 +310,23 @@ def _fp_diff(a, b):
     return "the tensors are in a different order"
 
 # %% ../nbs/11_saddle.ipynb #4c98d876
-def _plain_mode(path, mode:int):
+def set_plain_mode(path, mode:int):
     "Give `path` the permissions a plain `open`/`mkdir` would (`mode` less the umask), not `tempfile`'s private ones."
     umask = os.umask(0); os.umask(umask)
     os.chmod(path, mode & ~umask)
 
-def _finite_json(o):
+def finite_json(o):
     "`o` with every non-finite float replaced by None: standard JSON has no NaN/inf (strict parsers reject the tokens)."
     if isinstance(o, float): return o if math.isfinite(o) else None
-    if isinstance(o, dict): return {k: _finite_json(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)): return [_finite_json(v) for v in o]
+    if isinstance(o, dict): return {k: finite_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return [finite_json(v) for v in o]
     return o
 
 def _atomic_write(path:Path, data:bytes):
     "Write `data` to `path` atomically: temporary file `.NAME.PID.XXXX.tmp` in the same directory, fsync, rename."
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix='.tmp')
     try:
-        _plain_mode(tmp, 0o666)  # mkstemp makes it private (0600): the permissions of a plain open()
+        set_plain_mode(tmp, 0o666)  # mkstemp makes it private (0600): the permissions of a plain open()
         with os.fdopen(fd, 'wb') as f:
             f.write(data); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -503,7 +503,7 @@ def save(self:SaddleBank,
         if _json_depth(p.meta) > MAX_JSON_DEPTH - 3:
             raise TypeError(f"the metadata of the point of step {p.step} is nested deeper than {MAX_JSON_DEPTH - 3} levels, "
                             f"which SaddleBank.load refuses; store flatter metadata in `meta`")
-        try: meta = json.loads(json.dumps(_finite_json(p.meta), allow_nan=False))
+        try: meta = json.loads(json.dumps(finite_json(p.meta), allow_nan=False))
         except (TypeError, ValueError) as e:
             raise TypeError(f"the metadata of the point of step {p.step} is not JSON-serializable ({e}); store plain "
                             f"numbers, strings, lists and dicts in `meta`") from None
@@ -513,7 +513,7 @@ def save(self:SaddleBank,
                     fingerprint=[[n, list(s), d] for n, s, d in (self.fingerprint or [])],
                     tensor_file=fname, tensor_size=len(data), sha256=digest, num_points=len(self.points), points=points)
     # NaN/inf (a default loss of NaN, user meta) as null, read back as NaN
-    mdata = (json.dumps(_finite_json(manifest), indent=1, allow_nan=False) + '\n').encode()
+    mdata = (json.dumps(finite_json(manifest), indent=1, allow_nan=False) + '\n').encode()
     if len(mdata) > MAX_MANIFEST_BYTES:
         raise ValueError(f"the manifest would be {len(mdata):,} bytes, more than the {MAX_MANIFEST_BYTES:,} SaddleBank.load "
                          f"reads: store less metadata per point (`meta`)")

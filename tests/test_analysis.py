@@ -4,7 +4,7 @@ from torch import nn
 import fastcore.test as fct
 from conftest import DEVICES
 from fastsprkd.core import HessianOperator
-from fastsprkd.data import _digits_arrays
+from fastsprkd.data import digits_tensors
 from fastsprkd.estimators import Estimate
 from fastsprkd.analysis import (BasinVolume, basin_volume, log_unit_ball_volume, influence, per_sample_gradients,
                                 plot_influence, LossLandscape, loss_landscape, gradient_correlation, directional_sharpness)
@@ -103,7 +103,7 @@ def test_basin_volume_takes_any_real_scalar_log_determinant():
 
 # ---------------------------------------------------------------- influence
 def digits_1_vs_7(n_train=250):
-    x, y = _digits_arrays()
+    x, y = digits_tensors()
     keep = (y == 1) | (y == 7)
     X, Y = x[keep].flatten(1).double(), (y[keep] == 7).double()[:, None]
     return X[:n_train], Y[:n_train], X[n_train:], Y[n_train:]
@@ -235,7 +235,7 @@ def test_plot_influence_returns_ax():
 def small_cnn_and_data():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
-    x, y = _digits_arrays()
+    x, y = digits_tensors()
     return model, nn.CrossEntropyLoss(), (x[:128], y[:128])
 
 
@@ -342,7 +342,7 @@ def test_loss_landscape_bad_input():
 def test_directional_sharpness_equals_dense_quadratic_form():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10)).double()
-    x, y = _digits_arrays()
+    x, y = digits_tensors()
     x, y = x[:64].double(), y[:64]
     ce = nn.CrossEntropyLoss()
     names = [n for n, _ in model.named_parameters()]
@@ -411,3 +411,22 @@ def test_influence_on_a_fastai_training_loader_uses_the_clean_items():
     test = (X[48:52], Y[48:52])
     ref = influence(m, nn.CrossEntropyLoss(), [(X[:48], Y[:48])], test, method='exact')
     fct.test_close(influence(m, nn.CrossEntropyLoss(), dls.train, test, method='exact'), ref, eps=1e-10)
+
+
+def test_per_sample_gradients_use_the_operators_loss():
+    """The per-sample loss is core's `functional_loss`: a tuple output without `output_fn` is the operators' error naming the
+    fix, and the rows' mean is the gradient of `functional_loss` on the whole batch (a mean loss)."""
+    from fastsprkd.core import functional_loss
+    torch.manual_seed(0)
+    class Pair(nn.Module):
+        def __init__(self): super().__init__(); self.fc = nn.Linear(3, 2)
+        def forward(self, x): return self.fc(x), x
+    m = Pair().double(); x, y = torch.randn(5, 3, dtype=D), torch.randint(0, 2, (5,))
+    lf = nn.functional.cross_entropy
+    with pytest.raises(TypeError, match=r"output_fn=lambda out: out\[0\]"): per_sample_gradients(m, lf, (x, y))
+    G = per_sample_gradients(m, lf, (x, y), output_fn=lambda out: out[0])
+    names = [n for n, _ in m.named_parameters()]
+    L = functional_loss(m, lf, names, {}, output_fn=lambda out: out[0])
+    g = torch.func.grad(L)(tuple(p.detach() for p in m.parameters()), (x,), (y,))
+    torch.testing.assert_close(G.mean(0), torch.cat([t.reshape(-1) for t in g]))
+    assert type(G) is torch.Tensor and G.shape == (5, 8)

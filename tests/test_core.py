@@ -957,8 +957,8 @@ def test_dtype_hint_only_for_dtype_errors():
 
 
 def test_the_wrapper_itself_selects_the_wrapped_model():
-    from fastsprkd.core import _select_unwrapped
+    from fastsprkd.core import select_unwrapped_parameters
     m = mlp()
     w = nn.DataParallel(m)
     for sel in (w, [w], 'module', m):
-        fct.test_eq(_select_unwrapped(w, sel), [n for n, _ in m.named_parameters()])
+        fct.test_eq(select_unwrapped_parameters(w, sel), [n for n, _ in m.named_parameters()])

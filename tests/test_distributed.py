@@ -57,8 +57,8 @@ def spawn(fn, out, *args, timeout:float=240.):
 
 # ---------------------------------------------------------------- shared setup (imported lazily: spawn start-up is slow)
 def _digits():
-    from fastsprkd.data import _digits_arrays, split_idxs
-    x, y = _digits_arrays()
+    from fastsprkd.data import digits_tensors, split_idxs
+    x, y = digits_tensors()
     train, _ = split_idxs(len(x))
     return x[train].double(), y[train]
 
@@ -238,11 +238,11 @@ def test_operator_matches_single_process(ranks):
 
 def test_budget_schedule_probe_share_and_names_agree_across_ranks(ranks):
     "Rank-dependent clocks, an empty probe share on rank 1, `params=['fc']` on a DDP model: one schedule, one operator."
-    from fastsprkd.core import _params_id
+    from fastsprkd.callback.core import params_id
     _, rs = ranks
     fct.test_eq(rs[0]['budget'], rs[1]['budget'])
     assert len(rs[0]['budget']) >= 2, rs[0]['budget']
-    fct.test_eq({pid for *_, pid in rs[0]['budget']}, {_params_id(['fc.weight', 'fc.bias'])})  # the plain model's names
+    fct.test_eq({pid for *_, pid in rs[0]['budget']}, {params_id(['fc.weight', 'fc.bias'])})  # the plain model's names
     fct.test_eq([r['budget_ops'] for r in rs], [1, 1])  # one operator for the fit, not one per measurement
 
 def test_landscape_gap_on_one_shard_is_a_gap_everywhere(ranks):

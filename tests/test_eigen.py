@@ -358,9 +358,9 @@ def _digits_cnn(width=4, n=256, steps=60):
     "A DigitsCNN trained briefly on the bundled digits (float32), in eval mode, with its batch (a copy of a cached one)."
     if (width, n, steps) in _CNN: return copy.deepcopy(_CNN[width, n, steps])
     from fastsprkd.models import DigitsCNN
-    from fastsprkd.data import _digits_arrays
+    from fastsprkd.data import digits_tensors
     torch.manual_seed(0)
-    x, y = _digits_arrays()
+    x, y = digits_tensors()
     x, y = x[:n], y[:n]
     m = DigitsCNN(width)
     opt = torch.optim.Adam(m.parameters(), 3e-3)

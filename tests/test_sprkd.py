@@ -464,8 +464,8 @@ def test_eigenstep_restores_the_model_when_interrupted(monkeypatch):
 def test_capture_and_recruit_follow_the_loaders_n_inp():
     "Batches (x, y, weight) with n_inp=1 and a weighted loss: the default probe calls model(x) and loss(pred, y, weight)."
     from fastai.data.core import Datasets
-    from fastsprkd.data import _digits_arrays
-    x, y = _digits_arrays(); x, y = x[:96], y[:96]
+    from fastsprkd.data import digits_tensors
+    x, y = digits_tensors(); x, y = x[:96], y[:96]
     w = torch.linspace(0.5, 1.5, 96)
     get = lambda t: (lambda i: t[i])
     dls = Datasets(list(range(96)), tfms=[[get(x)], [get(y)], [get(w)]], n_inp=1,

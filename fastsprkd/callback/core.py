@@ -14,7 +14,7 @@ from fastai.torch_core import to_device
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision, NonNativeMixedPrecision
 from fastai.data.load import DataLoader as FastaiDataLoader
-from ..core import HessianOperator, CurvatureOperator, curvature_operator, preserved_state, preserved_rng, unwrap_model, _select_unwrapped, _no_autocast
+from ..core import HessianOperator, CurvatureOperator, curvature_operator, preserved_state, preserved_rng, unwrap_model, select_unwrapped_parameters, autocast_disabled
 from ..data import probe_batches
 
 # %% auto #0
@@ -155,7 +155,7 @@ class CurvatureCallback(Callback):
     # ---- parameters, output, modes, operator
     def selected(self) -> list:
         "Names (of the plain model: no DDP `module.` prefix) of the parameters selected now."
-        return _select_unwrapped(self.learn.model, self.params)
+        return select_unwrapped_parameters(self.learn.model, self.params)
 
     def get_output_fn(self):
         "`output_fn` if given, else the learner's `after_pred` transformation (None: the output is the prediction)."
@@ -181,7 +181,7 @@ class CurvatureCallback(Callback):
     def curvature(self):
         "The context of a measurement: global random states restored, autocast off, `eval_mode='train_bn'`'s modes."
         model = self.learn.model
-        with preserved_rng(), _no_autocast(model):
+        with preserved_rng(), autocast_disabled(model):
             if self.eval_mode != 'train_bn': yield; return
             with preserved_state(model, values=False):
                 model.eval()

@@ -30,7 +30,7 @@ __all__ = ['saddle_criterion', 'SaddleCaptureCallback', 'EigenStep', 'negative_c
            'SaddleRecruitCallback', 'hinton_kd_loss', 'DistillationCallback', 'probe_batches']
 
 # %% ../../nbs/12_sprkd.ipynb #f3b8d8f5
-from ..core import _plain
+from ..core import plain_tensor
 from ..data import probe_batches
 
 # %% ../../nbs/12_sprkd.ipynb #7cee1f58
@@ -549,11 +549,11 @@ def hinton_kd_loss(student_logits:Tensor, # (batch, classes) logits of the stude
                    alpha:float=0.9, # weight of the soft (distillation) term
                   ) -> Tensor:
     "α·T²·KL(softmax(t/T) ‖ softmax(s/T)) (batch mean) + (1 − α)·hard_loss."
-    s, t = _plain(student_logits).float(), _plain(teacher_logits).float()
+    s, t = plain_tensor(student_logits).float(), plain_tensor(teacher_logits).float()
     if s.shape != t.shape or s.dim() != 2:
         raise ValueError(f"student and teacher logits must both be (batch, classes), got {tuple(s.shape)} and {tuple(t.shape)}")
     kl = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), reduction='batchmean', log_target=True)
-    return alpha * T * T * kl + (1 - alpha) * _plain(hard_loss)
+    return alpha * T * T * kl + (1 - alpha) * plain_tensor(hard_loss)
 
 # %% ../../nbs/12_sprkd.ipynb #79ac5c53
 class DistillationCallback(Callback):

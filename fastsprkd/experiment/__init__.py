@@ -15,7 +15,7 @@ from .story import *
 from .stats import *
 from .outdir import *
 from .report import *
-from .report import _json_dumps
+from .report import strict_json_dumps
 
 # %% auto #0
 __all__ = ['run_demo', 'run_experiment']
@@ -75,7 +75,7 @@ def run_experiment(out, # output directory (created atomically)
             runs.append(dict(seed=s, epochs=B, metrics=story.metrics, saddle_capture=story.saddle_summary(), probe_items=story.probe_items))
         result = dict(command=command, config=asdict(cfg), seeds=seed_list, budgets=blist, describe=desc, runs=runs,
                       summary=summarize(runs, alpha, arms=cfg.arms), machine=machine_info(), wall_seconds=time.perf_counter() - t0)
-        (tmp/'experiment.json').write_text(_json_dumps(result) + '\n')
+        (tmp/'experiment.json').write_text(strict_json_dumps(result) + '\n')
         (tmp/'experiment.md').write_text(experiment_markdown(result))
         with open(tmp/'runs.csv', 'w', newline='') as f:
             w = csv.writer(f); w.writerow(['seed', 'epochs', 'model', 'metric', 'value'])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json, os, re, shutil, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
-from ..saddle import _plain_mode
+from ..saddle import set_plain_mode
 
 # %% auto #0
 __all__ = ['MARKER', 'OutputDirError', 'check_output_dir', 'remove_stale_outputs', 'atomic_output_dir']
@@ -110,7 +110,7 @@ def atomic_output_dir(target, # the directory to create (or replace, if it is a 
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_outputs(target)
         tmp = Path(tempfile.mkdtemp(prefix=f'.{target.name}.{os.getpid()}-', suffix='.tmp', dir=target.parent))
-        _plain_mode(tmp, 0o777)  # mkdtemp makes it private (0700): the report gets the permissions of a plain mkdir
+        set_plain_mode(tmp, 0o777)  # mkdtemp makes it private (0700): the report gets the permissions of a plain mkdir
     except OSError as e:
         drop_created()
         raise OutputDirError(f"cannot write the output directory {target}: {e.strerror or e}. "

@@ -13,13 +13,14 @@ import torch
 from ..core import HessianOperator
 from ..estimators import spectral_density
 from ..analysis import loss_landscape
-from ..saddle import _finite_json
+from ..saddle import finite_json
 from .story import (ARMS, STUDENTS, METRICS, LABELS, METRIC_LABELS, Story, sprkd_events,
                                         callback_probe_items, recruit_callback)
 
 # %% auto #0
 __all__ = ['PLOTS', 'plot_training_curves', 'plot_teacher_spectrum', 'plot_spectral_densities', 'plot_loss_landscapes',
-           'machine_info', 'demo_table', 'write_demo_report', 'answer_sentences', 'experiment_markdown']
+           'machine_info', 'demo_table', 'write_demo_report', 'strict_json_dumps', 'answer_sentences',
+           'experiment_markdown']
 
 # %% ../../nbs/22_report.ipynb #705bbf3c
 def _plt():
@@ -201,7 +202,7 @@ def write_demo_report(story:Story, # a finished `run_story`
                 loss_landscapes=figs['loss_landscape.png'].landscapes,
                 training_curves={k: l.curves for k, l in story.students.items()}, machine=machine_info(), wall_seconds=elapsed,
                 plots=[n for n in PLOTS if n in figs])
-    (out/'metrics.json').write_text(_json_dumps(data) + '\n')
+    (out/'metrics.json').write_text(strict_json_dumps(data) + '\n')
     with open(out/'metrics.csv', 'w', newline='') as f:
         w = csv.writer(f); w.writerow(['model', 'metric', 'value'])
         for model, m in story.metrics.items():
@@ -240,9 +241,9 @@ def write_demo_report(story:Story, # a finished `run_story`
     (out/'report.html').write_text(_html_page('fastsprkd demo report', '\n'.join(body)))
     return data
 
-def _json_dumps(o) -> str:
+def strict_json_dumps(o) -> str:
     "Standard JSON: non-finite numbers (NaN: an untestable comparison; ±inf) as null; numpy/torch scalars as numbers."
-    return json.dumps(_finite_json(o), indent=1, allow_nan=False, default=lambda x: _finite_json(float(x)))
+    return json.dumps(finite_json(o), indent=1, allow_nan=False, default=lambda x: finite_json(float(x)))
 
 def _inline_html(text:str) -> str:
     "Escape `text` for HTML and render its inline markdown: `code` and **bold**."
