@@ -2,7 +2,7 @@
 GGNOperator, EFOperator (one product with K=1: per-sample gradients, the whole cost), a one-sample FisherMCOperator and the
 Hessian (HessianOperator, default settings: mode='auto', kept graph), next to curvlinops' GGNLinearOperator in the same run.
 
-    nice -n 10 .venv/bin/python bench/bench_ggn.py [--repeat 5]
+    nice -n 10 .venv/bin/python bench/bench_ggn.py [--repeat 5] [--models digits,transformer,resnet18]
 
 Interleaved rounds (`bench_families.interleaved`): every call once per round, the median of the per-round ratios.
 Attention models run curvlinops inside `differentiable_attention()` (math kernel), fastsprkd's operators by themselves.
@@ -26,18 +26,25 @@ def curvlinops_ggn(model, lf, x, y):
     return in_math(lambda: G @ v)
 
 
-def cases():
-    from fastsprkd.models import DigitsCNN
-    torch.manual_seed(0)
-    x, y = digits_tensors(512)
-    m = DigitsCNN(32).eval()
-    yield f"digits CNN ({sum(p.numel() for p in m.parameters()):,} params), 512 imgs", m, x, y, nn.CrossEntropyLoss()
-    yield setup('transformer')
+def cases(names=('digits', 'transformer')):
+    for name in names:
+        torch.manual_seed(0)
+        if name == 'digits':
+            from fastsprkd.models import DigitsCNN
+            x, y = digits_tensors(512)
+            m = DigitsCNN(32).eval()
+            yield f"digits CNN ({sum(p.numel() for p in m.parameters()):,} params), 512 imgs", m, x, y, nn.CrossEntropyLoss()
+        elif name == 'resnet18':  # torchvision ResNet-18 (pretrained=False), eval-mode BatchNorm, batch 32 at 3×32×32
+            from torchvision.models import resnet18
+            m = resnet18(num_classes=10).eval()
+            x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+            yield f"ResNet-18 ({sum(p.numel() for p in m.parameters()):,} params), batch 32 at 32×32", m, x, y, nn.CrossEntropyLoss()
+        else: yield setup(name)
 
 
-def bench(repeat):
+def bench(repeat, models):
     rows = []
-    for desc, model, x, y, lf in cases():
+    for desc, model, x, y, lf in cases(models):
         fns = {'grad': plain_grad(model, lf, x, y)}
         for name, cls, kw in (('Hessian (auto)', HessianOperator, {}), ('GGN', GGNOperator, {}), ('EF', EFOperator, {}),
                               ('MC Fisher (1 sample)', FisherMCOperator, dict(mc_samples=1))):
@@ -56,6 +63,7 @@ def bench(repeat):
 if __name__ == '__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--repeat', type=int, default=5)
+    ap.add_argument('--models', default='digits,transformer', help="comma-separated: digits, transformer, resnet18")
     a = ap.parse_args()
     print(machine(), flush=True)
-    print(f"results in {save('ggn', bench(a.repeat))}")
+    print(f"results in {save('ggn', bench(a.repeat, a.models.split(',')))}")
