@@ -1,0 +1,45 @@
+"""Per-product Python overhead of the curvature engine (issue 16): `HessianOperator.matvec` (mode='rev', single batch, kept
+gradient graph) against a bare `torch.autograd.grad` through the same kind of kept graph (gradient built once with
+create_graph=True, then one double backward per product), on the digits CNN with 512 images. Also a GGN product.
+
+    nice -n 10 .venv/bin/python bench/bench_overhead.py [--repeat 15]
+
+Interleaved rounds (`bench_families.interleaved`): the bare product first, medians of per-round ratios. The overhead is
+(median matvec − median bare) / median matvec, and cProfile's top entries of one matvec are printed.
+"""
+import argparse, cProfile, io, os, pstats, sys
+import torch
+from torch import nn
+sys.path.insert(0, os.path.dirname(__file__))
+from common import machine, digits_tensors
+from bench_families import interleaved
+from fastsprkd.core import HessianOperator, GGNOperator
+from fastsprkd.models import DigitsCNN
+
+torch.set_num_threads(1)
+
+
+def main(repeat):
+    torch.manual_seed(0)
+    x, y = digits_tensors(512)
+    m = DigitsCNN(32).eval()
+    lf = nn.CrossEntropyLoss()
+    ps = [p for p in m.parameters()]
+    g = torch.autograd.grad(lf(m(x), y), ps, create_graph=True)
+    op = HessianOperator(m, lf, (x, y), mode='rev')
+    v = torch.randn(op.num_params)
+    vs = [t.reshape(p.shape) for t, p in zip(v.split([p.numel() for p in ps]), ps)]
+    bare = lambda: torch.cat([h.reshape(-1) for h in torch.autograd.grad(g, ps, vs, retain_graph=True)])
+    torch.testing.assert_close(op.matvec(v), bare(), rtol=1e-4, atol=1e-5)
+    res = interleaved({'bare autograd.grad on a kept graph': bare, 'HessianOperator.matvec (rev, kept graph)': lambda: op.matvec(v)}, repeat)
+    (tb, _), (tm, r) = res['bare autograd.grad on a kept graph'], res['HessianOperator.matvec (rev, kept graph)']
+    print(f"bare {tb*1e3:.1f} ms, matvec {tm*1e3:.1f} ms, ratio {r:.3f}; overhead {(tm - tb)*1e3:.1f} ms = {(tm - tb)/tm:.1%} of a product")
+    pr = cProfile.Profile(); pr.enable()
+    for _ in range(3): op.matvec(v)
+    pr.disable()
+    s = io.StringIO(); pstats.Stats(pr, stream=s).sort_stats('tottime').print_stats(8); print(s.getvalue()[:3000])
+
+
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser(); ap.add_argument('--repeat', type=int, default=15)
+    print(machine(), flush=True); main(ap.parse_args().repeat)
