@@ -1114,6 +1114,7 @@ class GGNOperator(CurvatureOperator):
             return vmap(lambda u: hvp(u)[0])
         kind, red, prep = lk
         z, t = prep(pred, yb[0])
+        if kind != 'ce' and t.shape != z.shape: return self._broadcast_h_out(pred, yb, z, t)
         func = getattr(self.loss_func, 'func', self.loss_func)
         h2 = self._h2(kind, func, red, z, t, i)
         P = vmap(lambda u: prep(u, yb[0])[0])  # the fastai loss's transpose/flatten (linear), and its transpose below
@@ -1121,6 +1122,10 @@ class GGNOperator(CurvatureOperator):
         Pt = vmap(lambda w: prep_vjp(w)[0])
         return lambda U: Pt(h2(P(U)))
     def _h2(self, kind, func, red, z, t, i): return _output_hessian(kind, func, red, z, t)
+    def _broadcast_h_out(self, pred, yb, z, t):
+        "A target that broadcasts against the output (e.g. (B,) for (B, 1)): the analytic form assumes equal shapes; autograd."
+        _, hvp = vjp(grad(self._loss_of_output(yb)), pred)
+        return vmap(lambda u: hvp(u)[0])
 
     def __init__(self, model, loss_func, data, params=None, *, check_determinism:bool=False, cache_graph:bool=True, **kwargs):
         self.cache_graph, self._graph, self._key = cache_graph, None, None
@@ -1183,6 +1188,10 @@ class FisherMCOperator(GGNOperator):
         if _likelihood(self.loss_func)[0] == 'ce' and yb[0].is_floating_point():
             raise ValueError("FisherMCOperator needs class-index targets for cross-entropy (soft targets: use GGNOperator)")
         return super()._h_out(pred, yb, i)
+    def _broadcast_h_out(self, pred, yb, z, t):
+        raise ValueError(f"FisherMCOperator: the target's shape {tuple(t.shape)} differs from the output's {tuple(z.shape)} "
+                         f"(the loss broadcasts them): labels cannot be sampled per output. Give the target the output's shape "
+                         f"(e.g. y[:, None] for a (B, 1) output)")
     def _h2(self, kind, func, red, z, t, i):
         gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + self.rank * 10_007 + i)  # per batch (and rank)
         return _output_fisher(kind, func, red, z, t, self.mc_samples, gen)
@@ -1216,8 +1225,23 @@ class EFOperator(CurvatureOperator):
         g = vmap(grad(one), in_dims=(None, 0, 0))(theta, xb, yb)
         return torch.cat([t.reshape(t.shape[0], -1) for t in g], 1)
 
+    def _check_weighting(self, yb):
+        "A mean over weighted or ignored targets is not a mean over samples: refused (the per-sample losses would be rescaled)."
+        if self.reduction != 'mean': return
+        f = getattr(self.loss_func, 'func', self.loss_func)
+        if not isinstance(f, nn.CrossEntropyLoss): return
+        if f.weight is not None:
+            raise ValueError("EFOperator: CrossEntropyLoss(weight=...) with reduction='mean' divides by the batch's total "
+                             "weight, which a per-sample loss cannot reproduce; use reduction='sum' (then EF = Σᵢ gᵢgᵢᵀ) or GGNOperator")
+        t = yb[0] if len(yb) == 1 and isinstance(yb[0], Tensor) else None
+        if t is not None and not t.is_floating_point() and bool((t == f.ignore_index).any()):
+            raise ValueError(f"EFOperator: targets equal to ignore_index={f.ignore_index} with reduction='mean': the loss "
+                             f"averages over the counted targets only, which a per-sample loss cannot reproduce; use "
+                             f"reduction='sum' or GGNOperator")
+
     def _product_batch(self, state, theta, V, key):
         xb, yb, fixed = state
+        self._check_weighting(yb)
         B = self._batch_size(xb)
         cs = self._sample_chunk(xb, fixed)
         out = torch.zeros_like(V)

@@ -149,7 +149,8 @@ def flatten_layout(model:nn.Module, # the model to trace (not run: shapes only, 
                    example=None, # an input batch (tensor, or a tuple whose first element is the input); default: synthesized
                   ) -> dict|None:
     """`{linear weight name: (conv weight name, channels, positions)}` for every `Linear` that consumes a flattened
-    convolution output; `{}` if there is none; None if the model could not be traced."""
+    convolution output (None for a `Linear` whose input cannot be told apart from an earlier conv output of the same
+    size); `{}` if there is none; None if the model could not be traced."""
     model = unwrap_model(model)
     if example is not None:
         x = example[0] if isinstance(example, (tuple, list)) else example
@@ -163,18 +164,26 @@ def flatten_layout(model:nn.Module, # the model to trace (not run: shapes only, 
     out = {}
     for i, (name, mod, ins, _) in enumerate(events):
         if not isinstance(mod, nn.Linear) or ins is None or len(ins) != 2: continue
-        src, F = None, ins[1]
-        for j in range(i - 1, -1, -1):  # back to the latest tensor of >= 3 dims with the Linear's number of features
+        src, F, key = None, ins[1], f"{name}.weight" if name else 'weight'
+        for j in range(i - 1, -1, -1):  # back from the Linear: the nearest module output is what reaches it
             _, m, a, o = events[j]
-            if o is not None and len(o) >= 3 and math.prod(o[1:]) == F: src = (j, o); break
-            if o is not None and len(o) == 2 and o[1] == F and a is not None and len(a) >= 3 and math.prod(a[1:]) == F:
+            if o is None: continue
+            if len(o) >= 3 and math.prod(o[1:]) == F: src = (j, o); break
+            if len(o) == 2 and o[1] == F and a is not None and len(a) >= 3 and math.prod(a[1:]) == F:
                 src = (j, a); break  # a Flatten module
-            if isinstance(m, nn.Linear) and o is not None and o[-1] == F: break  # fed by another Linear: no conv layout
+            if len(o) == 2 and o[1] == F and a is not None and tuple(a) == tuple(o) and not isinstance(m, nn.Linear):
+                continue  # a shape-preserving module on the flat features (Dropout, ReLU, BatchNorm1d): look further back
+            # something else came last: another Linear with F outputs (its units, no conv layout), or a tensor of another
+            # shape that functional operations (a mean, a reshape) turned into the input; an earlier conv output that
+            # happens to have F features is then only a coincidence of sizes (or not: the trace cannot tell)
+            if o[-1] != F and any(e[3] is not None and len(e[3]) >= 3 and math.prod(e[3][1:]) == F for e in events[:j]):
+                out[key] = None  # its input came from functional operations the trace cannot see: undecidable
+            break
         if src is None: continue
         j, s = src
         conv = next((events[k][0] for k in range(j, -1, -1) if isinstance(events[k][1], _CONVS) and events[k][3] is not None
                      and events[k][3][1] == s[1]), None)
-        if conv is not None: out[f"{name}.weight" if name else 'weight'] = (f"{conv}.weight" if conv else 'weight', s[1], math.prod(s[2:]))
+        if conv is not None: out[key] = (f"{conv}.weight" if conv else 'weight', s[1], math.prod(s[2:]))
     return out
 
 def _layout_plan(bank:dict, # name -> shape of the bank's (teacher's) tensors
@@ -196,6 +205,11 @@ def _layout_plan(bank:dict, # name -> shape of the bank's (teacher's) tensors
     plan = {}
     for n in cut:
         if n not in layout: continue
+        if layout[n] is None:
+            warnings.warn(f"cannot tell whether {n!r} consumes a flattened convolution output (an earlier conv output has "
+                          f"its {shapes[n][1]} input features, but other operations came between): its input columns get "
+                          f"the plain centre crop, which scrambles channels × positions if it does")
+            continue
         conv, c_s, pos = layout[n]
         c_t = bank[conv][0] if conv in bank else None
         if c_t is None or bank[n][1] != c_t * pos or shapes[n][1] != c_s * pos:

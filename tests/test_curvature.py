@@ -1,5 +1,5 @@
 "GGN, empirical Fisher and Monte-Carlo Fisher operators vs dense float64 references built independently with torch.func."
-import pytest, torch
+import pytest, torch, warnings
 from torch import nn
 from torch.func import functional_call, jacrev, hessian, grad
 from fastsprkd.core import GGNOperator, EFOperator, FisherMCOperator, HessianOperator, curvature_operator
@@ -272,3 +272,37 @@ def test_tuple_output_needs_output_fn():
     G = GGNOperator(m, lf, (x, y), output_fn=lambda o: o[0]).to_dense()
     H = HessianOperator(m, lf, (x, y), output_fn=lambda o: o[0]).to_dense()
     assert (G - H).abs().max() <= 1e-10  # a linear model: GGN = Hessian
+
+
+def test_broadcasting_mse_target_is_not_taken_as_analytic():
+    "An MSE target of shape (B,) against a (B, 1) output broadcasts: the GGN must still be exact (= Hessian of a linear model); MC Fisher refuses."
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 1).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch's own "target size differs" warning
+        for red in ('mean', 'sum'):
+            lf = nn.MSELoss(reduction=red)
+            torch.testing.assert_close(GGNOperator(lin, lf, (x, y)).to_dense(), HessianOperator(lin, lf, (x, y)).to_dense(), rtol=1e-10, atol=1e-12)
+            with pytest.raises(ValueError, match="differs from the output"): FisherMCOperator(lin, lf, (x, y)).matvec(torch.ones(4, dtype=torch.float64))
+
+
+def test_ef_refuses_weighted_or_ignored_means():
+    "A weighted or ignore_index mean is not a mean over samples: EF refuses it clearly; reduction='sum' works."
+    torch.manual_seed(0)
+    m = nn.Linear(4, 3).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    v = torch.ones(15, dtype=torch.float64)
+    with pytest.raises(ValueError, match="weight"): EFOperator(m, nn.CrossEntropyLoss(weight=torch.tensor([1., 100., 1.], dtype=torch.float64)), (x, y)).matvec(v)
+    yi = y.clone(); yi[:4] = -100
+    with pytest.raises(ValueError, match="ignore_index"): EFOperator(m, nn.CrossEntropyLoss(), (x, yi)).matvec(v)
+    EFOperator(m, nn.CrossEntropyLoss(), (x, y)).matvec(v)  # no ignored target: fine
+    w = torch.tensor([1., 100., 1.], dtype=torch.float64)
+    E = EFOperator(m, nn.CrossEntropyLoss(weight=w, reduction='sum'), (x, y)).to_dense()
+    names = [n for n, _ in m.named_parameters()]
+    def g(i):
+        ps = [p.detach().requires_grad_() for p in m.parameters()]
+        l = nn.CrossEntropyLoss(weight=w, reduction='sum')(torch.func.functional_call(m, dict(zip(names, ps)), (x[i:i+1],)), y[i:i+1])
+        return torch.cat([t.reshape(-1) for t in torch.autograd.grad(l, ps)])
+    G = torch.stack([g(i) for i in range(8)])
+    torch.testing.assert_close(E, G.T @ G, rtol=1e-10, atol=1e-12)

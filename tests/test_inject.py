@@ -115,3 +115,23 @@ def test_trace_leaves_the_model_as_it_was():
     b = Boom(); ps = list(b.parameters())
     with pytest.raises(KeyboardInterrupt): flatten_layout(b, example=torch.zeros(1, 1, 5, 5))
     assert list(b.parameters()) == ps and all(p.device.type == 'cpu' for p in ps)
+
+
+def test_a_coincidence_of_sizes_is_not_taken_for_a_flattened_conv():
+    "conv → conv → mean over positions → Linear, where the first conv's output size happens to equal the Linear's width: plain crop, with a warning."
+    class M(nn.Module):
+        def __init__(s, c0, c1):
+            super().__init__(); s.c0 = nn.Conv1d(1, c0, 3, padding=1); s.c1 = nn.Conv1d(c0, c1, 3, padding=1); s.fc = nn.Linear(c1, 3)
+        def forward(s, x): return s.fc(s.c1(s.c0(x)).mean(-1))
+    T, S = M(5, 40), M(2, 16)  # 5·8 = 40 = c1 of the teacher, 2·8 = 16 = c1 of the student
+    tp = {k: v.detach() for k, v in T.named_parameters()}
+    x = torch.zeros(2, 1, 8)
+    assert flatten_layout(S, x) == {"fc.weight": None}
+    with pytest.warns(UserWarning, match="cannot tell whether 'fc.weight'"): out = crop_params(tp, S, x)
+    assert torch.equal(out['fc.weight'], tp['fc.weight'][:, 12:28])  # the plain centre crop, as the conv's kept channels 12..27
+    # a shape-preserving module on the flat features is looked through: conv → flatten → dropout → Linear keeps its layout
+    mk = lambda c: nn.Sequential(nn.Conv1d(2, c, 3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.1), nn.Linear(c * 6, 5))
+    Tm, Sm = mk(8), mk(3)
+    tp = {k: v.detach() for k, v in Tm.named_parameters()}
+    out = crop_params(tp, Sm, torch.zeros(2, 2, 8))
+    assert torch.equal(out['4.weight'], tp['4.weight'].reshape(5, 8, 6)[:, 2:5].reshape(5, 18))
