@@ -162,13 +162,17 @@ def validation_transforms(dl):
 
 # %% ../nbs/02_core.ipynb #a4c1e7d2
 def autocast_disabled(where):
-    "A context with autocast off on a device (or a model's device): curvature in the parameters' dtype, never in fp16/bf16."
-    from contextlib import nullcontext
+    """A context with autocast off on the CPU and on a device (or a model's device): curvature in the parameters' dtype,
+    never in fp16/bf16, also inside a user's `torch.autocast` region."""
+    from contextlib import ExitStack
     if isinstance(where, nn.Module):
         p = next(where.parameters(), None)
         where = p.device if p is not None else 'cpu'
-    try: return torch.autocast(device_type=torch.device(where).type, enabled=False)
-    except RuntimeError: return nullcontext()  # a device type without autocast support
+    stack = ExitStack()
+    for t in dict.fromkeys(('cpu', torch.device(where).type)):
+        try: stack.enter_context(torch.autocast(device_type=t, enabled=False))
+        except RuntimeError: pass  # a device type without autocast support
+    return stack
 
 # %% ../nbs/02_core.ipynb #658e5372
 def _is_batch(data) -> bool:
@@ -1108,10 +1112,7 @@ class GGNOperator(CurvatureOperator):
         "U ↦ H_out·U on batched tangents of the output (c × pred.shape)."
         lk = _likelihood(self.loss_func)
         if lk is None or len(yb) != 1 or not isinstance(yb[0], Tensor) or (lk[0] == 'ce' and yb[0].is_floating_point()):
-            # any other loss: its Hessian w.r.t. the output by reverse-over-reverse (symmetric: the vjp of the gradient),
-            # which needs no forward-mode derivative (huber_loss has none)
-            _, hvp = vjp(grad(self._loss_of_output(yb)), pred)
-            return vmap(lambda u: hvp(u)[0])
+            return self._autograd_h_out(pred, yb)
         kind, red, prep = lk
         z, t = prep(pred, yb[0])
         if kind != 'ce' and t.shape != z.shape: return self._broadcast_h_out(pred, yb, z, t)
@@ -1122,10 +1123,14 @@ class GGNOperator(CurvatureOperator):
         Pt = vmap(lambda w: prep_vjp(w)[0])
         return lambda U: Pt(h2(P(U)))
     def _h2(self, kind, func, red, z, t, i): return _output_hessian(kind, func, red, z, t)
-    def _broadcast_h_out(self, pred, yb, z, t):
-        "A target that broadcasts against the output (e.g. (B,) for (B, 1)): the analytic form assumes equal shapes; autograd."
+    def _autograd_h_out(self, pred, yb):
+        """Any other loss: its Hessian w.r.t. the output by reverse-over-reverse (symmetric: the vjp of the gradient), which
+        needs no forward-mode derivative (huber_loss has none)."""
         _, hvp = vjp(grad(self._loss_of_output(yb)), pred)
         return vmap(lambda u: hvp(u)[0])
+    def _broadcast_h_out(self, pred, yb, z, t):
+        "A target that broadcasts against the output (e.g. (B,) for (B, 1)): the analytic form assumes equal shapes; autograd."
+        return self._autograd_h_out(pred, yb)
 
     def __init__(self, model, loss_func, data, params=None, *, check_determinism:bool=False, cache_graph:bool=True, **kwargs):
         self.cache_graph, self._graph, self._key = cache_graph, None, None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from fastprogress.fastprogress import progress_bar
-from .core import as_operator
+from .core import as_operator, autocast_disabled
 
 # %% auto #0
 __all__ = ['EigResult', 'lanczos', 'eigsh', 'power_iteration']
@@ -72,14 +72,6 @@ def _product(op, wd):
     if op.dtype == wd: return op.matvec
     return lambda v: op.matvec(v.to(op.dtype)).to(wd)
 
-def _autocast_off(device):
-    "Autocast disabled on the CPU and the operator's device: the solver's own arithmetic keeps its dtype inside an autocast region."
-    stack = contextlib.ExitStack()
-    for t in dict.fromkeys(('cpu', torch.device(device).type)):
-        try: stack.enter_context(torch.autocast(device_type=t, enabled=False))
-        except RuntimeError: pass  # a device type without autocast
-    return stack
-
 def _check_tol(name, tol, hint=''):
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
         raise ValueError(f"{name} must be a number with 0 < {name} < 1 (a relative tolerance), got {tol!r}{hint}")
@@ -98,7 +90,7 @@ def lanczos(op, # a symmetric linear operator or a square tensor
     m = min(num_steps, n)
     if m < 1: raise ValueError(f"num_steps must be ≥ 1, got {num_steps}")
     wd = _work_dtype(op, lanczos_dtype, 'lanczos')
-    with _autocast_off(op.device): return _lanczos(op, v0, m, reorth, wd)
+    with autocast_disabled(op.device): return _lanczos(op, v0, m, reorth, wd)
 
 def _lanczos(op, v0, m, reorth, wd):
     n, mv = op.num_params, _product(op, wd)
@@ -266,7 +258,7 @@ def eigsh(op, # a symmetric linear operator (e.g. `HessianOperator`) or a dense 
     max_matvecs = max(20 * ncv, 200, n) if max_matvecs is None else max_matvecs
     if max_matvecs < 1: raise ValueError(f"max_matvecs must be ≥ 1, got {max_matvecs}")
     wd = _work_dtype(op, lanczos_dtype)
-    with _autocast_off(op.device): return _eigsh(op, k, which, tol, max_matvecs, ncv, seed, v0, verify, progress, warn, wd)
+    with autocast_disabled(op.device): return _eigsh(op, k, which, tol, max_matvecs, ncv, seed, v0, verify, progress, warn, wd)
 
 def _eigsh(op, k, which, tol, max_matvecs, ncv, seed, v0, verify, progress, warn, dtype):
     n, device = op.num_params, op.device
@@ -346,7 +338,7 @@ def power_iteration(op, # a symmetric linear operator or a square tensor
     n = op.num_params
     if not 1 <= k <= n: raise ValueError(f"k must be between 1 and n={n}, got {k}")
     _check_tol('tol', tol)
-    with _autocast_off(op.device): return _power_iteration(op, k, max_iter, tol, seed)
+    with autocast_disabled(op.device): return _power_iteration(op, k, max_iter, tol, seed)
 
 def _power_iteration(op, k, max_iter, tol, seed):
     n = op.num_params

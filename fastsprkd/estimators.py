@@ -10,7 +10,7 @@ import contextlib, functools, math, time, warnings
 from dataclasses import dataclass, field
 import torch
 from torch import Tensor
-from .core import as_operator, LinearOperator
+from .core import as_operator, LinearOperator, autocast_disabled
 from .eigen import lanczos, eigsh
 
 # %% auto #0
@@ -65,11 +65,7 @@ def _autocast_off(fn):
     def wrapper(op, *args, **kwargs):
         first = op[0] if isinstance(op, (list, tuple)) and len(op) else op
         dev = getattr(first, 'device', 'cpu')
-        with contextlib.ExitStack() as stack:
-            for t in dict.fromkeys(('cpu', torch.device(dev).type)):
-                try: stack.enter_context(torch.autocast(device_type=t, enabled=False))
-                except RuntimeError: pass  # a device type without autocast
-            return fn(op, *args, **kwargs)
+        with autocast_disabled(dev): return fn(op, *args, **kwargs)
     return wrapper
 
 # %% ../nbs/04_estimators.ipynb #1233b0ad

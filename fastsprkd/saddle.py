@@ -21,7 +21,7 @@ from .core import unwrap_model
 
 # %% auto #0
 __all__ = ['BANK_FORMAT', 'BANK_VERSION', 'MAX_MANIFEST_BYTES', 'MAX_JSON_DEPTH', 'SaddleBankError', 'SaddlePoint', 'centre_crop',
-           'flatten_layout', 'crop_params', 'inject', 'SaddleBank', 'set_plain_mode', 'finite_json']
+           'flatten_layout', 'crop_params', 'inject', 'SaddleBank', 'set_plain_mode', 'finite_json', 'pid_alive']
 
 # %% ../nbs/11_saddle.ipynb #ff529117
 def _dtype_name(dt:torch.dtype) -> str: return str(dt).replace('torch.', '')
@@ -386,7 +386,8 @@ def _json_depth(o) -> int:
         todo.extend((v, d + 1) for v in items)
     return depth
 
-def _pid_alive(pid:int) -> bool:
+def pid_alive(pid:int) -> bool:
+    "Whether process `pid` may still run on this machine (another user's counts as alive; on Windows always True: age decides)."
     if os.name == 'nt': return True  # os.kill(pid, 0) would terminate the process on Windows: age decides there
     try: os.kill(pid, 0)
     except ProcessLookupError: return False
@@ -404,7 +405,7 @@ def _remove_stale_tmp(folder:Path):
         try:
             if pid is None or int(pid) == os.getpid() or os.name == 'nt':
                 if time.time() - os.lstat(folder/name).st_mtime < _STALE_TMP_S: continue
-            elif _pid_alive(int(pid)): continue
+            elif pid_alive(int(pid)): continue
             os.unlink(folder/name)
         except OSError: pass  # removed meanwhile, or not ours to remove
 

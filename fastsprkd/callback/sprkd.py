@@ -575,13 +575,13 @@ class DistillationCallback(Callback):
         p = next(self.model.parameters(), None)
         if p is not None: self.teacher.to(p.device)
         self.teacher.eval()
+        self._out_fn = self.output_fn if self.output_fn is not None else learner_output_fn(self.learn)  # as the student's output
     def after_loss(self):
         if not self.training: return
         with torch.no_grad():
             self.teacher.eval()
             t = self.teacher(*self.xb)
-            fn = self.output_fn if self.output_fn is not None else learner_output_fn(self.learn)  # as the student's output
-            if fn is not None: t = fn(t)
+            if self._out_fn is not None: t = self._out_fn(t)
         loss = hinton_kd_loss(self.pred, t, self.learn.loss_grad, self.T, self.alpha)
         self.learn.loss_grad = loss
         self.learn.loss = loss.detach().clone()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json, os, re, shutil, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
-from ..saddle import set_plain_mode
+from ..saddle import set_plain_mode, pid_alive
 
 # %% auto #0
 __all__ = ['MARKER', 'OutputDirError', 'check_output_dir', 'remove_stale_outputs', 'atomic_output_dir']
@@ -44,26 +44,18 @@ def check_output_dir(target, # the wanted output directory
 import errno
 
 # %% ../../nbs/23_outdir.ipynb #7253ff43
-def _pid_alive(pid:int) -> bool:
-    "Whether a process `pid` exists on this machine (one owned by another user counts as alive)."
-    if pid == os.getpid(): return True
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except (PermissionError, OSError): return True
-    return True
-
 def remove_stale_outputs(target, # the output directory whose leftovers are removed
                         ) -> list:
     """Remove what killed runs of `target` left next to it: temporary directories `.NAME.PID-XXXX.tmp` and previous reports
     moved aside `.NAME.old-PID-XXXX` whose process PID no longer exists (a live run's are kept). Returns the removed paths."""
     target = Path(target).expanduser().absolute()
     pat = re.compile(rf"^\.{re.escape(target.name)}\.(?:(\d+)-[A-Za-z0-9_]+\.tmp|old-(\d+)(?:-[0-9a-f]+)?)$")
-    out = []
+    out, _alive = [], lambda pid: pid == os.getpid() or pid_alive(pid)  # this run's own leftovers are live too
     try: entries = list(target.parent.iterdir())
     except OSError: return out
     for p in entries:
         m = pat.match(p.name)
-        if not m or p.is_symlink() or not p.is_dir() or _pid_alive(int(m.group(1) or m.group(2))): continue
+        if not m or p.is_symlink() or not p.is_dir() or _alive(int(m.group(1) or m.group(2))): continue
         shutil.rmtree(p, ignore_errors=True)
         if not os.path.lexists(p): out.append(p)
     return out
