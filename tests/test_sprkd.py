@@ -289,7 +289,12 @@ def test_smaller_student_gets_cropped_target():
     cb = SaddleRecruitCallback(bank, generosity=2, escape=False, perturb=False, n_probe=32)
     learn = Learner(dls, DigitsCNN(4), loss_func=CrossEntropyLossFlat(), cbs=cb)
     _fit(learn, 8)
-    tgt = crop_params(bank.target(2), learn.model)  # centre crops; fc.weight channel-aligned with conv2
+    full = bank.target(2)
+    # an independent oracle: centre crops (start (big − small)//2 on every axis), and fc.weight cut by conv2's kept channels
+    # (16 → 8, channels 4..11) × its 4 positions, the flattened layout of DigitsCNN
+    tgt = {n: full[n][tuple(slice((a - b) // 2, (a - b) // 2 + b) for a, b in zip(full[n].shape, p.shape))]
+           for n, p in learn.model.named_parameters()}
+    tgt['fc.weight'] = full['fc.weight'].view(10, 16, 4)[:, 4:12].reshape(10, 32)
     for n, p in learn.model.named_parameters():
         want = tgt[n]
         assert torch.equal(cb.target[n], want), n
