@@ -7,7 +7,7 @@ Docs: https://fastsprkd.github.io/fastsprkd/saddle.html.md"""
 # %% ../nbs/11_saddle.ipynb #4ae84cc1
 from __future__ import annotations
 import hashlib, json, math, os, tempfile
-import contextlib, re, stat, time
+import contextlib, re, shutil, stat, time
 from dataclasses import dataclass, field
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +21,8 @@ from .core import unwrap_model
 
 # %% auto #0
 __all__ = ['BANK_FORMAT', 'BANK_VERSION', 'MAX_MANIFEST_BYTES', 'MAX_JSON_DEPTH', 'SaddleBankError', 'SaddlePoint', 'centre_crop',
-           'flatten_layout', 'crop_params', 'inject', 'SaddleBank', 'set_plain_mode', 'finite_json', 'pid_alive']
+           'flatten_layout', 'crop_params', 'inject', 'SaddleBank', 'set_plain_mode', 'finite_json', 'pid_alive',
+           'remove_stale', 'dir_lock']
 
 # %% ../nbs/11_saddle.ipynb #ff529117
 def _dtype_name(dt:torch.dtype) -> str: return str(dt).replace('torch.', '')
@@ -368,8 +369,8 @@ def _rank() -> int:
 # %% ../nbs/11_saddle.ipynb #544d19ac
 MAX_MANIFEST_BYTES, MAX_JSON_DEPTH = 64 * 2**20, 64  # bounds on what `load` reads from a manifest
 _LOAD_RETRIES = 20  # re-reads of the manifest when a concurrent save removed the tensor file it named
-_TMP_FILE = re.compile(r'^\.(manifest\.json|tensors-[0-9a-f]{16}\.safetensors)\.(?:(\d+)\.)?[A-Za-z0-9_]+\.tmp$')
-_STALE_TMP_S = 3600.  # a temporary file without a process id (older fastsprkd) is stale after an hour
+_TMP_FILE = re.compile(r'^\.(?:manifest\.json|tensors-[0-9a-f]{16}\.safetensors)\.(?:(\d+)\.)?[A-Za-z0-9_]+\.tmp$')
+_STALE_TMP_S = 3600.  # a temporary file without a process id (older fastsprkd), or this process's, is stale after an hour
 
 class _MissingFileError(SaddleBankError, FileNotFoundError):
     "A file the manifest names is missing: a `SaddleBankError` that is also a `FileNotFoundError`."
@@ -385,43 +386,6 @@ def _json_depth(o) -> int:
         if depth > MAX_JSON_DEPTH: return depth
         todo.extend((v, d + 1) for v in items)
     return depth
-
-def pid_alive(pid:int) -> bool:
-    "Whether process `pid` may still run on this machine (another user's counts as alive; on Windows always True: age decides)."
-    if os.name == 'nt': return True  # os.kill(pid, 0) would terminate the process on Windows: age decides there
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except OSError: return True  # another user's process
-    return True
-
-def _remove_stale_tmp(folder:Path):
-    "Remove the temporary files of bank saves that were killed (their process is gone, or an hour old without a process id)."
-    try: names = os.listdir(folder)
-    except OSError: return
-    for name in names:
-        mt = _TMP_FILE.match(name)
-        if mt is None: continue
-        pid = mt.group(2)
-        try:
-            if pid is None or int(pid) == os.getpid() or os.name == 'nt':
-                if time.time() - os.lstat(folder/name).st_mtime < _STALE_TMP_S: continue
-            elif pid_alive(int(pid)): continue
-            os.unlink(folder/name)
-        except OSError: pass  # removed meanwhile, or not ours to remove
-
-@contextlib.contextmanager
-def _folder_lock(folder:Path):
-    "An exclusive advisory lock (`flock` on the folder's own handle: no lock file) so that concurrent saves take turns; none where unsupported."
-    try:
-        import fcntl
-        fd = os.open(folder, os.O_RDONLY)
-    except (ImportError, OSError):
-        yield; return
-    try:
-        try: fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError: pass  # a file system without flock: saves are not serialized
-        yield
-    finally: os.close(fd)  # releases the lock
 
 def _check_name(folder:Path, name, what:str):
     "Refuse a file name from the manifest unless it is a plain name of a file directly inside the bank folder."
@@ -499,6 +463,69 @@ def _read_bank_file(folder:Path, name:str, what:str, size:int|None=None, limit:i
         except OSError as e: raise SaddleBankError(f"cannot read {path} ({e.strerror or e}): the bank's {what} is unreadable") from None
     finally: os.close(fd)
 
+# %% ../nbs/11_saddle.ipynb #623e7859
+def pid_alive(pid:int) -> bool:
+    "Whether process `pid` may still run on this machine (another user's counts as alive; on Windows always True: age decides)."
+    if os.name == 'nt': return True  # os.kill(pid, 0) would terminate the process on Windows: age decides there
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except OSError: return True  # another user's process
+    return True
+
+def remove_stale(folder, # the directory whose leftovers are removed
+                 pattern:re.Pattern, # names of the leftovers; the first capture group that matched is the writer's PID (none: no PID)
+                 max_age:float|None=None, # seconds after which a leftover whose writer cannot be tested is stale (None: never)
+                 dirs:bool=False, # the leftovers are directories (removed with their contents; links and files are kept), else files
+                ) -> list:
+    """Remove the leftovers of killed writers in `folder`: the entries named by `pattern` whose PID names no live process.
+    One without a PID, with this process's PID (another thread may still be writing it) or on Windows (no liveness test) is
+    removed only once it is `max_age` seconds old (`None`: kept). Returns the removed paths."""
+    folder, out = Path(folder), []
+    try: names = os.listdir(folder)
+    except OSError: return out
+    for name in names:
+        m = pattern.match(name)
+        if m is None: continue
+        pid, p = next((g for g in m.groups() if g is not None), None), folder/name
+        try:
+            if dirs and (p.is_symlink() or not p.is_dir()): continue
+            if pid is None or int(pid) == os.getpid() or os.name == 'nt':
+                if max_age is None or time.time() - os.lstat(p).st_mtime < max_age: continue
+            elif pid_alive(int(pid)): continue
+            if dirs: shutil.rmtree(p, ignore_errors=True)
+            else: os.unlink(p)
+        except OSError: continue  # removed meanwhile, or not ours to remove
+        if not os.path.lexists(p): out.append(p)
+    return out
+
+@contextlib.contextmanager
+def dir_lock(folder, # the directory to lock (its own handle: no lock file is created)
+             timeout:float|None=None, # seconds to wait while another process or thread holds it (None: as long as it takes)
+            ):
+    """An exclusive advisory `flock` on the directory `folder` for the `with` block. Yields True while it is held, and also
+    where it cannot be taken (no `fcntl`, a folder that cannot be opened, a file system without `flock`: nothing is
+    serialized); False when another holder kept it for more than `timeout` seconds (the block then runs without it)."""
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError): fd = None
+    if fd is None:
+        yield True; return
+    locked, held, t0 = True, False, time.monotonic()
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if timeout is None else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True; break
+            except BlockingIOError:
+                if time.monotonic() - t0 > timeout: locked = False; break
+                time.sleep(0.02)
+            except OSError: break  # a file system without flock
+        try: yield locked
+        finally:
+            if held: fcntl.flock(fd, fcntl.LOCK_UN)  # closing releases it too, unless a process forked in the block shares the handle
+    finally: os.close(fd)
+
 # %% ../nbs/11_saddle.ipynb #8c408cf2
 @patch
 def save(self:SaddleBank,
@@ -533,8 +560,8 @@ def save(self:SaddleBank,
         raise ValueError(f"the manifest would be {len(mdata):,} bytes, more than the {MAX_MANIFEST_BYTES:,} SaddleBank.load "
                          f"reads: store less metadata per point (`meta`)")
     path.mkdir(parents=True, exist_ok=True)
-    with _folder_lock(path):  # two saves of the same folder take turns: the last one wins, its tensor file is kept
-        _remove_stale_tmp(path)  # left by saves that were killed
+    with dir_lock(path):  # two saves of the same folder take turns: the last one wins, its tensor file is kept
+        remove_stale(path, _TMP_FILE, max_age=_STALE_TMP_S)  # left by saves that were killed
         _atomic_write(path/fname, data)
         _atomic_write(path/'manifest.json', mdata)  # the commit point
         _fsync_dir(path)

@@ -351,6 +351,27 @@ def test_save_removes_the_temporary_files_of_killed_saves(tmp_path):
     fct.test_eq(left, sorted(keep + ['manifest.json', next(path.glob('*.safetensors')).name]))
 
 
+
+def test_remove_stale_and_dir_lock(tmp_path):
+    "The shared helpers: a dead writer's leftover goes, this process's only once older than `max_age`; a held lock times out."
+    import re, subprocess, sys, time
+    from fastsprkd.saddle import remove_stale, dir_lock
+    dead = subprocess.Popen([sys.executable, '-c', 'pass']); dead.wait()
+    pat = re.compile(r'^\.x\.(\d+)\.tmp$')
+    for pid in (dead.pid, os.getpid()): (tmp_path/f'.x.{pid}.tmp').write_bytes(b'partial')
+    old = time.time() - 2 * 3600
+    os.utime(tmp_path/f'.x.{os.getpid()}.tmp', (old, old))
+    fct.test_eq(remove_stale(tmp_path, pat, dirs=True), [])  # files, not directories: kept
+    fct.test_eq(remove_stale(tmp_path, pat), [tmp_path/f'.x.{dead.pid}.tmp'])  # no age rule: this process's is kept
+    fct.test_eq(remove_stale(tmp_path, pat, max_age=3600.), [tmp_path/f'.x.{os.getpid()}.tmp'])
+    with dir_lock(tmp_path) as held:
+        assert held
+        t0 = time.monotonic()
+        with dir_lock(tmp_path, timeout=0.2) as other: fct.test_eq(other, False)  # another handle waits, then gives up
+        assert 0.2 <= time.monotonic() - t0 < 5
+    with dir_lock(tmp_path, timeout=0.2) as again: fct.test_eq(again, True)  # released
+    with dir_lock(tmp_path/'missing') as none: fct.test_eq(none, True)  # cannot be taken: the block runs unserialized
+
 _SAVER = r'''
 import os, sys, torch
 from fastsprkd.saddle import SaddleBank, SaddlePoint

@@ -6,10 +6,10 @@ Docs: https://fastsprkd.github.io/fastsprkd/outdir.html.md"""
 
 # %% ../../nbs/23_outdir.ipynb #1098cabf
 from __future__ import annotations
-import json, os, re, shutil, tempfile, time
+import json, os, re, shutil, tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from ..saddle import set_plain_mode, pid_alive
+from ..saddle import set_plain_mode, remove_stale, dir_lock
 
 # %% auto #0
 __all__ = ['MARKER', 'OutputDirError', 'check_output_dir', 'remove_stale_outputs', 'atomic_output_dir']
@@ -50,37 +50,10 @@ def remove_stale_outputs(target, # the output directory whose leftovers are remo
     moved aside `.NAME.old-PID-XXXX` whose process PID no longer exists (a live run's are kept). Returns the removed paths."""
     target = Path(target).expanduser().absolute()
     pat = re.compile(rf"^\.{re.escape(target.name)}\.(?:(\d+)-[A-Za-z0-9_]+\.tmp|old-(\d+)(?:-[0-9a-f]+)?)$")
-    out, _alive = [], lambda pid: pid == os.getpid() or pid_alive(pid)  # this run's own leftovers are live too
-    try: entries = list(target.parent.iterdir())
-    except OSError: return out
-    for p in entries:
-        m = pat.match(p.name)
-        if not m or p.is_symlink() or not p.is_dir() or _alive(int(m.group(1) or m.group(2))): continue
-        shutil.rmtree(p, ignore_errors=True)
-        if not os.path.lexists(p): out.append(p)
-    return out
+    return remove_stale(target.parent, pat, dirs=True)  # no age rule: this run's own leftovers (same PID) are live too
 
 _FULL = {errno.ENOSPC: 'no space left on the device', errno.EFBIG: 'a file grew past the file-size limit',
          getattr(errno, 'EDQUOT', -1): 'the disk quota is exhausted'}
-
-@contextmanager
-def _publish_lock(parent:Path, timeout:float=30.):
-    "An exclusive `flock` on the parent directory while a report is swapped in (no-op where `fcntl` is missing)."
-    try: import fcntl
-    except ImportError: yield True; return
-    try: fd = os.open(parent, os.O_RDONLY)
-    except OSError: yield True; return
-    try:
-        t0 = time.monotonic()
-        while True:
-            try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); break
-            except BlockingIOError:
-                if time.monotonic() - t0 > timeout: yield False; return
-                time.sleep(0.02)
-            except OSError: yield True; return  # a filesystem without flock: the swap's own checks still apply
-        try: yield True
-        finally: fcntl.flock(fd, fcntl.LOCK_UN)
-    finally: os.close(fd)
 
 # %% ../../nbs/23_outdir.ipynb #e7a0ee0f
 @contextmanager
@@ -112,7 +85,7 @@ def atomic_output_dir(target, # the directory to create (or replace, if it is a 
     try:
         yield tmp
         (tmp/MARKER).write_text(json.dumps({'kind': kind, 'written_by': 'fastsprkd'}) + '\n')
-        with _publish_lock(target.parent) as locked:
+        with dir_lock(target.parent, timeout=30.) as locked:
             if not locked:
                 raise OutputDirError(f"another run has been publishing {target} for 30 s: this run's report was not "
                                      f"published; {prev}")
