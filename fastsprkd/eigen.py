@@ -6,7 +6,7 @@ Docs: https://fastsprkd.github.io/fastsprkd/eigen.html.md"""
 
 # %% ../nbs/03_eigen.ipynb #b58d16b8
 from __future__ import annotations
-import contextlib, math, warnings
+import contextlib, functools, math, warnings
 from dataclasses import dataclass
 import torch
 from torch import Tensor
@@ -14,7 +14,7 @@ from fastprogress.fastprogress import progress_bar
 from .core import as_operator, autocast_disabled
 
 # %% auto #0
-__all__ = ['EigResult', 'lanczos', 'eigsh', 'power_iteration']
+__all__ = ['HALF_DTYPES', 'EigResult', 'lanczos_work_dtype', 'apply_operator', 'check_tol', 'lanczos', 'eigsh', 'power_iteration']
 
 # %% ../nbs/03_eigen.ipynb #fa6af889
 @dataclass
@@ -49,32 +49,46 @@ def _orth_rows(w, R):
         h = h + h2
     return w2, h
 
-_LOW = (torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # no QR, eigh or stable Lanczos recurrence in these: the arithmetic runs in float32+
 _warned_low = set()
 
-def _work_dtype(op, lanczos_dtype=None, what='eigsh'):
-    """The dtype of the Lanczos basis, its orthogonalization and the small eigenproblems: float64 unless `lanczos_dtype`
+def lanczos_work_dtype(op, # the operator (its device decides the default)
+                       lanczos_dtype:torch.dtype|None=None, # torch.float64, torch.float32, or None (float64)
+                      ) -> torch.dtype:
+    """The dtype of Lanczos bases, their orthogonalization and the small eigenproblems: float64 unless `lanczos_dtype`
     says otherwise (float32 on devices without float64); never below float32, whatever the operator's dtype."""
-    if lanczos_dtype is None:
-        wd = torch.float32 if torch.device(op.device).type == 'mps' else torch.float64
-    elif lanczos_dtype in (torch.float32, torch.float64): wd = lanczos_dtype
-    else: raise ValueError(f"lanczos_dtype must be torch.float64, torch.float32 or None (float64), got {lanczos_dtype!r}: "
-                           f"the Lanczos arithmetic runs in float32 or better")
-    if op.dtype in _LOW and op.dtype not in _warned_low:
+    if lanczos_dtype is None: return torch.float32 if torch.device(op.device).type == 'mps' else torch.float64
+    if lanczos_dtype in (torch.float32, torch.float64): return lanczos_dtype
+    raise ValueError(f"lanczos_dtype must be torch.float64, torch.float32 or None (float64), got {lanczos_dtype!r}: "
+                     f"the Lanczos arithmetic runs in float32 or better")
+
+def _work_dtype(op, lanczos_dtype=None, what='eigsh'):
+    "`lanczos_work_dtype`, with a warning (once per dtype) that a half-precision operator bounds the accuracy."
+    wd = lanczos_work_dtype(op, lanczos_dtype)
+    if op.dtype in HALF_DTYPES and op.dtype not in _warned_low:
         _warned_low.add(op.dtype)
         warnings.warn(f"{what}: the operator's products are in {op.dtype}; the Lanczos basis, orthogonalization and eigh run in "
                       f"{wd} (torch has no {op.dtype} eigh), so the results are accurate to {op.dtype}'s precision "
                       f"(~{torch.finfo(op.dtype).eps:.0e} relative) at best. (Shown once per dtype.)")
     return wd
 
-def _product(op, wd):
-    "v ↦ A v for a vector in the work dtype: the product in the operator's dtype, the result back in the work dtype."
-    if op.dtype == wd: return op.matvec
-    return lambda v: op.matvec(v.to(op.dtype)).to(wd)
+def apply_operator(op, # a linear operator
+                   X:Tensor, # a vector, or a matrix whose columns are multiplied
+                   batch:int|None=None, # columns per `matmat` call (None: all at once)
+                  ) -> Tensor:
+    "A X with the products in the operator's dtype (`matvec` for a vector, `matmat` for columns) and the result in X's dtype."
+    if X.dim() == 1: return op.matvec(X.to(op.dtype)).to(X.dtype)
+    if batch is None or batch >= X.shape[1]: return op.matmat(X.to(op.dtype)).to(X.dtype)
+    return torch.cat([op.matmat(X[:, i:i+batch].to(op.dtype)).to(X.dtype) for i in range(0, X.shape[1], batch)], 1)
 
-def _check_tol(name, tol, hint=''):
+def check_tol(name:str, # the argument's name, for the message
+              tol, # the value to check: a number with 0 < tol < 1
+              what:str='a relative tolerance', # what it is, for the message
+              hint:str='', # appended to the message
+             ):
+    "Raise a `ValueError` naming `name` unless `tol` is a number (not a bool) with 0 < tol < 1."
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
-        raise ValueError(f"{name} must be a number with 0 < {name} < 1 (a relative tolerance), got {tol!r}{hint}")
+        raise ValueError(f"{name} must be a number with 0 < {name} < 1 ({what}), got {tol!r}{hint}")
 
 # %% ../nbs/03_eigen.ipynb #92defc66
 def lanczos(op, # a symmetric linear operator or a square tensor
@@ -93,7 +107,7 @@ def lanczos(op, # a symmetric linear operator or a square tensor
     with autocast_disabled(op.device): return _lanczos(op, v0, m, reorth, wd)
 
 def _lanczos(op, v0, m, reorth, wd):
-    n, mv = op.num_params, _product(op, wd)
+    n, mv = op.num_params, functools.partial(apply_operator, op)
     q = _start_vector(n, wd, op.device, 0, v0)
     R = torch.empty(m, n, dtype=wd, device=op.device)  # basis vectors as contiguous rows
     alphas, betas = [], []
@@ -175,7 +189,7 @@ def _thick_restart_lanczos(op, k, which, tol, ncv, budget, q0, X, anorm, gen, ti
     m = min(ncv, n - L)
     kk = min(k, m)
     dtype, device = X.dtype, op.device
-    mv = _product(op, dtype)
+    mv = functools.partial(apply_operator, op)
     tiny = torch.finfo(dtype).tiny
     Q = torch.empty(L + m + 1, n, dtype=dtype, device=device)  # basis vectors as contiguous rows: the locked X, then the Krylov basis
     Q[:L] = X.T
@@ -250,7 +264,7 @@ def eigsh(op, # a symmetric linear operator (e.g. `HessianOperator`) or a dense 
     "k eigenpairs of a symmetric operator by thick-restart Lanczos with full reorthogonalization."
     op = as_operator(op)
     n = op.num_params
-    _check_tol('tol', tol, "; the residual cannot go below the products' round-off (~1e-7·‖A‖ for float32 products)")
+    check_tol('tol', tol, hint="; the residual cannot go below the products' round-off (~1e-7·‖A‖ for float32 products)")
     if which not in ('LA', 'SA', 'LM', 'BE'): raise ValueError(f"which must be one of 'LA', 'SA', 'LM', 'BE', got {which!r}")
     if not 1 <= k <= n: raise ValueError(f"k must be between 1 and n={n}, got {k}")
     ncv = min(n, ncv if ncv is not None else max(2 * k + 1, k + 16))
@@ -337,7 +351,7 @@ def power_iteration(op, # a symmetric linear operator or a square tensor
     op = as_operator(op)
     n = op.num_params
     if not 1 <= k <= n: raise ValueError(f"k must be between 1 and n={n}, got {k}")
-    _check_tol('tol', tol)
+    check_tol('tol', tol)
     with autocast_disabled(op.device): return _power_iteration(op, k, max_iter, tol, seed)
 
 def _power_iteration(op, k, max_iter, tol, seed):

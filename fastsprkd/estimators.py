@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 from .core import as_operator, LinearOperator, autocast_disabled
-from .eigen import lanczos, eigsh
+from .eigen import lanczos, eigsh, check_tol, HALF_DTYPES, lanczos_work_dtype, apply_operator
 
 # %% auto #0
 __all__ = ['Estimate', 'trace', 'diagonal', 'SpectralDensity', 'spectral_density', 'not_pd_message', 'dense_eigvalsh', 'logdet',
@@ -43,20 +43,11 @@ def _check_count(name, value, minimum):
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
 
-def _check_tol(name, tol, what='a relative tolerance'):
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
-        raise ValueError(f"{name} must be a number with 0 < {name} < 1 ({what}), got {tol!r}")
-
-_LOW = (torch.float16, torch.bfloat16)
+_check_tol = check_tol  # `solve`'s name for it
 
 def _probe_dtype(op):
     "Probes, sketches and their QR in the operator's dtype, or float32 for a half-precision operator (torch has no half QR)."
-    return torch.float32 if op.dtype in _LOW else op.dtype
-
-def _mm(op, V:Tensor, batch:int|None=None) -> Tensor:
-    "A V in `batch`-column `matmat` calls, the products in the operator's dtype and the result in V's."
-    if batch is None or batch >= V.shape[1]: return op.matmat(V.to(op.dtype)).to(V.dtype)
-    return torch.cat([op.matmat(V[:, i:i+batch].to(op.dtype)).to(V.dtype) for i in range(0, V.shape[1], batch)], 1)
+    return torch.float32 if op.dtype in HALF_DTYPES else op.dtype
 
 def _autocast_off(fn):
     """Run an estimator with autocast disabled on the CPU and on its operator's device: inside a user's
@@ -76,7 +67,7 @@ def _hutchinson(op, m, gen, batch, rtol, offset=0., project=None):
     while len(s) < m:
         Z = _rademacher(n, min(batch, m - len(s)), gen, like)
         if project is not None: Z = project(Z)
-        s = torch.cat([s, (Z * _mm(op, Z)).sum(0).double().cpu() + offset])
+        s = torch.cat([s, (Z * apply_operator(op, Z)).sum(0).double().cpu() + offset])
         if rtol is not None and len(s) > 1 and _stderr(s) <= rtol * abs(s.mean().item()): break
     return s
 
@@ -89,14 +80,14 @@ class _Sketch:
         self.op, self.batch, self.s = op, batch, 0
         self.Om = self.Q = self.Z = self.R = self.d = None
     def add(self, Om:Tensor):
-        Y = _mm(self.op, Om, self.batch)
+        Y = apply_operator(self.op, Om, self.batch)
         d = (Om * Y).sum(0).double()  # ω_iᵀ A ω_i
         if self.Q is None: C, Yp = Y.new_zeros(0, Om.shape[1]), Y
         else:
             C = self.Q.T @ Y; Yp = Y - self.Q @ C
             C2 = self.Q.T @ Yp; Yp = Yp - self.Q @ C2; C = C + C2
         Qa, Ra = torch.linalg.qr(Yp)
-        Za = _mm(self.op, Qa, self.batch)
+        Za = apply_operator(self.op, Qa, self.batch)
         s, b = self.s, Om.shape[1]
         R = Om.new_zeros(s + b, s + b)
         if s: R[:s, :s] = self.R
@@ -171,7 +162,7 @@ def trace(op, # linear operator or square tensor
     if method not in ('hutch++', 'hutchinson', 'xtrace'):
         raise ValueError(f"method must be 'hutch++', 'xtrace' or 'hutchinson', got {method!r}")
     _check_count('num_matvecs', num_matvecs, {'hutch++': 6, 'xtrace': 4}.get(method, 2))
-    if rtol is not None: _check_tol('rtol', rtol, "the standard error relative to |estimate| at which to stop")
+    if rtol is not None: check_tol('rtol', rtol, "the standard error relative to |estimate| at which to stop")
     if batch is not None: _check_count('batch', batch, 1)
     batch = batch or (10 if rtol is not None else num_matvecs)
     gen, n, before = _generator(seed), op.num_params, op.num_matvecs
@@ -183,8 +174,8 @@ def trace(op, # linear operator or square tensor
         return Estimate(s.mean().item(), 0. if len(s) == 1 else _stderr(s), op.num_matvecs - before, s, method)
     k = min(num_matvecs // 3, n)
     like = torch.empty(0, dtype=_probe_dtype(op), device=op.device)
-    Q = torch.linalg.qr(_mm(op, _rademacher(n, k, gen, like), batch)).Q
-    exact = (Q * _mm(op, Q, batch)).sum().double().item()
+    Q = torch.linalg.qr(apply_operator(op, _rademacher(n, k, gen, like), batch)).Q
+    exact = (Q * apply_operator(op, Q, batch)).sum().double().item()
     if k == n:  # Q spans the whole space: the trace is exact
         return Estimate(exact, 0., op.num_matvecs - before, torch.tensor([exact], dtype=torch.float64), method)
     s = _hutchinson(op, num_matvecs - 2 * k, gen, batch, rtol, offset=exact, project=lambda Z: Z - Q @ (Q.T @ Z))
@@ -214,7 +205,7 @@ def diagonal(op, # linear operator or square tensor
     while done < num_matvecs:
         k = min(batch, num_matvecs - done)
         Z = _rademacher(n, k, gen, like)
-        D = (Z * _mm(op, Z)).double()
+        D = (Z * apply_operator(op, Z)).double()
         s1 += D.sum(1); s2 += (D * D).sum(1); done += k
     mean = s1 / done
     var = ((s2 - done * mean * mean) / (done - 1)).clamp_min(0)
@@ -330,13 +321,6 @@ def _lanczos_columns(op, V0:Tensor, m:int, wd):
         if not active.any(): break
     return alphas, betas, lengths
 
-def _lanczos_dtype(op, lanczos_dtype):
-    "float64 unless `lanczos_dtype` says float32 (the same rule as `eigen.eigsh`'s): never below float32."
-    if lanczos_dtype is None: return torch.float32 if torch.device(op.device).type == 'mps' else torch.float64
-    if lanczos_dtype in (torch.float32, torch.float64): return lanczos_dtype
-    raise ValueError(f"lanczos_dtype must be torch.float64, torch.float32 or None (float64), got {lanczos_dtype!r}: "
-                     f"the Lanczos arithmetic runs in float32 or better")
-
 def _ritz(alphas, betas):
     "Nodes and weights of the Gauss quadrature of a Lanczos tridiagonal matrix."
     alphas, betas = alphas.double().cpu(), betas.double().cpu()
@@ -360,7 +344,7 @@ def spectral_density(op, # linear operator or square tensor
     _check_count('num_probes', num_probes, 1); _check_count('num_steps', num_steps, 1)
     n, before, gen = op.num_params, op.num_matvecs, _generator(seed)
     m = min(num_steps, n)
-    wd = _lanczos_dtype(op, lanczos_dtype)
+    wd = lanczos_work_dtype(op, lanczos_dtype)
     if batch is None:
         batch = max(1, min(num_probes, 2**30 // max(1, n * m * torch.finfo(wd).bits // 8)))
     _check_count('batch', batch, 1)
