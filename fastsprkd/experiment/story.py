@@ -17,12 +17,13 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle)
 import fastai.callback.progress  # noqa: F401  (progress bars, Learner.no_bar)
-from ..data import digits_dls, mnist_dls, mnist1d_dls, probe_batches
+from ..data import digits_dls, mnist_dls, mnist1d_dls
 from ..models import DigitsCNN, Mnist1dCNN, num_params
 from ..core import HessianOperator, preserved_rng, unwrap_model
 from ..eigen import eigsh
 from ..estimators import trace
 from ..saddle import SaddleBank, SaddlePoint, crop_params
+from ..callback.core import training_probe
 from ..callback.observe import HessianSpectrumCallback
 from ..callback.sprkd import SaddleCaptureCallback, SaddleRecruitCallback, DistillationCallback
 
@@ -267,10 +268,13 @@ def callback_probe_items(cb) -> int:
     if probe is None: return cb.n_probe  # no test ran: the size it would have asked for
     return _probe_items(probe) if isinstance(probe, list) else len(probe[0]) if isinstance(probe, tuple) else cb.n_probe
 
-def evaluation_probe(cfg:StoryConfig, task:Task|None=None) -> list:
+def evaluation_probe(cfg:StoryConfig, # settings (`n_probe`; the data if neither `task` nor `dls` is given)
+                     task:Task|None=None, # the task whose seed-0 data are sampled
+                     dls=None, # the `DataLoaders` to sample instead (a story's teacher's)
+                    ) -> list:
     "The fixed evaluation probe set: `cfg.n_probe` training items (seed 0), one batch; the same for every student and seed."
     set_seed(0)
-    return probe_batches((task or make_task(cfg)).dls_fn(0).train, cfg.n_probe, seed=0, bs=cfg.n_probe)
+    return training_probe(dls if dls is not None else (task or make_task(cfg)).dls_fn(0), cfg.n_probe, seed=0)
 
 def recruit_callback(learn):
     "The learner's `SaddleRecruitCallback` (None if it has none)."
@@ -285,7 +289,7 @@ def evaluate_student(learn:Learner, # a trained learner (any: `train_seconds` is
                     ) -> dict:
     "Validation loss and first metric (`valid_accuracy`); Hessian trace, λ_max, λ_min of the training loss on `probe`; training time."
     t0 = time.perf_counter()
-    if probe is None: probe = probe_batches(learn.dls.train, 256, seed=0, bs=256)
+    if probe is None: probe = training_probe(learn.dls, 256, seed=0)
     with _quiet(learn, progress): res = learn.validate()
     valid_loss, valid_acc = res[0], (res[1] if len(res) > 1 else math.nan)
     op = HessianOperator(learn.model, learn.loss_func, probe)
@@ -355,8 +359,7 @@ def run_story(cfg:StoryConfig, # settings
     task = task or make_task(cfg, dls, dls_fn, teacher_fn, student_fn, loss_func, metrics)
     say(f"teacher ({'width ' + str(cfg.teacher_width) if task.bundled else 'user model'}, seed {seed}, {cfg.epochs} epochs)")
     teacher = train_teacher(cfg, seed, progress, spectrum, task)
-    set_seed(0)  # the evaluation probe set (`evaluation_probe`) of the teacher's data: the same for every student and seed
-    probe = probe_batches(teacher.dls.train, cfg.n_probe, seed=0, bs=cfg.n_probe)
+    probe = evaluation_probe(cfg, dls=teacher.dls)  # of the teacher's data: the same for every student and seed
     n_cap = len(teacher.saddle_capture.bank)
     say(f"teacher captured {n_cap} saddle point{'s' if n_cap != 1 else ''} in {len(teacher.saddle_capture.history)} tests")
     if n_cap == 0 and any(a in cfg.arms for a in ('sprkd', 'approach')):
