@@ -153,7 +153,7 @@ def mnist1d_dls(bs:int=100, # batch size (the paper's)
 # %% ../nbs/00_data.ipynb #f3b8d8f5
 from contextlib import contextmanager
 from fastai.torch_core import to_device
-from .core import preserved_rng as _rng_preserved, plain_tensor, validation_transforms
+from .curvature.functional import preserved_rng as _rng_preserved, plain_tensor, validation_transforms
 
 # %% ../nbs/00_data.ipynb #84d323b6
 def probe_batches(dl, # a fastai `DataLoader` (e.g. `dls.train`), or a torch `DataLoader`, over an indexed dataset

@@ -2,7 +2,8 @@
 import pytest, torch
 from torch import nn
 import fastcore.test as fct
-from fastsprkd.core import HessianOperator, _module_groups
+from fastsprkd.core import HessianOperator
+from fastsprkd.curvature.hessian import _module_groups
 from fastsprkd.models import SeedCNN
 from test_core import reference, close, make_data, mlp, cnn, CE, F64
 

@@ -7,11 +7,17 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent/'fastsprkd'
 
-# The layers, lowest first: a module may import fastsprkd modules of strictly lower layers only. `data` imports
-# `core` (the RNG guard, plain tensors, validation transforms), and `callback.sprkd` stores saddles with `saddle`.
+# The layers, lowest first: a module may import fastsprkd modules of strictly lower layers only. The curvature engine
+# (`fastsprkd.curvature`) is functional < base < hessian < ggn/fisher, re-exported by `core`; `data` imports only
+# `curvature.functional` (the RNG guard, plain tensors, validation transforms: plain torch, none of the engine), and
+# `callback.sprkd` stores saddles with `saddle`.
 LAYERS = [
-    {'fastsprkd.core', 'fastsprkd.models'},
-    {'fastsprkd.data', 'fastsprkd.eigen', 'fastsprkd.saddle'},
+    {'fastsprkd.curvature.functional', 'fastsprkd.models'},
+    {'fastsprkd.curvature.base', 'fastsprkd.data'},
+    {'fastsprkd.curvature.hessian'},
+    {'fastsprkd.curvature.ggn', 'fastsprkd.curvature.fisher'},
+    {'fastsprkd.core'},
+    {'fastsprkd.eigen', 'fastsprkd.saddle'},
     {'fastsprkd.estimators'},
     {'fastsprkd.stability', 'fastsprkd.analysis'},
     {'fastsprkd.callback.core'},
@@ -23,7 +29,7 @@ LAYERS = [
     {'fastsprkd.all', 'fastsprkd.__main__'},
 ]
 # modules outside the layers: the package's own plumbing (nbdev's index, the docs renderer, empty package inits)
-UNLAYERED = {'fastsprkd', 'fastsprkd._modidx', 'fastsprkd._showdoc', 'fastsprkd.callback'}
+UNLAYERED = {'fastsprkd', 'fastsprkd._modidx', 'fastsprkd._showdoc', 'fastsprkd.callback', 'fastsprkd.curvature'}
 RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 
 def _modules(pkg=PKG):
@@ -56,7 +62,7 @@ MODULES = list(_modules())
 
 def test_modules_found():
     names = {m for m, _, _ in MODULES}
-    assert {'fastsprkd.core', 'fastsprkd.analysis', 'fastsprkd.callback.core', 'fastsprkd.experiment.report'} <= names
+    assert {'fastsprkd.core', 'fastsprkd.curvature.base', 'fastsprkd.analysis', 'fastsprkd.callback.core', 'fastsprkd.experiment.report'} <= names
     # every module is placed: a new module must be given a layer here
     assert names - UNLAYERED - set(RANK) == set(), "modules without a layer in tests/test_design.py LAYERS"
 
@@ -101,7 +107,8 @@ def test_checks_can_fail(tmp_path):
     assert sorted(_private_violations(mods, tmp_path)) == [
         'fastsprkd/callback/core.py:1 imports _plain from fastsprkd.core', 'fastsprkd/core.py:2 imports _helper from fastsprkd.eigen']
     assert _layer_violations(mods, tmp_path) == [
-        'fastsprkd.core (layer 0):1 imports fastsprkd.analysis (layer 3)', 'fastsprkd.core (layer 0):2 imports fastsprkd.eigen (layer 1)']
+        f"fastsprkd.core (layer {RANK['fastsprkd.core']}):1 imports fastsprkd.analysis (layer {RANK['fastsprkd.analysis']})",
+        f"fastsprkd.core (layer {RANK['fastsprkd.core']}):2 imports fastsprkd.eigen (layer {RANK['fastsprkd.eigen']})"]
 
 def test_star_import_shadows_no_fastai_name():
     """`from fastai.vision.all import *` then `from fastsprkd.all import *` replaces no fastai name, except `trace` (the

@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # (processed notebook, text of the first cell to show, output name, window height)
-SHOTS = [('02_core.ipynb', 'show_doc(HessianOperator)', 'docs_core_hessianoperator', 2200),
+SHOTS = [('02c_curvature_hessian.ipynb', 'show_doc(HessianOperator)', 'docs_core_hessianoperator', 2200),
          ('10_observe.ipynb', '## Example: the digits CNN at the edge of stability', 'docs_observe_example', 2300),
          ('95_tutorial.ipynb', '## 1. The teacher captures saddle points', 'docs_tutorial', 2400)]
 WIDTH = 1100
