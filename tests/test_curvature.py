@@ -308,9 +308,9 @@ def test_ef_refuses_weighted_or_ignored_means():
     torch.testing.assert_close(E, G.T @ G, rtol=1e-10, atol=1e-12)
 
 def test_ggn_linearized_jacobian_products_match_forward_mode():
-    """After `linearize_after` calls on a kept graph, the GGN's J·V runs a `torch.func.linearize` trace: the same products as
-    forward mode (float64, ≤ 1e-12 relative) and as the dense reference, checked once against forward mode; a parameter
-    update drops the trace with the graph; a model the trace cannot take keeps forward mode."""
+    """After `linearize_after` calls on a first kept graph, the GGN's J·V runs a `torch.func.linearize` trace: the same
+    products as forward mode (float64, ≤ 1e-12 relative) and as the dense reference, checked once against forward mode;
+    a parameter update drops the trace with the graph; a model the trace cannot take keeps forward mode."""
     m, lf = _cnn(), nn.CrossEntropyLoss()
     torch.manual_seed(1)
     x, y = torch.randn(6, 1, 6, 6), torch.randint(0, 3, (6,))
@@ -321,11 +321,15 @@ def test_ggn_linearized_jacobian_products_match_forward_mode():
     for i in range(op.linearize_after + 3):
         a, b = op @ V, ref @ V
         assert (a - b).abs().max() <= 1e-12 * b.abs().max(), i
-    assert op._lin is not None and op._lin[2] is not None and op._lin[3]  # built, checked, in use
+    assert op._lin is not None and op._lin[3] is not None and op._lin[4]  # built, checked, in use
+    assert op._lin_cost > 0
     assert (op @ V - G @ V).abs().max() <= 1e-10 * (G @ V).abs().max()
     m[0].weight.data += 0.1  # as fastai's optimizers: the key changes, the graph and its trace are rebuilt
     assert (op @ V - GGNOperator(m, lf, (x, y), cache_graph=False) @ V).abs().max() <= 1e-12 * (ref @ V).abs().max()
-    assert op._lin is None or op._lin[2] is None
+    assert op._lin is None or op._lin[3] is None
+    op._lin_cost = float('inf')  # after a first trace: rebuilt only once forward mode has spent what it cost
+    for _ in range(op.linearize_after + 3): op @ V
+    assert op._lin[3] is None
     def untraceable(*a, **k): raise RuntimeError("cannot trace")
     import fastsprkd.curvature.ggn as ggn_mod
     old, ggn_mod.linearize = ggn_mod.linearize, untraceable

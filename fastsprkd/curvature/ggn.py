@@ -6,7 +6,7 @@ Docs: https://fastsprkd.github.io/fastsprkd/curvature_ggn.html.md"""
 
 # %% ../../nbs/02d_curvature_ggn.ipynb #a5174ffa
 from __future__ import annotations
-import warnings
+import time, warnings
 import torch
 from torch import nn, Tensor
 from torch.func import grad, jvp, vjp, vmap, linearize
@@ -161,42 +161,49 @@ class GGNOperator(CurvatureOperator):
                 try: JV = vmap(lambda v: lin(*self.unflatten(v)), in_dims=1)(V)
                 except Exception: self._lin_ok, self._lin, lin = False, None, None  # e.g. no batching rule: forward mode
                 else:
-                    if self._lin[3]: return JV
+                    if self._lin[4]: return JV
+            t0 = time.perf_counter()
             try: ref = vmap(lambda v: jvp(f, theta, tuple(self.unflatten(v)))[1], in_dims=1)(V)
             except (NotImplementedError, RuntimeError) as e:
                 if not mode_unavailable(e): raise
                 self._jvp_ok = False
             else:
+                if self._lin is not None and self._lin[0] is f: self._lin[1] += time.perf_counter() - t0
                 if lin is not None: self._check_linearized(JV, ref)
                 return ref
         _, tr = vjp(vjp_fn, torch.zeros_like(pred))  # u ↦ Jᵀu is linear: its vjp with v is J·v
         return vmap(lambda v: tr(tuple(self.unflatten(v)))[0], in_dims=1)(V)
 
-    # The kept graph's J·V: a product's forward-mode pass recomputes the network's forward pass with its tangents; once the
-    # kept graph has served `linearize_after` calls, `torch.func.linearize` traces the tangent computation once and later
-    # products run only it (about half the forward-mode pass on the digits CNN). Its first result is checked against
-    # forward mode; a trace that fails or disagrees is never used on this operator.
-    linearize_after = 8
-    _lin = None  # [the kept graph's output function, calls served, the linearized J·v (None: not built), checked against jvp]
-    _lin_ok = True
+    # The kept graph's J·V. Forward mode recomputes the network's forward pass with its tangents on every product;
+    # `torch.func.linearize` traces the tangent computation once, and products then run only the trace (about half the
+    # forward-mode pass on the digits CNN). The trace costs tens of forward-mode calls, so it is built like a ski rental:
+    # once forward mode has spent on this kept graph as much as the last trace cost (before any trace:
+    # `linearize_after` calls), which keeps the total within twice the better of the two choices in hindsight. Its first
+    # result is checked against forward mode; a trace that fails or disagrees is never used on this operator.
+    linearize_after = 16
+    _lin = None  # [the kept graph's output function, seconds spent in forward mode on it, calls, the trace, checked]
+    _lin_ok, _lin_cost = True, None  # whether traces work on this model; seconds the last trace took
     def _linearized(self, f, theta):
         "The linearized J·v of the kept graph (None while not worth building, or where unavailable)."
         if not self._lin_ok or self._key is None or self._graph is None or self._graph[1][0] is not f: return None
-        if self._lin is None or self._lin[0] is not f: self._lin = [f, 0, None, False]
+        if self._lin is None or self._lin[0] is not f: self._lin = [f, 0., 0, None, False]
         lin = self._lin
-        lin[1] += 1
-        if lin[2] is None and lin[1] > self.linearize_after:
+        lin[2] += 1
+        due = lin[2] > self.linearize_after if self._lin_cost is None else lin[1] >= self._lin_cost
+        if lin[3] is None and due:
+            t0 = time.perf_counter()
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter('ignore')  # torch.fx's notes on the traced constants
-                    lin[2] = linearize(f, *(t.clone() for t in theta))[1]  # copies: the trace shares no storage with the model
+                    lin[3] = linearize(f, *(t.clone() for t in theta))[1]  # copies: the trace shares no storage with the model
             except Exception: self._lin_ok = False  # a model make_fx cannot trace: forward mode, as before
-        return lin[2] if self._lin_ok else None
+            self._lin_cost = time.perf_counter() - t0
+        return lin[3] if self._lin_ok else None
     def _check_linearized(self, JV, ref):
         "Keep the linearized J·V only if it matches forward mode within √ε of the dtype, relative to their norm."
         tol = torch.finfo(self.dtype).eps ** 0.5
         err = (JV - ref).norm().item() / max(JV.norm().item(), ref.norm().item(), torch.finfo(self.dtype).tiny)
-        if err <= tol: self._lin[3] = True
+        if err <= tol: self._lin[4] = True
         else: self._lin_ok, self._lin = False, None
 
     def _product_batch(self, state, theta, V, key):
