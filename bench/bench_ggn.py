@@ -1,6 +1,7 @@
 """GGN and Fisher products (issue 16): product time ÷ one plain `torch.autograd.grad` of the same batch, for fastsprkd's
 GGNOperator, EFOperator (one product with K=1: per-sample gradients, the whole cost), a one-sample FisherMCOperator and the
-Hessian (HessianOperator, default settings: mode='auto', kept graph), next to curvlinops' GGNLinearOperator in the same run.
+Hessian (HessianOperator, default settings: mode='auto', kept graph), next to curvlinops' GGNLinearOperator in the same run;
+"GGN, forward-mode J·V" is the same GGNOperator with its linearized trace turned off (the A/B of issue 16's change).
 
     nice -n 10 .venv/bin/python bench/bench_ggn.py [--repeat 5] [--models digits,transformer,resnet18] [--warmup 20]
 
@@ -50,9 +51,11 @@ def bench(repeat, models, warmup=20):
     rows = []
     for desc, model, x, y, lf in cases(models):
         fns = {'grad': plain_grad(model, lf, x, y)}
-        for name, cls, kw in (('Hessian (auto)', HessianOperator, {}), ('GGN', GGNOperator, {}), ('EF', EFOperator, {}),
+        for name, cls, kw in (('Hessian (auto)', HessianOperator, {}), ('GGN', GGNOperator, {}),
+                              ('GGN, forward-mode J·V', GGNOperator, {}), ('EF', EFOperator, {}),
                               ('MC Fisher (1 sample)', FisherMCOperator, dict(mc_samples=1))):
             op = cls(model, lf, (x, y), **kw)
+            if name == 'GGN, forward-mode J·V': op._lin_ok = False  # the same GGN without the linearized trace (A/B)
             v = torch.randn(op.num_params)
             fns[name] = lambda op=op, v=v: op.matvec(v)
             ws = []
@@ -60,7 +63,7 @@ def bench(repeat, models, warmup=20):
                 t0 = time.perf_counter(); op.matvec(v); ws.append(time.perf_counter() - t0)
             if name == 'GGN' and ws:
                 print(f"  GGN warm-up: {len(ws)} products, slowest {max(ws)*1e3:.0f} ms (call {ws.index(max(ws)) + 1}), "
-                      f"last {ws[-1]*1e3:.0f} ms; linearized J·V in use: {bool(op._lin and op._lin[4])}", flush=True)
+                      f"last {ws[-1]*1e3:.0f} ms; linearized J·V in use: {bool(op._lin and op._lin[5] == 2)}", flush=True)
         fns['curvlinops GGN'] = curvlinops_ggn(model, lf, x, y)
         res = interleaved(fns, repeat)
         r = {'model': desc, 'grad ms': f"{res['grad'][0]*1e3:.0f}"}
