@@ -10,7 +10,8 @@ Interleaved rounds (`bench_families.interleaved`): the bare product first, media
 On a shared machine the 512-image ratio moves by several percent from run to run, more than the overhead itself. The
 Python overhead does not grow with the batch (the same calls, per product), so it is also measured directly: the same
 network on one image, where a product takes about a millisecond, timed in `--small-rounds` interleaved rounds (bare
-product, `matvec`); the difference of the medians, in µs, is then divided by the 512-image product's median.
+product, `matvec`); the difference of the medians, in µs, is then divided by the 512-image product's median. Both in
+wall-clock time and in CPU time (`time.process_time`, one thread): CPU time leaves out the waits of a loaded machine.
 """
 import argparse, cProfile, io, os, pstats, sys
 import torch
@@ -25,7 +26,8 @@ torch.set_num_threads(1)
 
 
 def small_batch_overhead(rounds):
-    "Median seconds of the bare kept-graph product and of `HessianOperator.matvec` on one image, interleaved."
+    """Medians of the bare kept-graph product and of `HessianOperator.matvec` on one image, interleaved, in wall-clock and
+    in CPU seconds (`time.process_time`: with one thread, the work done, without the waits a loaded machine adds)."""
     import statistics, time
     torch.manual_seed(0)
     x, y = digits_tensors(1)
@@ -39,11 +41,21 @@ def small_batch_overhead(rounds):
     bare = lambda: torch.cat([h.reshape(-1) for h in torch.autograd.grad(g, ps, vs, retain_graph=True)])
     torch.testing.assert_close(op.matvec(v), bare(), rtol=1e-4, atol=1e-5)
     fns = {'bare': bare, 'matvec': lambda: op.matvec(v)}
-    ts = {k: [] for k in fns}
+    ts = {(k, c): [] for k in fns for c in ('wall', 'cpu')}
     for _ in range(rounds):
         for k, f in fns.items():
-            t0 = time.perf_counter(); f(); ts[k].append(time.perf_counter() - t0)
-    return statistics.median(ts['bare']), statistics.median(ts['matvec'])
+            t0, c0 = time.perf_counter(), time.process_time(); f()
+            ts[k, 'cpu'].append(time.process_time() - c0); ts[k, 'wall'].append(time.perf_counter() - t0)
+    return {kc: statistics.median(t) for kc, t in ts.items()}
+
+
+def cpu_time(f, n):
+    "Median CPU seconds of `f()` over `n` calls."
+    import statistics, time
+    ts = []
+    for _ in range(n):
+        c0 = time.process_time(); f(); ts.append(time.process_time() - c0)
+    return statistics.median(ts)
 
 
 def main(repeat, small_rounds):
@@ -61,9 +73,12 @@ def main(repeat, small_rounds):
     res = interleaved({'bare autograd.grad on a kept graph': bare, 'HessianOperator.matvec (rev, kept graph)': lambda: op.matvec(v)}, repeat)
     (tb, _), (tm, r) = res['bare autograd.grad on a kept graph'], res['HessianOperator.matvec (rev, kept graph)']
     print(f"bare {tb*1e3:.1f} ms, matvec {tm*1e3:.1f} ms, ratio {r:.3f}; overhead {(tm - tb)*1e3:.1f} ms = {(tm - tb)/tm:.1%} of a product")
-    sb, sm = small_batch_overhead(small_rounds)
-    print(f"one image, {small_rounds} rounds: bare {sb*1e6:.0f} µs, matvec {sm*1e6:.0f} µs: Python overhead {(sm - sb)*1e6:.0f} µs "
-          f"per product = {(sm - sb)/tm:.2%} of the 512-image product ({tm*1e3:.1f} ms)", flush=True)
+    tc = cpu_time(lambda: op.matvec(v), repeat)
+    t = small_batch_overhead(small_rounds)
+    for c, prod in (('wall', tm), ('cpu', tc)):
+        o = t['matvec', c] - t['bare', c]
+        print(f"one image, {small_rounds} rounds, {c} clock: bare {t['bare', c]*1e6:.0f} µs, matvec {t['matvec', c]*1e6:.0f} µs: "
+              f"Python overhead {o*1e6:.0f} µs per product = {o/prod:.2%} of the 512-image product ({prod*1e3:.1f} ms, {c})", flush=True)
     pr = cProfile.Profile(); pr.enable()
     for _ in range(3): op.matvec(v)
     pr.disable()
