@@ -200,6 +200,7 @@ class GGNOperator(CurvatureOperator):
         lin = self._lin
         lin[3] += 1
         due = lin[3] > self.linearize_after if self._lin_cost is None else lin[1] >= self._lin_cost
+        due = due and self.linearize_after != float('inf')  # inf: forward mode only
         if lin[4] is None and due:
             t0 = time.perf_counter()
             try:
