@@ -1,10 +1,14 @@
 """GGN and Fisher products (issue 16): product time ÷ one plain `torch.autograd.grad` of the same batch, for fastsprkd's
 GGNOperator, EFOperator (one product with K=1: per-sample gradients, the whole cost), a one-sample FisherMCOperator and the
-Hessian (HessianOperator, default settings: mode='auto', kept graph), next to curvlinops' GGNLinearOperator in the same run.
+Hessian (HessianOperator, default settings: mode='auto', kept graph), next to curvlinops' GGNLinearOperator in the same run;
+"GGN, forward-mode J·V" is the same GGNOperator with its linearized trace turned off (the A/B of issue 16's change).
 
-    nice -n 10 .venv/bin/python bench/bench_ggn.py [--repeat 5] [--models digits,transformer,resnet18]
+    nice -n 10 .venv/bin/python bench/bench_ggn.py [--repeat 5] [--models digits,transformer,resnet18] [--warmup 20]
 
-Interleaved rounds (`bench_families.interleaved`): every call once per round, the median of the per-round ratios.
+The GGN and the MC Fisher first make `--warmup` products with their vector (the regime of an eigensolver's dozens of
+products on one kept graph: their J·V runs through a linearized trace from the 17th call on), the other operators two;
+the slowest warm-up product of the GGN (the one that builds the trace) is printed. Then interleaved rounds (`bench_families.interleaved`): every call once per
+round, the median of the per-round ratios.
 Attention models run curvlinops inside `differentiable_attention()` (math kernel), fastsprkd's operators by themselves.
 """
 import argparse, sys, os
@@ -42,15 +46,24 @@ def cases(names=('digits', 'transformer')):
         else: yield setup(name)
 
 
-def bench(repeat, models):
+def bench(repeat, models, warmup=20):
+    import time
     rows = []
     for desc, model, x, y, lf in cases(models):
         fns = {'grad': plain_grad(model, lf, x, y)}
-        for name, cls, kw in (('Hessian (auto)', HessianOperator, {}), ('GGN', GGNOperator, {}), ('EF', EFOperator, {}),
+        for name, cls, kw in (('Hessian (auto)', HessianOperator, {}), ('GGN', GGNOperator, {}),
+                              ('GGN, forward-mode J·V', GGNOperator, {}), ('EF', EFOperator, {}),
                               ('MC Fisher (1 sample)', FisherMCOperator, dict(mc_samples=1))):
             op = cls(model, lf, (x, y), **kw)
+            if name == 'GGN, forward-mode J·V': op._lin_ok = False  # the same GGN without the linearized trace (A/B)
             v = torch.randn(op.num_params)
             fns[name] = lambda op=op, v=v: op.matvec(v)
+            ws = []
+            for _ in range(warmup if cls in (GGNOperator, FisherMCOperator) else 2):
+                t0 = time.perf_counter(); op.matvec(v); ws.append(time.perf_counter() - t0)
+            if name == 'GGN' and ws:
+                print(f"  GGN warm-up: {len(ws)} products, slowest {max(ws)*1e3:.0f} ms (call {ws.index(max(ws)) + 1}), "
+                      f"last {ws[-1]*1e3:.0f} ms; linearized J·V in use: {bool(op._lin and op._lin[5] == 2)}", flush=True)
         fns['curvlinops GGN'] = curvlinops_ggn(model, lf, x, y)
         res = interleaved(fns, repeat)
         r = {'model': desc, 'grad ms': f"{res['grad'][0]*1e3:.0f}"}
@@ -64,6 +77,7 @@ if __name__ == '__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--repeat', type=int, default=5)
     ap.add_argument('--models', default='digits,transformer', help="comma-separated: digits, transformer, resnet18")
+    ap.add_argument('--warmup', type=int, default=20, help="products of the GGN and MC Fisher before the timed rounds")
     a = ap.parse_args()
     print(machine(), flush=True)
-    print(f"results in {save('ggn', bench(a.repeat, a.models.split(',')))}")
+    print(f"results in {save('ggn', bench(a.repeat, a.models.split(','), a.warmup))}")

@@ -491,6 +491,7 @@ def test_estimators_inside_bf16_autocast_equal_outside():
                 spectral_density(op, num_probes=3, num_steps=10).nodes,
                 logdet(op, method='slq', shift=10., num_probes=3, num_steps=10).estimate,
                 solve(op, b, damping=1., tol=1e-5).x]
+    run()  # mode='auto' times fwd against rev on the first product of each kind: decided here, before the compared runs
     out = run()
     with torch.autocast('cpu', torch.bfloat16):
         inside = run()

@@ -387,10 +387,11 @@ class CurvatureOperator(LinearOperator):
         "What the gradient graph depends on: the modules' modes and the parameters, buffers and batch (compared by value)."
         # not autograd's version counters: `p.data` updates (fastai's optimizers, `p.data = ...`) do not bump them
         if not (isinstance(self.data, list) and len(self.data) == 1) or not self.cache_graph or self._at is not None: return None
-        if any(m.training for m in self.model.modules()): return None  # train mode may be random (Dropout): no caching
-        state, attr_ts = _plain_attributes([*self.model.modules(), self.loss_func])
+        mods = list(self.model.modules())  # one walk of the modules per call
+        if any(m.training for m in mods): return None  # train mode may be random (Dropout): no caching
+        state, attr_ts = _plain_attributes([*mods, self.loss_func])
         ts = [*self.model.parameters(), *self.model.buffers(), *(o for o in self.data[0] if isinstance(o, Tensor)), *attr_ts]
-        return [m.training for m in self.model.modules()] + state, ts
+        return [False] * len(mods) + state, ts  # every module's mode (eval, checked above)
     _graph = None  # a kept graph: (key snapshot, what the matrix keeps of it)
     def _kept_graph_inputs(self, fixed, theta, key):
         """`(fixed, theta)` to build this call's graph from: when `key` differs from the kept graph's (which is then dropped),
