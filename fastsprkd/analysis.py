@@ -206,7 +206,7 @@ def _influence_rows(model, loss_func, data, names, S, *, n_inp=None, chunk_size=
                     for t0 in range(0, T, tc):
                         d = vmap(along)(tuple(t[t0:t0 + tc] for t in tangents))  # (tc, bc) directional derivatives
                         out[lo:lo + bc, t0:t0 + tc] = -d.T
-            except (RuntimeError, NotImplementedError) as e:
+            except Exception as e:  # the per-sample gradients below raise the error again if it is not forward mode's
                 if isinstance(e, torch.OutOfMemoryError): raise
                 stats.path, stats.why = 'per-sample gradients', f"forward mode failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         if stats.path != 'jvp':
