@@ -15,7 +15,7 @@ LAYERS = [
     {'fastsprkd.estimators'},
     {'fastsprkd.stability', 'fastsprkd.analysis'},
     {'fastsprkd.callback.core'},
-    {'fastsprkd.callback.observe', 'fastsprkd.callback.sprkd'},
+    {'fastsprkd.callback.observe', 'fastsprkd.callback.sprkd', 'fastsprkd.interpret'},
     {'fastsprkd.experiment.story', 'fastsprkd.experiment.outdir'},
     {'fastsprkd.experiment.stats', 'fastsprkd.experiment.report'},
     {'fastsprkd.experiment'},
