@@ -57,7 +57,7 @@ class _Block:
         d_in = (math.prod(W[1:]) if W is not None else 0) + (self.b is not None)
         return d_out, d_in
 
-# %% ../nbs/06_kfac.ipynb #20048a23
+# %% ../nbs/06_kfac.ipynb #d6842254
 def _conv_padding(m):
     "The convolution's padding as two ints (a string padding turned into ints; unequal 'same' padding refused)."
     if isinstance(m.padding, str):
@@ -71,12 +71,21 @@ def _conv_padding(m):
         return tuple(pads)
     return tuple(m.padding)
 
+def _patches(x, m):
+    """The patches a Conv2d `m` sees, (B, O₁·O₂, C_in·k₁·k₂) in the weight's (C_in, k₁, k₂) order: F.unfold's, by one
+    strided copy of the zero-padded input (faster than unfold's im2col on the CPU)."""
+    (p1, p2), (k1, k2), (d1, d2), (s1, s2) = _conv_padding(m), m.kernel_size, m.dilation, m.stride
+    x = nn.functional.pad(x, (p2, p2, p1, p1)).contiguous()
+    B, C, H, W = x.shape
+    O1, O2 = (H - d1 * (k1 - 1) - 1) // s1 + 1, (W - d2 * (k2 - 1) - 1) // s2 + 1
+    sB, sC, sH, sW = x.stride()
+    return x.as_strided((B, O1, O2, C, k1, k2), (sB, s1 * sH, s2 * sW, sC, d1 * sH, d2 * sW)).reshape(B, O1 * O2, C * k1 * k2)
+
 def _layer_inputs(block, x, reduce):
     "The layer input as (B, S, d_in) rows of the block's matrix (conv: unfolded patches; the ones column of a bias)."
     m = block.module
     if block.w is None: x = x.new_zeros(x.shape[0], 1, 0)
-    elif block.kind == 'conv':
-        x = nn.functional.unfold(x, m.kernel_size, dilation=m.dilation, padding=_conv_padding(m), stride=m.stride).transpose(1, 2)
+    elif block.kind == 'conv': x = _patches(x, m)
     else: x = x.reshape(x.shape[0], -1, x.shape[-1])
     if reduce: x = x.mean(1, keepdim=True)
     if block.b is not None: x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
