@@ -113,7 +113,7 @@ class _Inverse(LinearOperator):
     def _matmat(self, V): return self.op._apply(V, lambda e: 1. / (e + self.damping))
     def __repr__(self): return f"inverse of {self.op!r} + {self.damping:g}·I"
 
-# %% ../nbs/06_kfac.ipynb #e6fe9795
+# %% ../nbs/06_kfac.ipynb #c389245f
 class _Recorder:
     "What the forward hooks record during one forward pass: the layers' outputs, their input factors, the layers to clone."
     def __init__(self): self.on, self.outs, self.versions, self.inputs, self.clone, self.fn = False, {}, {}, {}, set(), None
@@ -320,8 +320,10 @@ class KFACOperator(LinearOperator):
         "Factor of one batch's output-gradient covariance: B² for a mean (divided by N at the end), over the MC samples."
         return (B * B if self._loss[1] == 'mean' else 1.) / self.mc_samples
 
-    def _sweep(self, on_inputs, on_grads, on_fallback=None, desc=''):
-        "One pass over the data: per batch the layers' inputs (through `on_inputs`), their output gradients (`on_grads`), per-sample fallback gradients."
+    def _sweep(self, on_inputs, on_grads, on_fallback=None, desc='', on_forward=None):
+        """One pass over the data: per batch the layers' inputs (`on_inputs(j, x)`, its result kept per layer), handed to
+        `on_forward` once the forward pass is final (a rerun replaces them), their output gradients (`on_grads`), and the
+        fallback parameters' per-sample gradients (`on_fallback`)."""
         rec = _Recorder()
         rec.fn = on_inputs
         N = 0
@@ -330,6 +332,7 @@ class KFACOperator(LinearOperator):
             try:
                 for i, (xb, yb, B) in enumerate(self._batches(desc)):
                     pred = self._forward(rec, xb)
+                    if on_forward is not None: on_forward(rec.inputs)
                     vecs = self._output_vectors(pred, yb, i)
                     js = [j for j in range(len(self._blocks)) if j in rec.outs]
                     outs = [rec.outs[j] for j in js]
@@ -376,9 +379,9 @@ class KFACOperator(LinearOperator):
             a = _layer_inputs(self._blocks[j], x, red)
             S = a.shape[1]
             a = a.reshape(-1, a.shape[-1])
-            c = (a.T @ a).div_(S)
-            A[j] = c if A[j] is None else A[j].add_(c)
-            return None
+            return (a.T @ a).div_(S)  # this batch's share of A, added once the forward pass is final
+        def on_forward(cs):
+            for j, c in cs.items(): A[j] = c if A[j] is None else A[j].add_(c)
         def on_grads(j, _, g, w):
             g = _layer_grads(self._blocks[j], g, red)
             g = g.reshape(-1, g.shape[-1])
@@ -388,7 +391,7 @@ class KFACOperator(LinearOperator):
             P = self._fallback_grads(xb, vecs)
             if self.fallback == 'diagonal': fbv.add_((P * P).sum(0), alpha=w)
             else: fbv.add_(P.T @ P, alpha=w)
-        N = self._sweep(on_inputs, on_grads, on_fallback, desc='K-FAC factors')
+        N = self._sweep(on_inputs, on_grads, on_fallback, desc='K-FAC factors', on_forward=on_forward)
         mean = self._loss[1] == 'mean'
         for j, blk in enumerate(self._blocks):
             d_out, d_in = blk.dims(self.shapes)

@@ -230,6 +230,15 @@ def test_model_state_and_inplace_activations():
         a = cls(m1, lf, data, list(m1.parameters())).to_dense()
         _close(cls(m2, lf, data, ps).to_dense(), a, 1e-14)
     assert m2.training and not m2[2].bias.requires_grad and m2[0].weight.requires_grad
+    # an in-place op on a later layer's output (one that requires grad): detected, that layer cloned, the forward rerun once
+    m3 = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 4)).double()
+    m4 = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 5), nn.ReLU(inplace=True), nn.Linear(5, 4)).double()
+    m4.load_state_dict(m3.state_dict())
+    two = _data('mlp', 10, (6, 4))
+    for cls in (KFACOperator, EKFACOperator):
+        _close(cls(m4, lf, two).to_dense(), cls(m3, lf, two).to_dense(), 1e-14)
+    _close(KFACOperator(m4, lf, two).to_dense(), _theirs(curvlinops.KFACLinearOperator, m3, lf, two, fisher_type='type-2'))
+    assert KFACOperator(m4, lf, two, progress=True).num_samples == 10
     assert torch.equal(m2[0].weight.grad, torch.ones_like(m2[0].weight)) and m2[2].weight.grad is None
     assert all(torch.equal(p, before[n]) for n, p in m2.named_parameters())
 
