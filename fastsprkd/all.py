@@ -4,6 +4,7 @@ from .models import *
 from .core import *
 from .eigen import *
 from .saddle import *
+from .kfac import *
 from .estimators import *
 from .stability import *
 from .analysis import *

@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parent.parent/'fastsprkd'
 # `core` (the RNG guard, plain tensors, validation transforms), and `callback.sprkd` stores saddles with `saddle`.
 LAYERS = [
     {'fastsprkd.core', 'fastsprkd.models'},
-    {'fastsprkd.data', 'fastsprkd.eigen', 'fastsprkd.saddle'},
+    {'fastsprkd.data', 'fastsprkd.eigen', 'fastsprkd.saddle', 'fastsprkd.kfac'},
     {'fastsprkd.estimators'},
     {'fastsprkd.stability', 'fastsprkd.analysis'},
     {'fastsprkd.callback.core'},
