@@ -13,6 +13,7 @@ from torch import nn, Tensor
 from torch.func import functional_call, grad, vmap, jvp
 from .core import as_operator, preserved_state, HessianOperator, curvature_operator, functional_loss, select_parameters, prepare_batches, split_batch, fetched_batches, functional_forward, autocast_disabled, differentiable_attention, unwrap_model, select_unwrapped_parameters
 from .eigen import eigsh
+from .kfac import KFACOperator, EKFACOperator
 from .estimators import Estimate, logdet, solve, spectral_density, not_pd_message, dense_eigvalsh
 
 # %% auto #0
@@ -225,12 +226,12 @@ class InfluenceResult:
     scores: Tensor = field(repr=False) # n_train × n_test: I_up,loss[i, j] = −∇L(test_j)ᵀ (C + damping·I)⁻¹ ∇L(train_i)
     damping: float # the damping added to the curvature matrix C
     damping_rule: str # how `damping` was chosen (the rule and the spectrum it used, or 'given')
-    curvature: str # 'hessian', 'ggn', 'ef' or 'fisher'
-    method: str # the solve: 'cg', 'lissa' or 'exact' (dense)
+    curvature: str # 'hessian', 'ggn', 'ef', 'fisher', 'kfac' or 'ekfac'
+    method: str # the solve: 'cg', 'lissa', 'exact' (dense) or 'inverse' (K-FAC/EK-FAC's exact inverse)
     residual: float # the largest relative residual ‖g − (C + damping·I)s‖/‖g‖ over the test points
     residuals: Tensor = field(repr=False) # the relative residual of each test point
     converged: bool = True # every test point's solve reached `tol`
-    iterations: int = 0 # CG iterations or LiSSA steps (0 for 'exact')
+    iterations: int = 0 # CG iterations or LiSSA steps (0 for 'exact'/'inverse')
     num_matvecs: int = 0 # curvature products used by the solve and the damping rule
     rows: str = 'jvp' # how the training rows were computed: 'jvp' (forward mode) or 'per-sample gradients'
     names: list = field(default_factory=list, repr=False) # the parameters, in model order
@@ -246,11 +247,13 @@ class InfluenceResult:
 # %% ../nbs/05_analysis.ipynb #dc0f9ff4
 def _default_damping(op, psd, relative=1e-3, seed=0):
     """`(damping, rule, products)` from the spectrum of `op`: `max(0, −λ_min) + relative·λ_max`, λ_min taken as 0 for a
-    positive semi-definite matrix (GGN, Fisher), by `eigsh` to a tolerance `relative/2` of ‖C‖, so that
+    positive semi-definite matrix (GGN, Fisher, K-FAC), by `eigsh` (K-FAC/EK-FAC: from their eigenvalues) to a tolerance `relative/2` of ‖C‖, so that
     C + damping·I has its smallest eigenvalue ≥ (relative/2)·λ_max and a condition number ≲ 1/relative."""
     n = op.num_params
     before = getattr(op, 'num_matvecs', 0)
-    if n <= 2:
+    if hasattr(op, 'eigenvalues'):  # K-FAC/EK-FAC: every eigenvalue, exactly, from the factors
+        ev = op.eigenvalues(); lo, hi, ok = ev.min().item(), ev.max().item(), True
+    elif n <= 2:
         ev = dense_eigvalsh(op); lo, hi, ok = ev[0].item(), ev[-1].item(), True
     else:
         r = eigsh(op, k=1 if psd else 2, which='LA' if psd else 'BE', tol=relative / 2, seed=seed, warn=False)
@@ -259,16 +262,19 @@ def _default_damping(op, psd, relative=1e-3, seed=0):
     neg = 0. if psd else max(0., -lo)
     scale = hi if hi > 0 else 1.
     damping = neg + relative * scale
+    floor = 2 * n * torch.finfo(op.dtype).eps * scale if hasattr(op, 'eigenvalues') else 0.
+    if damping < floor: damping = floor  # K-FAC's inverse refuses a damping below n·eps·λ_max (its round-off bound of a zero eigenvalue)
     ends = f"λ_max = {hi:.4g}" if psd else f"λ_min = {lo:.4g}, λ_max = {hi:.4g}"
-    rule = (f"damping = {'' if psd else 'max(0, −λ_min) + '}{relative:g}·λ_max = {damping:.4g} ({ends} by eigsh, "
-            f"{used} products{'' if ok else ', not converged'})")
+    how = "of its eigenvalues" if hasattr(op, 'eigenvalues') else f"by eigsh, {used} products{'' if ok else ', not converged'}"
+    rule = f"damping = {'' if psd else 'max(0, −λ_min) + '}{relative:g}·λ_max = {damping:.4g} ({ends} {how})"
     if hi <= 0: rule += "; λ_max ≤ 0 (a zero matrix): λ_max taken as 1"
+    if damping == floor and floor > 0: rule += f"; raised to 2·n·eps·λ_max = {floor:.4g}, the round-off floor of the {op.dtype} inverse"
     if not ok: warnings.warn(f"the spectrum estimate behind the default damping did not converge ({rule}): the damped matrix "
                              f"may not be positive definite; pass damping= explicitly")
     return damping, rule, used
 
 # %% ../nbs/05_analysis.ipynb #e27d159d
-_PSD = ('ggn', 'ef', 'fisher')
+_PSD = ('ggn', 'ef', 'fisher', 'kfac', 'ekfac')
 
 def _residuals(A, B, X):
     "Relative residuals ‖B − A(X)‖/‖B‖ per column."
@@ -281,8 +287,8 @@ def influence(model:nn.Module, # the trained model
               *,
               params=None, # parameter subset (parameters, modules or names); default all that require grad
               damping:float|None=None, # added to the curvature matrix (weight decay plus any extra damping); None: the spectrum rule (see below)
-              method:str|None=None, # 'cg' (default), 'lissa' or 'exact' (dense)
-              curvature:str='hessian', # the matrix C inverted: 'hessian', or the positive semi-definite 'ggn', 'ef', 'fisher'
+              method:str|None=None, # 'cg' (default), 'lissa' or 'exact' (dense); 'inverse' (default) or 'exact' for 'kfac'/'ekfac'
+              curvature:str='hessian', # the matrix C inverted: 'hessian', or the positive semi-definite 'ggn', 'ef', 'fisher', 'kfac', 'ekfac' (their exact inverse)
               tol:float|None=None, # CG/LiSSA relative residual (default 1e-8, or 100·eps of the dtype if larger: 1.2e-5 in float32)
               max_iter:int|None=None, # CG iteration limit
               scale:float|None=None, # LiSSA scale (default from λ_max)
@@ -293,13 +299,20 @@ def influence(model:nn.Module, # the trained model
               chunk_size:int|None=None, # samples per vectorized chunk of the rows (default: from `memory_budget`)
               memory_budget:int=2**28, # bytes one vectorized chunk of the rows may use (estimate)
               output_fn=None, # applied to the model's output before the loss (see `HessianOperator`)
+              operator_kwargs:dict|None=None, # passed to the curvature operator (e.g. K-FAC's fisher_type, kfac_approx, fallback)
               progress:bool=False, # a fastprogress bar over the training batches
              ) -> InfluenceResult:
     """Koh & Liang's I_up,loss[i, j] = −∇L(test_j)ᵀ (C + damping·I)⁻¹ ∇L(train_i), streamed: the test gradients are solved
     first, then each training batch's rows are directional derivatives along the solutions (memory O(n_params × (n_test + batch))).
     `damping=None`: max(0, −λ_min) + relative_damping·λ_max of C (λ_min taken as 0 for a PSD C), by `eigsh`; see `.damping_rule`."""
-    if method is None: method = 'cg'
-    if method not in ('cg', 'lissa', 'exact'):
+    if curvature not in ('hessian', *_PSD):
+        raise ValueError(f"curvature must be one of {', '.join(map(repr, ('hessian', *_PSD)))}, got {curvature!r}")
+    kron = curvature in ('kfac', 'ekfac')
+    if method is None: method = 'inverse' if kron else 'cg'
+    if kron and method not in ('inverse', 'exact'):
+        raise ValueError(f"curvature={curvature!r} applies its own inverse: method must be 'inverse' (the default) or 'exact', got "
+                         f"{method!r}; for CG use curvature='ggn' (and KFACOperator(...).inverse(damping) as solve's preconditioner)")
+    if not kron and method not in ('cg', 'lissa', 'exact'):
         raise ValueError(f"method must be 'cg', 'lissa' or 'exact', got {method!r}")
     if isinstance(train_data, torch.utils.data.DataLoader) and (isinstance(train_data.sampler, torch.utils.data.RandomSampler) or train_data.drop_last):
         raise ValueError("train_data shuffles or drops its last batch: the influence matrix has one row per training item in data "
@@ -308,7 +321,9 @@ def influence(model:nn.Module, # the trained model
     data, data_n_inp = prepare_batches(train_data)  # read once: a one-shot iterator becomes a list
     n_inp = n_inp if n_inp is not None else data_n_inp
     kw = dict(eval_mode=eval_mode, n_inp=n_inp, output_fn=output_fn)
-    op = curvature_operator(curvature, model, loss_func, data, params, **kw)
+    kw.update(operator_kwargs or {})
+    if kron: op = (EKFACOperator if curvature == 'ekfac' else KFACOperator)(model, loss_func, data, params, **kw)
+    else: op = curvature_operator(curvature, model, loss_func, data, params, **kw)
     names = list(getattr(op, 'names', None) or select_unwrapped_parameters(model, params))
     inner = unwrap_model(model)
     dtype = next(p for n, p in inner.named_parameters() if n == names[0]).dtype
@@ -329,6 +344,11 @@ def influence(model:nn.Module, # the trained model
         S = torch.linalg.solve(M, rhs)
         if not torch.isfinite(S).all(): raise FloatingPointError("C + damping·I is singular: increase damping")
         res = _residuals(lambda V: M @ V, rhs, S)
+        used += op.num_matvecs - before
+    elif method == 'inverse':
+        before = op.num_matvecs
+        S = op.inverse(damping).matmat(rhs)
+        res = _residuals(lambda V: op.matmat(V) + damping * V, rhs, S)  # of the K-FAC/EK-FAC system: round-off only
         used += op.num_matvecs - before
     else:
         sol = solve(op, rhs, method=method, damping=damping, tol=tol, max_iter=max_iter, scale=scale, depth=depth)

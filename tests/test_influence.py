@@ -5,6 +5,7 @@ from torch import nn
 import fastcore.test as fct
 from fastsprkd.analysis import influence, per_sample_gradients, InfluenceResult
 from fastsprkd.core import GGNOperator, HessianOperator, differentiable_attention
+from fastsprkd.kfac import KFACOperator, EKFACOperator
 from fastsprkd.data import digits_tensors
 
 D = torch.float64
@@ -177,6 +178,25 @@ def test_fastai_tabular_learner():
     learn.model.float()
     f32 = influence(learn.model, learn.loss_func, dls.train, dls.valid, curvature='ggn', damping=0.1, method='exact')
     fct.test_close(f32.scores.double(), got.scores, eps=1e-4 * got.scores.abs().max().item())
+
+
+def test_kfac_and_ekfac_inverses():
+    "curvature='kfac'/'ekfac' apply the operators' exact inverse: the same scores as a dense solve with their matrices."
+    ce = nn.CrossEntropyLoss()
+    model = cnn()
+    tr, te = digits(60)
+    for curvature, Op in (('kfac', KFACOperator), ('ekfac', EKFACOperator)):
+        got = influence(model, ce, tr, te, curvature=curvature, damping=0.05)
+        assert got.method == 'inverse' and got.rows == 'jvp' and got.residual < 1e-10 and got.curvature == curvature
+        K = Op(model, ce, tr).to_dense()
+        close(got.scores, dense_reference(model, ce, tr, te, 0.05, C=K))
+        close(influence(model, ce, tr, te, curvature=curvature, damping=0.05, method='exact').scores, got.scores)
+        d = influence(model, ce, tr, te, curvature=curvature)  # the rule from the factors' eigenvalues, exactly
+        fct.test_close(d.damping, 1e-3 * torch.linalg.eigvalsh(K)[-1].item(), eps=1e-9)
+        assert 'of its eigenvalues' in d.damping_rule
+    fct.test_fail(lambda: influence(model, ce, tr, te, curvature='ekfac', method='cg'), contains="method must be 'inverse'")
+    ek = influence(model, ce, tr, te, curvature='ekfac', damping=0.05, operator_kwargs=dict(fallback='exact'))
+    close(ek.scores, dense_reference(model, ce, tr, te, 0.05, C=EKFACOperator(model, ce, tr, fallback='exact').to_dense()))
 
 
 def test_default_damping_rule():
