@@ -3,6 +3,7 @@ import json, math, os, subprocess, sys, textwrap, warnings
 import pytest, torch
 from torch import nn
 import fastcore.test as fct
+from conftest import DEVICES
 from fastsprkd.analysis import influence, per_sample_gradients, InfluenceResult
 from fastsprkd.core import GGNOperator, HessianOperator, differentiable_attention
 from fastsprkd.kfac import KFACOperator, EKFACOperator
@@ -242,6 +243,21 @@ def test_influence_bad_input():
                   contains='drop_last=False')
     fct.test_fail(lambda: influence(model, ce, tr, te, curvature='kfoo', damping=.1), contains='curvature must be one of')
     fct.test_fail(lambda: influence(model, ce, tr, (te[0][:0], te[1][:0]), damping=.1), contains='empty')
+
+
+@pytest.mark.parametrize('device', DEVICES)
+def test_on_each_device(device):
+    "The streaming rows, the solve and the damping rule on the model's device: the CPU's float64 scores."
+    ce = nn.CrossEntropyLoss()
+    model = cnn()
+    tr, te = digits(50)
+    ref = influence(model, ce, tr, te, curvature='ggn', tol=1e-10)
+    m = cnn().to(device)
+    on = lambda b: tuple(t.to(device) for t in b)
+    got = influence(m, ce, on(tr), on(te), curvature='ggn', tol=1e-10)
+    assert got.scores.device.type == device and got.rows == 'jvp'
+    fct.test_close(got.damping, ref.damping, eps=1e-6 * ref.damping)
+    close(got.scores.cpu(), ref.scores, 1e-7)
 
 
 # ---------------------------------------------------------------- memory

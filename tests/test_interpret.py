@@ -96,6 +96,20 @@ def test_tabular_learner_shows_rows_as_text():
     plt.close(fig)
 
 
+def test_non_image_items_are_shown_as_text():
+    "Flat feature vectors (no image shape) are drawn as the text of their values."
+    from fastsprkd.data import tensor_dls, digits_tensors
+    x, y = digits_tensors()
+    dls = tensor_dls(x.flatten(1), y, torch.arange(64), torch.arange(64, 80), bs=32, device='cpu')
+    torch.manual_seed(0)
+    learn = Learner(dls, nn.Sequential(nn.Linear(64, 10)), loss_func=nn.CrossEntropyLoss())
+    with learn.no_bar(): infl = learn.influence([dls.valid_ds[0]], k=1, damping=0.1)
+    fig = infl.show_influence()
+    assert len(fig.axes) == 3 and not fig.axes[0].images and fig.axes[0].texts
+    assert fig.axes[1].texts[0].get_text().startswith(', '.join(f"{v:.3g}" for v in dls.train_ds[infl.helpful[0, 0]][0][:2].tolist()))
+    plt.close(fig)
+
+
 def test_learner_influence_bad_input():
     dls, learn = small_learner(64)
     xb, yb = dls.valid.one_batch()
