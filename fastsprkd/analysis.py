@@ -301,6 +301,7 @@ def influence(model:nn.Module, # the trained model
               output_fn=None, # applied to the model's output before the loss (see `HessianOperator`)
               operator_kwargs:dict|None=None, # passed to the curvature operator (e.g. K-FAC's fisher_type, kfac_approx, fallback)
               progress:bool=False, # a fastprogress bar over the training batches
+              rows:str='jvp', # the rows by 'jvp' (forward mode, faster for few test points) or 'per-sample gradients' (faster for many)
              ) -> InfluenceResult:
     """Koh & Liang's I_up,loss[i, j] = −∇L(test_j)ᵀ (C + damping·I)⁻¹ ∇L(train_i), streamed: the test gradients are solved
     first, then each training batch's rows are directional derivatives along the solutions (memory O(n_params × (n_test + batch))).
@@ -317,6 +318,7 @@ def influence(model:nn.Module, # the trained model
     if isinstance(train_data, torch.utils.data.DataLoader) and (isinstance(train_data.sampler, torch.utils.data.RandomSampler) or train_data.drop_last):
         raise ValueError("train_data shuffles or drops its last batch: the influence matrix has one row per training item in data "
                          "order, which such a DataLoader does not keep; pass a DataLoader with shuffle=False, drop_last=False")
+    if rows not in ('jvp', 'per-sample gradients'): raise ValueError(f"rows must be 'jvp' or 'per-sample gradients', got {rows!r}")
     if damping is not None and not damping >= 0: raise ValueError(f"damping must be ≥ 0 (or None for the spectrum rule), got {damping}")
     data, data_n_inp = prepare_batches(train_data)  # read once: a one-shot iterator becomes a list
     n_inp = n_inp if n_inp is not None else data_n_inp
@@ -359,7 +361,7 @@ def influence(model:nn.Module, # the trained model
                           f"after {its} iterations{', negative curvature met' if sol.negative_curvature else ''}): the scores are "
                           f"approximate (InfluenceResult.converged is False); raise max_iter or damping")
     res = res.detach().to('cpu', torch.float64)
-    stats = _RowStats()
+    stats = _RowStats() if rows == 'jvp' else _RowStats(rows, 'asked for')
     with preserved_state(inner), autocast_disabled(inner), differentiable_attention():
         if eval_mode: inner.eval()
         # the operator's own batches: a one-shot iterator is consumed once, a fastai loader read unshuffled

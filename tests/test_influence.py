@@ -82,6 +82,9 @@ def test_rows_in_order_over_unequal_batches_and_any_chunking():
     # one sample and one test point per vectorized chunk (a budget below one sample's activations), or 7 samples
     close(influence(model, ce, dl, te, damping=0.3, method='exact', memory_budget=1).scores, ref)
     close(influence(model, ce, dl, te, damping=0.3, method='exact', chunk_size=7).scores, ref)
+    ps = influence(model, ce, dl, te, damping=0.3, method='exact', rows='per-sample gradients', chunk_size=5)
+    assert ps.rows == 'per-sample gradients'
+    close(ps.scores, ref)
 
 
 def test_parameter_subset():
@@ -239,6 +242,7 @@ def test_influence_bad_input():
     from torch.utils.data import DataLoader, TensorDataset
     fct.test_fail(lambda: influence(model, ce, tr, te, method='inverse'), contains="'cg', 'lissa' or 'exact'")
     fct.test_fail(lambda: influence(model, ce, tr, te, damping=-1.), contains='damping must be ≥ 0')
+    fct.test_fail(lambda: influence(model, ce, tr, te, damping=1., rows='grad'), contains="rows must be 'jvp' or")
     fct.test_fail(lambda: influence(model, ce, DataLoader(TensorDataset(*tr), batch_size=16, drop_last=True), te, damping=.1),
                   contains='drop_last=False')
     fct.test_fail(lambda: influence(model, ce, tr, te, curvature='kfoo', damping=.1), contains='curvature must be one of')
