@@ -69,6 +69,28 @@ def test_test_items_as_items_batch_or_loader_agree():
     plt.close(fig)
 
 
+def test_raw_items_of_a_fastai_datasets_are_labelled_by_test_dl():
+    "Raw items (here indices that the Datasets' transforms turn into an image and a category) go through dls.test_dl."
+    from fastai.data.core import Datasets
+    from fastai.data.transforms import Categorize
+    from fastai.torch_core import TensorImage
+    from fastsprkd.data import digits_tensors
+    x, y = digits_tensors()
+    dsets = Datasets(list(range(100)), [[lambda i: TensorImage(x[i])], [lambda i: int(y[i]), Categorize()]],
+                     splits=[list(range(80)), list(range(80, 100))])
+    dls = dsets.dataloaders(bs=32, device='cpu', num_workers=0)
+    torch.manual_seed(0)
+    learn = Learner(dls, DigitsCNN(4), loss_func=nn.CrossEntropyLoss())
+    with learn.no_bar():
+        raw = learn.influence([81, 85], k=2, damping=0.1)
+        ds_items = learn.influence([dls.valid_ds[1], dls.valid_ds[5]], k=2, damping=0.1)
+    fct.test_close(raw.scores, ds_items.scores, eps=1e-5 * ds_items.scores.abs().max().item())
+    fig = raw.show_influence()
+    assert len(fig.axes) == 2 * 5 and len(fig.axes[1].images) == 1
+    assert fig.axes[0].get_title() == f"test 0: {int(y[81])}"  # the decoded category
+    plt.close(fig)
+
+
 def test_progress_bar_follows_the_learner(capsys):
     dls, learn = small_learner(64)
     test = [dls.valid_ds[0]]
