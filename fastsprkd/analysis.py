@@ -7,6 +7,7 @@ Docs: https://fastsprkd.github.io/fastsprkd/analysis.html.md"""
 # %% ../nbs/05_analysis.ipynb #beac2a71
 from __future__ import annotations
 import math, numbers, warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
@@ -89,6 +90,22 @@ def basin_volume(op_or_logdet, # operator/square tensor H, or a given log det(H 
     return BasinVolume(lvn + thr - half, lvn, thr, half, _n, threshold, shift, est.stderr / 2, est.num_matvecs, stirling)
 
 # %% ../nbs/05_analysis.ipynb #1c360d4c
+@contextmanager
+def _torch_func_unwound():
+    """On an exception, pop the torch.func transform layers left above the entry's (none) and restore the grad modes: a
+    KeyboardInterrupt that lands in torch.func's own cleanup (the `finally` of a vmap/grad/jvp nesting) would otherwise
+    leave every later transform of the session inside a dead vmap, and break the restoration of the model."""
+    from torch._C import _functorch as F
+    top0, grad0, fwd0 = F.peek_interpreter_stack(), torch.is_grad_enabled(), torch._C._is_fwd_grad_enabled()
+    try: yield
+    except BaseException:
+        if top0 is None:
+            pop = {F.TransformType.Vmap: F._vmap_decrement_nesting, F.TransformType.Grad: F._grad_decrement_nesting,
+                   F.TransformType.Jvp: F._jvp_decrement_nesting, F.TransformType.Functionalize: F._func_decrement_nesting}
+            while (top := F.peek_interpreter_stack()) is not None: pop[top.key()]()
+        torch.set_grad_enabled(grad0); torch._C._set_fwd_grad_enabled(fwd0)
+        raise
+
 def _sample_batches(data, n_inp, device):
     "`(items, dims, B, nx)` of every non-empty batch of `data` in data order: the batch's tensors, which have a batch dimension, its size, the number of inputs."
     batches, data_n_inp = prepare_batches(data)
@@ -138,7 +155,7 @@ def per_sample_gradients(model:nn.Module, # the model
     names = select_parameters(model, params)
     with preserved_state(model):
         if eval_mode: model.eval()
-        rows = list(_per_sample_grad_batches(model, loss_func, data, names, n_inp, chunk_size, output_fn))
+        with _torch_func_unwound(): rows = list(_per_sample_grad_batches(model, loss_func, data, names, n_inp, chunk_size, output_fn))
     if not rows: raise ValueError("data is empty: no sample to take gradients of")
     return torch.cat(rows)
 
@@ -336,7 +353,8 @@ def influence(model:nn.Module, # the trained model
     rhs = G_test.T.contiguous()
     del G_test
     used = 0
-    if damping is None: damping, rule, used = _default_damping(op, curvature in _PSD, relative_damping)
+    if damping is None:
+        with _torch_func_unwound(): damping, rule, used = _default_damping(op, curvature in _PSD, relative_damping)
     else: rule = 'given'
     damping = float(damping)
     its, conv = 0, True
@@ -353,7 +371,7 @@ def influence(model:nn.Module, # the trained model
         res = _residuals(lambda V: op.matmat(V) + damping * V, rhs, S)  # of the K-FAC/EK-FAC system: round-off only
         used += op.num_matvecs - before
     else:
-        sol = solve(op, rhs, method=method, damping=damping, tol=tol, max_iter=max_iter, scale=scale, depth=depth)
+        with _torch_func_unwound(): sol = solve(op, rhs, method=method, damping=damping, tol=tol, max_iter=max_iter, scale=scale, depth=depth)
         S, its, conv, used = sol.x, sol.iterations, sol.converged, used + sol.num_matvecs
         res = torch.as_tensor(sol.residual, dtype=torch.float64).reshape(-1)
         if not conv:
@@ -365,8 +383,8 @@ def influence(model:nn.Module, # the trained model
     with preserved_state(inner), autocast_disabled(inner), differentiable_attention():
         if eval_mode: inner.eval()
         # the operator's own batches: a one-shot iterator is consumed once, a fastai loader read unshuffled
-        blocks = list(_influence_rows(inner, loss_func, data, names, S, n_inp=n_inp, chunk_size=chunk_size, output_fn=output_fn,
-                                      memory_budget=memory_budget, stats=stats, progress=progress))
+        with _torch_func_unwound(): blocks = list(_influence_rows(inner, loss_func, data, names, S, n_inp=n_inp, chunk_size=chunk_size, output_fn=output_fn,
+                                                                 memory_budget=memory_budget, stats=stats, progress=progress))
     if not blocks: raise ValueError("train_data is empty: no training sample to score")
     return InfluenceResult(torch.cat(blocks), damping, rule, curvature, method, res.max().item(), res, bool(conv), its, used,
                            stats.path, names)

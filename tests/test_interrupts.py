@@ -122,4 +122,5 @@ def test_keyboard_interrupt_at_random_points_leaves_the_model_unchanged(name):
             if 'KeyboardInterrupt: injected' not in str(e): raise
             fired += 1
         _assert_unchanged(model, before, allowed)
+        assert torch._C._functorch.peek_interpreter_stack() is None, "a torch.func transform layer was left behind"
     assert fired >= len(points) // 2, (fired, points, n)
