@@ -168,7 +168,9 @@ def _jvp_offenders(model, names) -> list:
     ids, out = {id(named[n]) for n in names}, []
     for name, m in model.named_modules():
         if not isinstance(m, (nn.Embedding, nn.EmbeddingBag)) or id(m.weight) not in ids: continue
-        if m.padding_idx is not None or m.max_norm is not None or m.scale_grad_by_freq: out.append(name or type(m).__name__)
+        why = [f"{a}={getattr(m, a)}" for a in ('padding_idx', 'max_norm') if getattr(m, a, None) is not None]
+        if m.scale_grad_by_freq: why.append('scale_grad_by_freq=True')
+        if why: out.append(f"module {name!r} ({type(m).__name__} with {', '.join(why)})")
     return out
 
 def _bytes_per_sample(model, tensors, items, nx, B):
@@ -252,6 +254,7 @@ class InfluenceResult:
     num_matvecs: int = 0 # curvature products used by the solve and the damping rule
     rows: str = 'jvp' # how the training rows were computed: 'jvp' (forward mode) or 'per-sample gradients'
     names: list = field(default_factory=list, repr=False) # the parameters, in model order
+    rows_why: str = field(default='', repr=False) # why the rows are not by 'jvp' (empty when they are)
     @property
     def shape(self): return self.scores.shape
     def __len__(self): return self.scores.shape[0]
@@ -387,7 +390,7 @@ def influence(model:nn.Module, # the trained model
                                                                  memory_budget=memory_budget, stats=stats, progress=progress))
     if not blocks: raise ValueError("train_data is empty: no training sample to score")
     return InfluenceResult(torch.cat(blocks), damping, rule, curvature, method, res.max().item(), res, bool(conv), its, used,
-                           stats.path, names)
+                           stats.path, names, stats.why)
 
 # %% ../nbs/05_analysis.ipynb #725b01bb
 def plot_influence(predicted, # predicted change of the test loss per removed training point (e.g. −influence/n_train)

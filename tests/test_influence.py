@@ -122,6 +122,7 @@ def test_per_sample_gradient_fallback_where_forward_mode_is_unavailable():
     ref = influence(plain, ce, tr, te, damping=0.4, method='exact', curvature='ggn')
     got = influence(custom, ce, tr, te, damping=0.4, method='exact', curvature='ggn')
     assert ref.rows == 'jvp' and got.rows == 'per-sample gradients'
+    assert ref.rows_why == '' and got.rows_why.startswith('forward mode failed')
     close(got.scores, ref.scores)
 
 
@@ -146,6 +147,7 @@ def test_transformer_and_padding_embedding():
         m = Tiny(pad).double()
         got = influence(m, ce, tr, te, damping=1., method='exact')
         assert got.rows == rows
+        assert (pad is None) == (got.rows_why == '') and (pad is None or "'emb'" in got.rows_why)
         G, Gt = per_sample_gradients(m, ce, tr), per_sample_gradients(m, ce, te)
         H = HessianOperator(m, ce, tr).to_dense()  # torch.func's jacrev(jacrev) is off by 1e-2 on attention here; this matches finite differences
         if pad is None:  # the rows against a loop of torch.func.grad
