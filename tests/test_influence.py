@@ -268,7 +268,7 @@ def test_on_each_device(device):
 
 # ---------------------------------------------------------------- memory
 _SETUP = """
-import resource, warnings, torch
+import warnings, torch
 from torch import nn
 torch.manual_seed(0)
 from fastsprkd.analysis import influence, per_sample_gradients
@@ -294,17 +294,19 @@ _JOBS = {
 def _peak_rss(jobs):
     "Peak RSS in bytes of a fresh process per job (run side by side: each process's own peak)."
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
-    procs = [subprocess.Popen([sys.executable, '-c', _SETUP + _JOBS[j] + "\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
+    # VmHWM: the peak RSS of this address space (ru_maxrss would keep the forking parent's peak across exec on Linux)
+    peak = "\nprint(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))"
+    procs = [subprocess.Popen([sys.executable, '-c', _SETUP + _JOBS[j] + peak],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for j in jobs]
     out = []
     for p in procs:
         so, se = p.communicate(timeout=300)
         assert p.returncode == 0, se[-2000:]
-        out.append(int(so.split()[-1]) * 1024)  # Linux: kilobytes
+        out.append(int(so.split()[-1]) * 1024)  # kB
     return out
 
 
-@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='ru_maxrss is in kilobytes on Linux only')
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='the peak RSS is read from /proc/self/status (Linux)')
 def test_streaming_memory_stays_within_one_batch_of_per_sample_gradients():
     """All 1,797 digits, a 532k-parameter CNN, batches of 256: influence's peak RSS is within 2× that of computing one batch's
     per-sample gradients (256 × 532k floats, 545 MB), and what it adds over the same process without it is under half of
