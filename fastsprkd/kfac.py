@@ -113,7 +113,7 @@ class _Inverse(LinearOperator):
     def _matmat(self, V): return self.op._apply(V, lambda e: 1. / (e + self.damping))
     def __repr__(self): return f"inverse of {self.op!r} + {self.damping:g}·I"
 
-# %% ../nbs/06_kfac.ipynb #c389245f
+# %% ../nbs/06_kfac.ipynb #1a92f22a
 class _Recorder:
     "What the forward hooks record during one forward pass: the layers' outputs, their input factors, the layers to clone."
     def __init__(self): self.on, self.outs, self.versions, self.inputs, self.clone, self.fn = False, {}, {}, {}, set(), None
@@ -233,7 +233,9 @@ class KFACOperator(LinearOperator):
 
     def _batches(self, desc):
         it = fetched_batches(self.data)
-        if self.progress: it = progress_bar(it, total=len(self.data) if hasattr(self.data, '__len__') else None, leave=False, comment=desc)
+        if self.progress:
+            it = progress_bar(it, total=len(self.data) if hasattr(self.data, '__len__') else None, leave=False)
+            it.comment = desc
         for b in it:
             xb, yb = split_batch(b, self.n_inp, self.device)
             t = next((o for o in xb if isinstance(o, Tensor) and o.dim() > 0), None)
