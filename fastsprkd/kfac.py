@@ -18,7 +18,7 @@ from .core import (LinearOperator, preserved_state, autocast_disabled, plain_ten
 # %% auto #0
 __all__ = ['KFACOperator', 'EKFACOperator']
 
-# %% ../nbs/06_kfac.ipynb #e1b8aec7
+# %% ../nbs/06_kfac.ipynb #e8a37794
 _FISHER_TYPES = ('type-2', 'mc', 'empirical')
 _APPROX = ('expand', 'reduce')
 _FALLBACKS = ('diagonal', 'exact', 'error')
@@ -56,6 +56,11 @@ class _Block:
         d_out = (W[0] if W is not None else shapes[self.b][0])
         d_in = (math.prod(W[1:]) if W is not None else 0) + (self.b is not None)
         return d_out, d_in
+def _eigh(M):
+    """Eigenvalues and eigenvectors of the symmetric factor `M`, computed in float64 (float32's eigh fails to converge on
+    the rank-deficient factors of wide layers, e.g. a ResNet's 4608-wide inputs from 512 samples) and returned in M's dtype."""
+    e, Q = torch.linalg.eigh(M.double())
+    return e.to(M.dtype), Q.to(M.dtype)
 
 # %% ../nbs/06_kfac.ipynb #d6842254
 def _conv_padding(m):
@@ -113,7 +118,7 @@ class _Inverse(LinearOperator):
     def _matmat(self, V): return self.op._apply(V, lambda e: 1. / (e + self.damping))
     def __repr__(self): return f"inverse of {self.op!r} + {self.damping:g}·I"
 
-# %% ../nbs/06_kfac.ipynb #1a92f22a
+# %% ../nbs/06_kfac.ipynb #f3787aef
 class _Recorder:
     "What the forward hooks record during one forward pass: the layers' outputs, their input factors, the layers to clone."
     def __init__(self): self.on, self.outs, self.versions, self.inputs, self.clone, self.fn = False, {}, {}, {}, set(), None
@@ -430,7 +435,7 @@ class KFACOperator(LinearOperator):
             e, Q = self._fb_eig()
             out[rows] = Q @ (fn(e)[:, None] * (Q.T @ V[rows]))
     def _fb_eig(self):
-        if getattr(self, '_fbe', None) is None: self._fbe = torch.linalg.eigh(self._fb_mat)
+        if getattr(self, '_fbe', None) is None: self._fbe = _eigh(self._fb_mat)
         return self._fbe
 
     def _eig(self):
@@ -438,8 +443,8 @@ class KFACOperator(LinearOperator):
         if self._eigs is None:
             self._eigs = []
             for A, G in zip(self._A, self._G):
-                ea, Qa = torch.linalg.eigh(A)
-                eg, Qg = torch.linalg.eigh(G)
+                ea, Qa = _eigh(A)
+                eg, Qg = _eigh(G)
                 self._eigs.append((Qg, Qa, torch.outer(eg, ea)))
         return self._eigs
     def _fb_eigenvalues(self):
@@ -572,7 +577,7 @@ class KFACOperator(LinearOperator):
         self._A, self._G = [t[f'A.{j}'] for j in range(nb)], [t[f'G.{j}'] for j in range(nb)]
         self._fb_mat = t['fallback'] if self._fb else None
 
-# %% ../nbs/06_kfac.ipynb #2fcf3864
+# %% ../nbs/06_kfac.ipynb #1e115f5f
 class EKFACOperator(KFACOperator):
     """Eigenvalue-corrected K-FAC (George et al. 2018): K-FAC's eigenbasis `Q_G ⊗ Q_A` per layer, with the eigenvalues
     replaced by the second moments of the per-sample gradients in that basis, `Σᵢ (Q_Gᵀ ∇_W ℓᵢ Q_A)²` (scaled as K-FAC's G;
@@ -583,7 +588,7 @@ class EKFACOperator(KFACOperator):
     memory_budget = 2**28  # bytes of one chunk of rotated per-sample gradients in the correction pass
     def _fit(self):
         super()._fit()
-        eigs = [(torch.linalg.eigh(G)[1], torch.linalg.eigh(A)[1]) for A, G in zip(self._A, self._G)]
+        eigs = [(_eigh(G)[1], _eigh(A)[1]) for A, G in zip(self._A, self._G)]
         E = [torch.zeros(*blk.dims(self.shapes), dtype=self.dtype, device=self.device) for blk in self._blocks]
         item = torch.finfo(self.dtype).bits // 8
         def on_inputs(j, x): return _layer_inputs(self._blocks[j], x, False) @ eigs[j][1]  # rotated inputs, B × S × d_in
