@@ -303,3 +303,21 @@ def test_kfac_preconditioned_cg():
         assert pre.converged and pre.iterations < plain.iterations / 2, (pre.iterations, plain.iterations)
         assert (pre.x - ref).norm() / ref.norm() < 1e-6
         assert pre.num_matvecs == pre.iterations + 1 and P.num_matvecs == pre.iterations + 1  # the final true residual is one more product
+
+
+def test_eigh_falls_back_to_scipy(monkeypatch):
+    "torch's eigh failing to converge (LAPACK syevd on a rank-deficient factor) is retried with scipy's drivers: same operator."
+    model, data, lf = _mlp(), _data('mlp', 12, (12,)), nn.CrossEntropyLoss()
+    ref = EKFACOperator(model, lf, data)
+    real = torch.linalg.eigh
+    calls = []
+    def failing(M, *a, **k):
+        calls.append(M.shape)
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge (simulated)")
+    monkeypatch.setattr(torch.linalg, 'eigh', failing)
+    ek = EKFACOperator(model, lf, data)
+    monkeypatch.setattr(torch.linalg, 'eigh', real)
+    assert calls
+    _close(ek.to_dense(), ref.to_dense(), 1e-12)
+    n, d = ek.num_params, 1e-3
+    assert (ek.inverse(d).matmat(ek.to_dense() + d * torch.eye(n, dtype=D)) - torch.eye(n, dtype=D)).abs().max() <= 1e-8
