@@ -7,17 +7,19 @@ Docs: https://fastsprkd.github.io/fastsprkd/analysis.html.md"""
 # %% ../nbs/05_analysis.ipynb #beac2a71
 from __future__ import annotations
 import math, numbers, warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
-from torch.func import functional_call, grad, vmap
-from .core import as_operator, preserved_state, HessianOperator, curvature_operator, functional_loss, select_parameters, prepare_batches, split_batch, fetched_batches
+from torch.func import functional_call, grad, vmap, jvp
+from .core import as_operator, preserved_state, HessianOperator, curvature_operator, functional_loss, select_parameters, prepare_batches, split_batch, fetched_batches, functional_forward, autocast_disabled, differentiable_attention, unwrap_model, select_unwrapped_parameters
 from .eigen import eigsh
+from .kfac import KFACOperator, EKFACOperator
 from .estimators import Estimate, logdet, solve, spectral_density, not_pd_message, dense_eigvalsh
 
 # %% auto #0
-__all__ = ['BasinVolume', 'log_unit_ball_volume', 'basin_volume', 'per_sample_gradients', 'influence', 'plot_influence',
-           'LossLandscape', 'loss_landscape', 'gradient_correlation', 'directional_sharpness']
+__all__ = ['BasinVolume', 'log_unit_ball_volume', 'basin_volume', 'per_sample_gradients', 'InfluenceResult', 'influence',
+           'plot_influence', 'LossLandscape', 'loss_landscape', 'gradient_correlation', 'directional_sharpness']
 
 # %% ../nbs/05_analysis.ipynb #1cd4ae29
 @dataclass
@@ -88,14 +90,24 @@ def basin_volume(op_or_logdet, # operator/square tensor H, or a given log det(H 
     return BasinVolume(lvn + thr - half, lvn, thr, half, _n, threshold, shift, est.stderr / 2, est.num_matvecs, stirling)
 
 # %% ../nbs/05_analysis.ipynb #1c360d4c
-def _per_sample_grad_batches(model, loss_func, data, names, n_inp=None, chunk_size=None, output_fn=None):
-    "Yields, batch by batch in data order, the per-sample gradients (B × n) w.r.t. the parameters `names`."
-    named = dict(model.named_parameters())
-    theta = tuple(named[k].detach() for k in names)
-    device = theta[0].device
-    fixed = {k: p.detach() for k, p in named.items() if k not in set(names)}
-    fixed.update(dict(model.named_buffers()))
-    L = functional_loss(model, loss_func, names, fixed, output_fn)  # the operators' loss, one sample at a time
+@contextmanager
+def _torch_func_unwound():
+    """On an exception, pop the torch.func transform layers left above the entry's (none) and restore the grad modes: a
+    KeyboardInterrupt that lands in torch.func's own cleanup (the `finally` of a vmap/grad/jvp nesting) would otherwise
+    leave every later transform of the session inside a dead vmap, and break the restoration of the model."""
+    from torch._C import _functorch as F
+    top0, grad0, fwd0 = F.peek_interpreter_stack(), torch.is_grad_enabled(), torch._C._is_fwd_grad_enabled()
+    try: yield
+    except BaseException:
+        if top0 is None:
+            pop = {F.TransformType.Vmap: F._vmap_decrement_nesting, F.TransformType.Grad: F._grad_decrement_nesting,
+                   F.TransformType.Jvp: F._jvp_decrement_nesting, F.TransformType.Functionalize: F._func_decrement_nesting}
+            while (top := F.peek_interpreter_stack()) is not None: pop[top.key()]()
+        torch.set_grad_enabled(grad0); torch._C._set_fwd_grad_enabled(fwd0)
+        raise
+
+def _sample_batches(data, n_inp, device):
+    "`(items, dims, B, nx)` of every non-empty batch of `data` in data order: the batch's tensors, which have a batch dimension, its size, the number of inputs."
     batches, data_n_inp = prepare_batches(data)
     n_inp = n_inp if n_inp is not None else data_n_inp
     for b in fetched_batches(batches):  # as the operator reads them: a fastai loader with its validation transforms
@@ -104,12 +116,29 @@ def _per_sample_grad_batches(model, loss_func, data, names, n_inp=None, chunk_si
         dims = tuple(0 if isinstance(o, Tensor) and o.dim() > 0 else None for o in items)
         if not any(d == 0 for d in dims): raise ValueError("no item of the batch is a tensor with a batch dimension")
         B = next(o.shape[0] for o, d in zip(items, dims) if d == 0)
-        if B == 0: continue
-        nx = len(xb)
-        def loss_one(th, *sample):
+        if B: yield items, dims, B, len(xb)
+
+def _rows_of(items, dims, lo, hi): return tuple(o[lo:hi] if d == 0 else o for o, d in zip(items, dims))
+
+def _sample_loss(model, loss_func, names, output_fn):
+    "`(theta, loss_one, ...)`: the selected parameters' values and `loss_one(theta, dims, nx, *sample)`, one sample's loss (the operators' loss on a batch of one)."
+    named = dict(model.named_parameters())
+    theta = tuple(named[k].detach() for k in names)
+    fixed = {k: p.detach() for k, p in named.items() if k not in set(names)}
+    fixed.update(dict(model.named_buffers()))
+    L = functional_loss(model, loss_func, names, fixed, output_fn)  # the operators' loss, one sample at a time
+    def loss_one(dims, nx):
+        def f(th, *sample):
             s = [o.unsqueeze(0) if d == 0 else o for o, d in zip(sample, dims)]
             return L(th, tuple(s[:nx]), tuple(s[nx:]))
-        g = vmap(grad(loss_one), in_dims=(None, *dims), chunk_size=chunk_size)(theta, *items)
+        return f
+    return theta, fixed, loss_one
+
+def _per_sample_grad_batches(model, loss_func, data, names, n_inp=None, chunk_size=None, output_fn=None):
+    "Yields, batch by batch in data order, the per-sample gradients (B × n) w.r.t. the parameters `names`."
+    theta, _, loss_one = _sample_loss(model, loss_func, names, output_fn)
+    for items, dims, B, nx in _sample_batches(data, n_inp, theta[0].device):
+        g = vmap(grad(loss_one(dims, nx)), in_dims=(None, *dims), chunk_size=chunk_size)(theta, *items)
         yield torch.cat([t.reshape(B, -1) for t in g], 1)
 
 def per_sample_gradients(model:nn.Module, # the model
@@ -126,50 +155,242 @@ def per_sample_gradients(model:nn.Module, # the model
     names = select_parameters(model, params)
     with preserved_state(model):
         if eval_mode: model.eval()
-        rows = list(_per_sample_grad_batches(model, loss_func, data, names, n_inp, chunk_size, output_fn))
+        with _torch_func_unwound(): rows = list(_per_sample_grad_batches(model, loss_func, data, names, n_inp, chunk_size, output_fn))
     if not rows: raise ValueError("data is empty: no sample to take gradients of")
     return torch.cat(rows)
 
+# %% ../nbs/05_analysis.ipynb #e24a06ce
+def _jvp_offenders(model, names) -> list:
+    """Modules whose weight is selected and whose gradient is not the directional derivative a forward-mode product
+    gives: `nn.Embedding` with `padding_idx` (its gradient leaves the padding row at zero), `max_norm` (renormalizes
+    in place) or `scale_grad_by_freq` (a rescaled gradient). Their rows come from per-sample gradients."""
+    named = dict(model.named_parameters())
+    ids, out = {id(named[n]) for n in names}, []
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.Embedding, nn.EmbeddingBag)) or id(m.weight) not in ids: continue
+        why = [f"{a}={getattr(m, a)}" for a in ('padding_idx', 'max_norm') if getattr(m, a, None) is not None]
+        if m.scale_grad_by_freq: why.append('scale_grad_by_freq=True')
+        if why: out.append(f"module {name!r} ({type(m).__name__} with {', '.join(why)})")
+    return out
+
+def _bytes_per_sample(model, tensors, items, nx, B):
+    "Bytes per sample of the inputs and of every leaf module's output in one no-grad forward pass (forward hooks)."
+    total = [sum(o.numel() * o.element_size() for o in items[:nx] if isinstance(o, Tensor))]
+    def hook(m, i, o):
+        total[0] += sum(t.numel() * t.element_size() for t in (o if isinstance(o, (tuple, list)) else (o,)) if isinstance(t, Tensor))
+    hs = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad(): functional_forward(model, tensors, items[:nx])
+    finally:
+        for h in hs: h.remove()
+    return total[0] // B + 1
+
+@dataclass
+class _RowStats:
+    "How the rows were computed: 'jvp' (forward-mode directional derivatives) or 'per-sample gradients', and why."
+    path: str = 'jvp'
+    why: str = ''
+
+def _influence_rows(model, loss_func, data, names, S, *, n_inp=None, chunk_size=None, output_fn=None,
+                    memory_budget=2**28, stats=None, progress=False):
+    """Yields, batch by batch in data order, the B × T block −G_batch·S of the per-sample gradients G (never formed on
+    the 'jvp' path) times the solved test gradients S (n × T): row i is the directional derivative of sample i's loss
+    along each column of S, one `torch.func.jvp` per chunk of samples and columns (vmapped over both), chunked to
+    `memory_budget`. Where forward mode is unavailable (an error of the jvp, or an embedding whose gradient it does not
+    give), per-sample gradients in chunks of samples instead. `stats` records the path."""
+    stats = _RowStats() if stats is None else stats
+    theta, fixed, loss_one = _sample_loss(model, loss_func, names, output_fn)
+    T, item = S.shape[1], S.element_size()
+    sizes, shapes = [t.numel() for t in theta], [t.shape for t in theta]
+    tangents = tuple(c.T.reshape(T, *s) for c, s in zip(S.split(sizes), shapes))  # (T, *shape) per parameter
+    off = _jvp_offenders(model, names)
+    if off: stats.path, stats.why = 'per-sample gradients', f"forward mode does not give the gradient of {', '.join(off)}"
+    per_sample = None
+    batches = _sample_batches(data, n_inp, theta[0].device)
+    if progress:
+        from fastprogress.fastprogress import progress_bar
+        n = 1 if _is_one_batch(data) else len(data) if hasattr(data, '__len__') else None
+        if n is not None: batches = progress_bar(batches, total=n, leave=False)
+    for items, dims, B, nx in batches:
+        if per_sample is None: per_sample = _bytes_per_sample(model, {**fixed, **dict(zip(names, theta))}, items, nx, B)
+        f = loss_one(dims, nx)
+        out = torch.empty(B, T, dtype=S.dtype, device=S.device)
+        if stats.path == 'jvp':
+            tc = T if 3 * per_sample * (T + 1) <= memory_budget else max(1, memory_budget // (3 * per_sample) - 1)
+            bc = chunk_size or int(max(1, min(B, memory_budget // (3 * per_sample * (tc + 1)))))
+            try:
+                for lo in range(0, B, bc):
+                    rows = _rows_of(items, dims, lo, lo + bc)
+                    def losses(th): return vmap(f, in_dims=(None, *dims))(th, *rows)
+                    def along(tan): return jvp(losses, (theta,), (tan,))[1]
+                    for t0 in range(0, T, tc):
+                        d = vmap(along)(tuple(t[t0:t0 + tc] for t in tangents))  # (tc, bc) directional derivatives
+                        out[lo:lo + bc, t0:t0 + tc] = -d.T
+            except Exception as e:  # the per-sample gradients below raise the error again if it is not forward mode's
+                if isinstance(e, torch.OutOfMemoryError): raise
+                stats.path, stats.why = 'per-sample gradients', f"forward mode failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        if stats.path != 'jvp':
+            bc = chunk_size or int(max(1, min(B, memory_budget // (3 * S.shape[0] * item + 3 * per_sample))))
+            for lo in range(0, B, bc):
+                g = vmap(grad(f), in_dims=(None, *dims))(theta, *_rows_of(items, dims, lo, lo + bc))
+                out[lo:lo + bc] = -(torch.cat([t.reshape(t.shape[0], -1) for t in g], 1) @ S)
+        yield out
+
+def _is_one_batch(data): return isinstance(data, (tuple, list)) and len(data) > 0 and all(isinstance(o, Tensor) for o in data)
+
+# %% ../nbs/05_analysis.ipynb #5f87e243
+@dataclass
+class InfluenceResult:
+    "Influence scores I_up,loss (n_train × n_test, rows in training-data order) and how they were computed."
+    scores: Tensor = field(repr=False) # n_train × n_test: I_up,loss[i, j] = −∇L(test_j)ᵀ (C + damping·I)⁻¹ ∇L(train_i)
+    damping: float # the damping added to the curvature matrix C
+    damping_rule: str # how `damping` was chosen (the rule and the spectrum it used, or 'given')
+    curvature: str # 'hessian', 'ggn', 'ef', 'fisher', 'kfac' or 'ekfac'
+    method: str # the solve: 'cg', 'lissa', 'exact' (dense) or 'inverse' (K-FAC/EK-FAC's exact inverse)
+    residual: float # the largest relative residual ‖g − (C + damping·I)s‖/‖g‖ over the test points
+    residuals: Tensor = field(repr=False) # the relative residual of each test point
+    converged: bool = True # every test point's solve reached `tol`
+    iterations: int = 0 # CG iterations or LiSSA steps (0 for 'exact'/'inverse')
+    num_matvecs: int = 0 # curvature products used by the solve and the damping rule
+    rows: str = 'jvp' # how the training rows were computed: 'jvp' (forward mode) or 'per-sample gradients'
+    names: list = field(default_factory=list, repr=False) # the parameters, in model order
+    rows_why: str = field(default='', repr=False) # why the rows are not by 'jvp' (empty when they are)
+    @property
+    def shape(self): return self.scores.shape
+    def __len__(self): return self.scores.shape[0]
+    def __repr__(self):
+        conv = 'converged' if self.converged else 'NOT converged'
+        return (f"InfluenceResult({self.scores.shape[0]} training × {self.scores.shape[1]} test scores, curvature={self.curvature!r}, "
+                f"method={self.method!r}, damping={self.damping:.4g} ({self.damping_rule}), residual={self.residual:.2e} "
+                f"({conv}, {self.iterations} iterations, {self.num_matvecs} products), rows by {self.rows})")
+
+# %% ../nbs/05_analysis.ipynb #dc0f9ff4
+def _default_damping(op, psd, relative=1e-3, seed=0):
+    """`(damping, rule, products)` from the spectrum of `op`: `max(0, −λ_min) + relative·λ_max`, λ_min taken as 0 for a
+    positive semi-definite matrix (GGN, Fisher, K-FAC), by `eigsh` (K-FAC/EK-FAC: from their eigenvalues) to a tolerance `relative/2` of ‖C‖, so that
+    C + damping·I has its smallest eigenvalue ≥ (relative/2)·λ_max and a condition number ≲ 1/relative."""
+    n = op.num_params
+    before = getattr(op, 'num_matvecs', 0)
+    if hasattr(op, 'eigenvalues'):  # K-FAC/EK-FAC: every eigenvalue, exactly, from the factors
+        ev = op.eigenvalues(); lo, hi, ok = ev.min().item(), ev.max().item(), True
+    elif n <= 2:
+        ev = dense_eigvalsh(op); lo, hi, ok = ev[0].item(), ev[-1].item(), True
+    else:
+        r = eigsh(op, k=1 if psd else 2, which='LA' if psd else 'BE', tol=relative / 2, seed=seed, warn=False)
+        lo, hi, ok = r.eigenvalues[0].item(), r.eigenvalues[-1].item(), bool(r.converged.all())
+    used = getattr(op, 'num_matvecs', 0) - before
+    neg = 0. if psd else max(0., -lo)
+    scale = hi if hi > 0 else 1.
+    damping = neg + relative * scale
+    floor = 2 * n * torch.finfo(op.dtype).eps * scale if hasattr(op, 'eigenvalues') else 0.
+    if damping < floor: damping = floor  # K-FAC's inverse refuses a damping below n·eps·λ_max (its round-off bound of a zero eigenvalue)
+    ends = f"λ_max = {hi:.4g}" if psd else f"λ_min = {lo:.4g}, λ_max = {hi:.4g}"
+    how = "of its eigenvalues" if hasattr(op, 'eigenvalues') else f"by eigsh, {used} products{'' if ok else ', not converged'}"
+    rule = f"damping = {'' if psd else 'max(0, −λ_min) + '}{relative:g}·λ_max = {damping:.4g} ({ends} {how})"
+    if hi <= 0: rule += "; λ_max ≤ 0 (a zero matrix): λ_max taken as 1"
+    if damping == floor and floor > 0: rule += f"; raised to 2·n·eps·λ_max = {floor:.4g}, the round-off floor of the {op.dtype} inverse"
+    if not ok: warnings.warn(f"the spectrum estimate behind the default damping did not converge ({rule}): the damped matrix "
+                             f"may not be positive definite; pass damping= explicitly")
+    return damping, rule, used
+
 # %% ../nbs/05_analysis.ipynb #e27d159d
+_PSD = ('ggn', 'ef', 'fisher', 'kfac', 'ekfac')
+
+def _residuals(A, B, X):
+    "Relative residuals ‖B − A(X)‖/‖B‖ per column."
+    return (B - A(X)).norm(dim=0) / B.norm(dim=0).clamp_min(torch.finfo(B.dtype).tiny)
+
 def influence(model:nn.Module, # the trained model
               loss_func, # `loss_func(pred, *targets)` -> mean loss (the training loss without regularization)
-              train_data, # training batch or iterable of batches: the Hessian and the rows
+              train_data, # training batch or iterable of batches (unshuffled): the curvature matrix and the rows
               test_data, # test batch or iterable of batches: the columns
               *,
               params=None, # parameter subset (parameters, modules or names); default all that require grad
-              damping:float=0.01, # added to the Hessian: weight decay plus any extra damping
-              method:str='cg', # 'cg', 'lissa' or 'exact' (dense Hessian)
+              damping:float|None=None, # added to the curvature matrix (weight decay plus any extra damping); None: the spectrum rule (see below)
+              method:str|None=None, # 'cg' (default), 'lissa' or 'exact' (dense); 'inverse' (default) or 'exact' for 'kfac'/'ekfac'
+              curvature:str='hessian', # the matrix C inverted: 'hessian', or the positive semi-definite 'ggn', 'ef', 'fisher', 'kfac', 'ekfac' (their exact inverse)
               tol:float|None=None, # CG/LiSSA relative residual (default 1e-8, or 100·eps of the dtype if larger: 1.2e-5 in float32)
               max_iter:int|None=None, # CG iteration limit
               scale:float|None=None, # LiSSA scale (default from λ_max)
               depth:int=5000, # LiSSA steps
+              relative_damping:float=1e-3, # the default rule's fraction of λ_max
               eval_mode:bool=True, # evaluate in eval mode
               n_inp:int|None=None, # number of inputs in a batch
-              chunk_size:int|None=None, # samples per vectorized per-sample-gradient chunk
+              chunk_size:int|None=None, # samples per vectorized chunk of the rows (default: from `memory_budget`)
+              memory_budget:int=2**28, # bytes one vectorized chunk of the rows may use (estimate)
               output_fn=None, # applied to the model's output before the loss (see `HessianOperator`)
-              curvature:str='hessian', # the matrix inverted: 'hessian', 'ggn' (PSD: CG needs damping only for its null space), 'ef' or 'fisher'
-             ) -> Tensor:
-    "Koh & Liang's I_up,loss[i, j] = −∇L(test_j)ᵀ (H + damping·I)⁻¹ ∇L(train_i), as an n_train × n_test matrix."
-    if method not in ('cg', 'lissa', 'exact'): raise ValueError(f"method must be 'cg', 'lissa' or 'exact', got {method!r}")
-    if isinstance(train_data, torch.utils.data.DataLoader) and isinstance(train_data.sampler, torch.utils.data.RandomSampler):
-        raise ValueError("train_data shuffles: the influence matrix has one row per training item in data order, which a "
-                         "shuffling DataLoader does not keep; pass a DataLoader with shuffle=False")
-    op = curvature_operator(curvature, model, loss_func, train_data, params, eval_mode=eval_mode, n_inp=n_inp, output_fn=output_fn)
-    if tol is None: tol = max(1e-8, 100 * torch.finfo(op.dtype).eps)  # float32 CG stalls near 3e-8
-    kw = dict(eval_mode=eval_mode, n_inp=n_inp, chunk_size=chunk_size, output_fn=output_fn)
-    G_test = per_sample_gradients(model, loss_func, test_data, op.names, **kw)
+              operator_kwargs:dict|None=None, # passed to the curvature operator (e.g. K-FAC's fisher_type, kfac_approx, fallback)
+              progress:bool=False, # a fastprogress bar over the training batches
+              rows:str='jvp', # the rows by 'jvp' (forward mode, faster for few test points) or 'per-sample gradients' (faster for many)
+             ) -> InfluenceResult:
+    """Koh & Liang's I_up,loss[i, j] = −∇L(test_j)ᵀ (C + damping·I)⁻¹ ∇L(train_i), streamed: the test gradients are solved
+    first, then each training batch's rows are directional derivatives along the solutions (memory O(n_params × (n_test + batch))).
+    `damping=None`: max(0, −λ_min) + relative_damping·λ_max of C (λ_min taken as 0 for a PSD C), by `eigsh`; see `.damping_rule`."""
+    if curvature not in ('hessian', *_PSD):
+        raise ValueError(f"curvature must be one of {', '.join(map(repr, ('hessian', *_PSD)))}, got {curvature!r}")
+    kron = curvature in ('kfac', 'ekfac')
+    if method is None: method = 'inverse' if kron else 'cg'
+    if kron and method not in ('inverse', 'exact'):
+        raise ValueError(f"curvature={curvature!r} applies its own inverse: method must be 'inverse' (the default) or 'exact', got "
+                         f"{method!r}; for CG use curvature='ggn' (and KFACOperator(...).inverse(damping) as solve's preconditioner)")
+    if not kron and method not in ('cg', 'lissa', 'exact'):
+        raise ValueError(f"method must be 'cg', 'lissa' or 'exact', got {method!r}")
+    if isinstance(train_data, torch.utils.data.DataLoader) and (isinstance(train_data.sampler, torch.utils.data.RandomSampler) or train_data.drop_last):
+        raise ValueError("train_data shuffles or drops its last batch: the influence matrix has one row per training item in data "
+                         "order, which such a DataLoader does not keep; pass a DataLoader with shuffle=False, drop_last=False")
+    if rows not in ('jvp', 'per-sample gradients'): raise ValueError(f"rows must be 'jvp' or 'per-sample gradients', got {rows!r}")
+    if damping is not None and not damping >= 0: raise ValueError(f"damping must be ≥ 0 (or None for the spectrum rule), got {damping}")
+    data, data_n_inp = prepare_batches(train_data)  # read once: a one-shot iterator becomes a list
+    n_inp = n_inp if n_inp is not None else data_n_inp
+    kw = dict(eval_mode=eval_mode, n_inp=n_inp, output_fn=output_fn)
+    kw.update(operator_kwargs or {})
+    if kron: op = (EKFACOperator if curvature == 'ekfac' else KFACOperator)(model, loss_func, data, params, **kw)
+    else: op = curvature_operator(curvature, model, loss_func, data, params, **kw)
+    names = list(getattr(op, 'names', None) or select_unwrapped_parameters(model, params))
+    inner = unwrap_model(model)
+    dtype = next(p for n, p in inner.named_parameters() if n == names[0]).dtype
+    if tol is None: tol = max(1e-8, 100 * torch.finfo(dtype).eps)  # float32 CG stalls near 3e-8
+    with autocast_disabled(inner), differentiable_attention():
+        G_test = per_sample_gradients(inner, loss_func, test_data, names, eval_mode=eval_mode, n_inp=n_inp, chunk_size=chunk_size,
+                                      output_fn=output_fn)
     rhs = G_test.T.contiguous()
+    del G_test
+    used = 0
+    if damping is None:
+        with _torch_func_unwound(): damping, rule, used = _default_damping(op, curvature in _PSD, relative_damping)
+    else: rule = 'given'
+    damping = float(damping)
+    its, conv = 0, True
     if method == 'exact':
-        A = op.to_dense() + damping * torch.eye(op.num_params, dtype=op.dtype, device=op.device)
-        S = torch.linalg.solve(A, rhs)
-        if not torch.isfinite(S).all(): raise FloatingPointError("H + damping·I is singular: increase damping")
+        before = op.num_matvecs
+        M = op.to_dense() + damping * torch.eye(op.num_params, dtype=op.dtype, device=op.device)
+        S = torch.linalg.solve(M, rhs)
+        if not torch.isfinite(S).all(): raise FloatingPointError("C + damping·I is singular: increase damping")
+        res = _residuals(lambda V: M @ V, rhs, S)
+        used += op.num_matvecs - before
+    elif method == 'inverse':
+        before = op.num_matvecs
+        S = op.inverse(damping).matmat(rhs)
+        res = _residuals(lambda V: op.matmat(V) + damping * V, rhs, S)  # of the K-FAC/EK-FAC system: round-off only
+        used += op.num_matvecs - before
     else:
-        S = solve(op, rhs, method=method, damping=damping, tol=tol, max_iter=max_iter, scale=scale, depth=depth).x
-    with preserved_state(model):
-        if eval_mode: model.eval()
+        with _torch_func_unwound(): sol = solve(op, rhs, method=method, damping=damping, tol=tol, max_iter=max_iter, scale=scale, depth=depth)
+        S, its, conv, used = sol.x, sol.iterations, sol.converged, used + sol.num_matvecs
+        res = torch.as_tensor(sol.residual, dtype=torch.float64).reshape(-1)
+        if not conv:
+            warnings.warn(f"influence: the {method} solve did not converge (relative residual {res.max().item():.3g} > tol = {tol:g} "
+                          f"after {its} iterations{', negative curvature met' if sol.negative_curvature else ''}): the scores are "
+                          f"approximate (InfluenceResult.converged is False); raise max_iter or damping")
+    res = res.detach().to('cpu', torch.float64)
+    stats = _RowStats() if rows == 'jvp' else _RowStats(rows, 'asked for')
+    with preserved_state(inner), autocast_disabled(inner), differentiable_attention():
+        if eval_mode: inner.eval()
         # the operator's own batches: a one-shot iterator is consumed once, a fastai loader read unshuffled
-        rows = [-(G @ S) for G in _per_sample_grad_batches(model, loss_func, op.data, op.names, op.n_inp, chunk_size, output_fn)]
-    return torch.cat(rows)
+        with _torch_func_unwound(): blocks = list(_influence_rows(inner, loss_func, data, names, S, n_inp=n_inp, chunk_size=chunk_size, output_fn=output_fn,
+                                                                 memory_budget=memory_budget, stats=stats, progress=progress))
+    if not blocks: raise ValueError("train_data is empty: no training sample to score")
+    return InfluenceResult(torch.cat(blocks), damping, rule, curvature, method, res.max().item(), res, bool(conv), its, used,
+                           stats.path, names, stats.why)
 
 # %% ../nbs/05_analysis.ipynb #725b01bb
 def plot_influence(predicted, # predicted change of the test loss per removed training point (e.g. −influence/n_train)

@@ -428,17 +428,43 @@ def _as_columns(op, b):
                          f"convert with b.to(dtype={op.dtype}, device='{op.device}')")
     return b if b.dim() == 2 else b[:, None]
 
-def _cg(op, B, damping, tol, max_iter, X):
-    "Block of independent CG solves (one per column), restarted from the true residual if the recursive one drifted."
+def _preconditioner(pre, op, method):
+    "The product V ↦ M·V of a CG preconditioner (a linear operator, a square tensor or a callable), checked; None for none."
+    if pre is None: return None
+    if method != 'cg': raise ValueError(f"preconditioner is for method='cg', got method={method!r}")
+    if isinstance(pre, Tensor) or (hasattr(pre, 'matvec') and hasattr(pre, 'num_params')):
+        pre = as_operator(pre)
+        if pre.num_params != op.num_params:
+            raise ValueError(f"the preconditioner has size {pre.num_params}, the operator {op.num_params}: build it on the same parameters")
+        return pre.matmat
+    if not callable(pre): raise TypeError(f"preconditioner must be a linear operator, a square tensor or a callable V ↦ M·V, got {type(pre).__name__}")
+    def M(V):
+        out = pre(V)
+        if not isinstance(out, Tensor) or out.shape != V.shape:
+            raise ValueError(f"the preconditioner callable must return a tensor of the input's shape {tuple(V.shape)}, got "
+                             f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
+        return out
+    return M
+def _cg(op, B, damping, tol, max_iter, X, M=None):
+    """Block of independent CG solves (one per column), restarted from the true residual if the recursive one drifted.
+    `M(V)`: a preconditioner's product, ≈ (H + damping·I)⁻¹·V on n×c matrices (None: plain CG)."""
     A = lambda V: op.matmat(V) + damping * V
+    Mf = (lambda V: V) if M is None else M
     bnorm = B.norm(dim=0).clamp_min(torch.finfo(B.dtype).tiny)
     negative = torch.zeros(B.shape[1], dtype=torch.bool, device=B.device)
     R = B - A(X) if X.abs().sum() > 0 else B.clone()
     its = 0
+    def check_pd(rz, rn):
+        if M is not None and ((rz <= 0) & (rn > 0)).any():
+            raise ValueError(f"the preconditioner is not positive definite (rᵀMr = {rz.min().item():.3g} ≤ 0 for a residual r ≠ 0): "
+                             f"pass an approximation of (H + damping·I)⁻¹ that is symmetric positive definite, e.g. "
+                             f"KFACOperator(...).inverse(damping) with damping > 0")
     for restart in range(4):
         active = (R.norm(dim=0) > tol * bnorm) & ~negative
         if not active.any() or its >= max_iter: break
-        P, rs = R.clone(), (R * R).sum(0)
+        Z = Mf(R)
+        P, rs = Z.clone(), (R * Z).sum(0)
+        check_pd(rs[active], R.norm(dim=0)[active])
         while active.any() and its < max_iter:
             idx = active.nonzero().squeeze(1)
             Pa = P[:, idx]
@@ -453,10 +479,14 @@ def _cg(op, B, damping, tol, max_iter, X):
             alpha = torch.where(neg, torch.zeros_like(pAp), rs[idx] / torch.where(neg, torch.ones_like(pAp), pAp))
             X[:, idx] += alpha * Pa
             R[:, idx] -= alpha * APa
-            rs_new = (R[:, idx] ** 2).sum(0)
-            P[:, idx] = R[:, idx] + (rs_new / rs[idx]) * Pa
+            Ra = R[:, idx]
+            rn = Ra.norm(dim=0)
+            Za = Mf(Ra)
+            rs_new = (Ra * Za).sum(0)
+            check_pd(rs_new[~neg], rn[~neg])
+            P[:, idx] = Za + (rs_new / rs[idx]) * Pa
             rs[idx] = rs_new
-            active[idx] = (rs_new.sqrt() > tol * bnorm[idx]) & ~neg
+            active[idx] = (rn > tol * bnorm[idx]) & ~neg
             its += 1
         R = B - A(X)  # the true residual
     return X, R.norm(dim=0) / bnorm, its, negative
@@ -505,8 +535,9 @@ def solve(op, # linear operator or square tensor H, or for 'lissa' a list of ope
           depth:int=1000, # LiSSA: maximum recursion steps
           repeats:int=1, # LiSSA: averaged independent runs (with a list of operators)
           seed:int=0, # LiSSA: seed of the operator sampling
+          preconditioner=None, # CG: a linear operator (or callable V ↦ M·V on n×K matrices) approximating (H + damping·I)⁻¹, e.g. `KFACOperator(...).inverse(damping)`
          ) -> SolveResult:
-    "Solve (H + damping·I) x = b by conjugate gradient or LiSSA."
+    "Solve (H + damping·I) x = b by (preconditioned) conjugate gradient or LiSSA."
     ops = [as_operator(o) for o in op] if isinstance(op, (list, tuple)) else [as_operator(op)]
     if not ops: raise ValueError("op is an empty list: pass an operator (or, for LiSSA, a list of operators)")
     if len({o.num_params for o in ops}) > 1: raise ValueError(f"the operators have different sizes {[o.num_params for o in ops]}")
@@ -514,6 +545,7 @@ def solve(op, # linear operator or square tensor H, or for 'lissa' a list of ope
     _check_tol('tol', tol, "the relative residual ‖b − (H + damping·I)x‖/‖b‖ to reach")
     if len(ops) > 1 and method == 'cg': raise ValueError("CG takes one operator; a list of operators is for method='lissa'")
     B = _as_columns(ops[0], b)
+    M = _preconditioner(preconditioner, ops[0], method)
     if not torch.isfinite(B).all(): raise ValueError("b has non-finite entries")
     before = sum(o.num_matvecs for o in ops)
     n, vec = ops[0].num_params, b.dim() == 1
@@ -525,7 +557,7 @@ def solve(op, # linear operator or square tensor H, or for 'lissa' a list of ope
         max_iter = max(2 * n, 20) if max_iter is None else max_iter
         X = torch.zeros_like(B) if x0 is None else _as_columns(ops[0], x0).clone()
         if X.shape != B.shape: raise ValueError(f"x0 must have the shape of b {tuple(b.shape)}, got {tuple(x0.shape)}")
-        X, res, its, neg = _cg(ops[0], B, damping, tol, max_iter, X)
+        X, res, its, neg = _cg(ops[0], B, damping, tol, max_iter, X, M)
         conv = bool((res <= tol).all())
         if not conv and not neg.any():
             if its < max_iter:  # stopped after its restarts, not at max_iter: the residual stalled at round-off

@@ -136,7 +136,7 @@ def test_influence_predicts_leave_one_out_retraining():
     def test_loss(th, j): return nn.functional.binary_cross_entropy_with_logits(Xte[j] @ th[:64] + th[64], Yte[j, 0]).item()
     losses = nn.functional.binary_cross_entropy_with_logits(Xte @ theta[:64] + theta[64], Yte[:, 0], reduction='none')
     for j in (losses.argmax().item(), 0):  # the worst-classified test point and an ordinary one
-        I = influence(model, bce, (Xtr, Ytr), (Xte[j:j+1], Yte[j:j+1]), damping=lam)[:, 0]  # L2 term's Hessian = lam·I
+        I = influence(model, bce, (Xtr, Ytr), (Xte[j:j+1], Yte[j:j+1]), damping=lam).scores[:, 0]  # L2 term's Hessian = lam·I
         predicted = -I / N  # removing a point is upweighting it by −1/N
         top = I.abs().argsort(descending=True)[:30]
         actual = []
@@ -159,15 +159,15 @@ def test_influence_methods_agree_rows_in_order_and_no_trace():
     before = model_state(model)
     damping = 1.  # above −λ_min of this small network's Hessian
     test = (Xte[:5], Yte[:5])
-    I_exact = influence(model, bce, (Xtr, Ytr), test, damping=damping, method='exact')
+    I_exact = influence(model, bce, (Xtr, Ytr), test, damping=damping, method='exact').scores
     assert I_exact.shape == (96, 5)
-    I_cg = influence(model, bce, (Xtr, Ytr), test, damping=damping, method='cg', tol=1e-10)
+    I_cg = influence(model, bce, (Xtr, Ytr), test, damping=damping, method='cg', tol=1e-10).scores
     fct.test_close(I_cg, I_exact, eps=1e-8)
-    I_lissa = influence(model, bce, (Xtr, Ytr), test, damping=damping, method='lissa', tol=1e-10)
+    I_lissa = influence(model, bce, (Xtr, Ytr), test, damping=damping, method='lissa', tol=1e-10).scores
     fct.test_close(I_lissa, I_exact, eps=1e-6)
     # a DataLoader in batches gives the same rows, in dataset order
     dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xtr, Ytr), batch_size=32)
-    fct.test_close(influence(model, bce, dl, [test], damping=damping, method='exact'), I_exact, eps=1e-10)
+    fct.test_close(influence(model, bce, dl, [test], damping=damping, method='exact').scores, I_exact, eps=1e-10)
     # definition, row by row
     H = HessianOperator(model, bce, (Xtr, Ytr)).to_dense()
     G = per_sample_gradients(model, bce, (Xtr, Ytr)); Gt = per_sample_gradients(model, bce, test)
@@ -192,7 +192,7 @@ def test_influence_on_a_parameter_subset():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(64, 6), nn.ReLU(), nn.Linear(6, 1)).double()
     bce = nn.BCEWithLogitsLoss()
-    I = influence(model, bce, (Xtr, Ytr), (Xte[:3], Yte[:3]), params=model[2], damping=0.01, method='cg', tol=1e-10)
+    I = influence(model, bce, (Xtr, Ytr), (Xte[:3], Yte[:3]), params=model[2], damping=0.01, method='cg', tol=1e-10).scores
     H = HessianOperator(model, bce, (Xtr, Ytr), params=model[2]).to_dense()
     assert H.shape == (7, 7)
     G = per_sample_gradients(model, bce, (Xtr, Ytr), params=['2.weight', '2.bias'])
@@ -218,10 +218,10 @@ def test_influence_from_one_shot_iterators():
     torch.manual_seed(0)
     model, bce = nn.Linear(64, 1).double(), nn.BCEWithLogitsLoss()
     batches = [(Xtr[:25], Ytr[:25]), (Xtr[25:], Ytr[25:])]
-    ref = influence(model, bce, batches, (Xte, Yte), damping=0.1, method='exact')
+    ref = influence(model, bce, batches, (Xte, Yte), damping=0.1, method='exact').scores
     fct.test_eq(ref.shape, (40, len(Xte)))
     for data in (iter(batches), (b for b in batches)):
-        fct.test_close(influence(model, bce, data, (Xte, Yte), damping=0.1, method='exact'), ref, eps=1e-12)
+        fct.test_close(influence(model, bce, data, (Xte, Yte), damping=0.1, method='exact').scores, ref, eps=1e-12)
     fct.test_fail(lambda: plot_influence([1., 2.], [1.]), contains='same length')
 
 
@@ -379,8 +379,8 @@ def test_influence_float32_default_tol_is_reachable():
     model = nn.Linear(64, 1)
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        I = influence(model, nn.BCEWithLogitsLoss(), (Xtr.float(), Ytr.float()), (Xte[:3].float(), Yte[:3].float()), damping=0.1)
-    ref = influence(model.double(), nn.BCEWithLogitsLoss(), (Xtr, Ytr), (Xte[:3], Yte[:3]), damping=0.1, method='exact')
+        I = influence(model, nn.BCEWithLogitsLoss(), (Xtr.float(), Ytr.float()), (Xte[:3].float(), Yte[:3].float()), damping=0.1).scores
+    ref = influence(model.double(), nn.BCEWithLogitsLoss(), (Xtr, Ytr), (Xte[:3], Yte[:3]), damping=0.1, method='exact').scores
     fct.test_close(I.double(), ref, eps=1e-3 * ref.abs().max().item())
 
 
@@ -409,8 +409,8 @@ def test_influence_on_a_fastai_training_loader_uses_the_clean_items():
                   ).dataloaders(bs=16, after_item=[TrainOnly()], device='cpu', num_workers=0)
     m = nn.Linear(4, 3).double()
     test = (X[48:52], Y[48:52])
-    ref = influence(m, nn.CrossEntropyLoss(), [(X[:48], Y[:48])], test, method='exact')
-    fct.test_close(influence(m, nn.CrossEntropyLoss(), dls.train, test, method='exact'), ref, eps=1e-10)
+    ref = influence(m, nn.CrossEntropyLoss(), [(X[:48], Y[:48])], test, method='exact').scores
+    fct.test_close(influence(m, nn.CrossEntropyLoss(), dls.train, test, method='exact').scores, ref, eps=1e-10)
 
 
 def test_per_sample_gradients_use_the_operators_loss():

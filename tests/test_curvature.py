@@ -246,7 +246,7 @@ def test_influence_and_landscape_ggn():
     Gtr, Gte = per_sample_gradients(m, lf, (x, y), names), per_sample_gradients(m, lf, (xt, yt), names)
     want = -Gtr @ torch.linalg.solve(G + d * torch.eye(len(G)), Gte.T)
     for method in ('exact', 'cg'):
-        got = influence(m, lf, (x, y), (xt, yt), damping=d, method=method, curvature='ggn', tol=1e-12, max_iter=500)
+        got = influence(m, lf, (x, y), (xt, yt), damping=d, method=method, curvature='ggn', tol=1e-12, max_iter=500).scores
         assert (got - want).abs().max() <= 1e-7 * want.abs().max(), method
     ls = loss_landscape(m, lf, (x, y), 'top_eigenvector', alphas=torch.tensor([0.]), curvature='ggn')
     top = torch.linalg.eigh(G).eigenvectors[:, -1]

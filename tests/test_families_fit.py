@@ -152,8 +152,8 @@ def test_analysis_functions_take_output_fn():
         def forward(self, x): o = self.lin(x); return o, o.detach() * 2
     x, y = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 2, (12,))
     ce, pick = nn.CrossEntropyLoss(), (lambda o: o[0])
-    fct.test_close(influence(Pair(), ce, (x[:8], y[:8]), (x[8:], y[8:]), method='exact', output_fn=pick),
-                   influence(lin, ce, (x[:8], y[:8]), (x[8:], y[8:]), method='exact'), eps=1e-10)
+    fct.test_close(influence(Pair(), ce, (x[:8], y[:8]), (x[8:], y[8:]), method='exact', output_fn=pick).scores,
+                   influence(lin, ce, (x[:8], y[:8]), (x[8:], y[8:]), method='exact').scores, eps=1e-10)
     fct.test_close(per_sample_gradients(Pair(), ce, (x, y), output_fn=pick), per_sample_gradients(lin, ce, (x, y)), eps=1e-12)
     fct.test_close(loss_landscape(Pair(), ce, (x, y), 'gradient', torch.linspace(-1, 1, 5), output_fn=pick).losses,
                    loss_landscape(lin, ce, (x, y), 'gradient', torch.linspace(-1, 1, 5)).losses, eps=1e-12)
