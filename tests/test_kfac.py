@@ -321,3 +321,20 @@ def test_eigh_falls_back_to_scipy(monkeypatch):
     _close(ek.to_dense(), ref.to_dense(), 1e-12)
     n, d = ek.num_params, 1e-3
     assert (ek.inverse(d).matmat(ek.to_dense() + d * torch.eye(n, dtype=D)) - torch.eye(n, dtype=D)).abs().max() <= 1e-8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_cuda_matches_cpu():
+    "On a GPU: the same K-FAC/EK-FAC (with the fallback block, and seeded MC labels drawn on the CPU) as on the CPU."
+    model, lf = _NormNet().double().eval(), nn.CrossEntropyLoss()
+    data = _data('cnn', 20, (12, 8))
+    gpu = [(x.cuda(), y.cuda()) for x, y in data]
+    for cls in (KFACOperator, EKFACOperator):
+        for kw in ({}, {'fisher_type': 'mc', 'seed': 3}):
+            a = cls(model, lf, data, **kw).to_dense()
+            b = cls(model.cuda(), lf, gpu, **kw)
+            assert b.device.type == 'cuda'
+            _close(b.to_dense().cpu(), a, 1e-10)
+            n = b.num_params
+            assert (b.inverse(1e-3).matmat(b.to_dense() + 1e-3 * torch.eye(n, dtype=D, device='cuda')) - torch.eye(n, dtype=D, device='cuda')).abs().max() <= 1e-8
+            model.cpu()
