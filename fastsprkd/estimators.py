@@ -43,7 +43,6 @@ def _check_count(name, value, minimum):
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
 
-_check_tol = check_tol  # `solve`'s name for it
 
 def _probe_dtype(op):
     "Probes, sketches and their QR in the operator's dtype, or float32 for a half-precision operator (torch has no half QR)."
@@ -542,7 +541,7 @@ def solve(op, # linear operator or square tensor H, or for 'lissa' a list of ope
     if not ops: raise ValueError("op is an empty list: pass an operator (or, for LiSSA, a list of operators)")
     if len({o.num_params for o in ops}) > 1: raise ValueError(f"the operators have different sizes {[o.num_params for o in ops]}")
     if method not in ('cg', 'lissa'): raise ValueError(f"method must be 'cg' or 'lissa', got {method!r}")
-    _check_tol('tol', tol, "the relative residual ‖b − (H + damping·I)x‖/‖b‖ to reach")
+    check_tol('tol', tol, "the relative residual ‖b − (H + damping·I)x‖/‖b‖ to reach")
     if len(ops) > 1 and method == 'cg': raise ValueError("CG takes one operator; a list of operators is for method='lissa'")
     B = _as_columns(ops[0], b)
     M = _preconditioner(preconditioner, ops[0], method)
