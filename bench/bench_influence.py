@@ -17,6 +17,8 @@ ggn-cg       `influence(model, lf, batches, test, curvature='ggn', method='cg', 
              all batches), the rows as forward-mode directional derivatives. Its residual/iterations are reported.
 ekfac        `influence(..., curvature='ekfac', damping=, operator_kwargs=dict(fisher_type='mc'))`: EKFACOperator's fit
              (one sampled label per image, as kronfluence's default true Fisher), its exact inverse, the rows.
+ekfac-f64    the same with the model and the data in float64 (EKFACOperator eigendecomposes its factors in the model's
+             dtype; in float32 `torch.linalg.eigh` fails on ResNet-18's rank-deficient layer4 input factors).
 kronfluence  `Analyzer.fit_all_factors` (strategy 'ekfac', its defaults: sampled labels, float64 eigendecomposition) +
              `compute_pairwise_scores` (damping_factor=--damping) on the same batches, factors and scores written to a
              temporary directory (its design). Reported apart: fit and score.
@@ -31,7 +33,7 @@ here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
 from common import save, table, machine
 
-CONTENDERS = ['ggn-cg', 'ekfac', 'kronfluence']
+CONTENDERS = ['ggn-cg', 'ekfac', 'kronfluence']  # and 'ekfac-f64': EK-FAC with the model and data in float64
 
 
 def setup(n):
@@ -50,6 +52,7 @@ def setup(n):
 def child(name, a):
     torch.set_num_threads(a.threads)
     model, xtr, ytr, xte, yte, lf = setup(a.n)
+    if name.endswith('-f64'): model, xtr, xte = model.double(), xtr.double(), xte.double()
     batches = [(xtr[i:i+a.bs], ytr[i:i+a.bs]) for i in range(0, a.n, a.bs)]
     row = dict(contender=name)
     if name == 'kronfluence':
