@@ -1,5 +1,8 @@
 """Issue 17's accuracy acceptance: influence against leave-one-out (LOO) retraining on a non-convex digits CNN.
 
+Run: `OMP_NUM_THREADS=1 .venv/bin/python -m pytest -s -p no:cacheprovider bench/influence_loo.py` (about 12 min; not part of
+`make test`). The convex case with more training points, which runs in `make test`, is tests/test_influence_convex.py.
+
 Procedure (Koh & Liang 2017, §5.1, with full retraining instead of a fixed number of steps):
 - model: `SmoothDigitsCNN`, DigitsCNN(width=8)'s layers (Conv(1→8)–act–pool–Conv(8→16)–act–pool–Linear(64→10), 1,898
   parameters) with SiLU and average pooling instead of ReLU and max pooling, so that the training objective is smooth and
