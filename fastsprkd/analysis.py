@@ -282,13 +282,13 @@ def _default_damping(op, psd, relative=1e-3, seed=0):
     neg = 0. if psd else max(0., -lo)
     scale = hi if hi > 0 else 1.
     damping = neg + relative * scale
-    floor = 2 * n * torch.finfo(op.dtype).eps * scale if hasattr(op, 'eigenvalues') else 0.
-    if damping < floor: damping = floor  # K-FAC's inverse refuses a damping below n·eps·λ_max (its round-off bound of a zero eigenvalue)
+    floor = 2 * op.zero_tolerance() if hasattr(op, 'zero_tolerance') else 0.
+    if damping < floor: damping = floor  # K-FAC's inverse refuses a damping within round-off of a zero eigenvalue
     ends = f"λ_max = {hi:.4g}" if psd else f"λ_min = {lo:.4g}, λ_max = {hi:.4g}"
     how = "of its eigenvalues" if hasattr(op, 'eigenvalues') else f"by eigsh, {used} products{'' if ok else ', not converged'}"
     rule = f"damping = {'' if psd else 'max(0, −λ_min) + '}{relative:g}·λ_max = {damping:.4g} ({ends} {how})"
     if hi <= 0: rule += "; λ_max ≤ 0 (a zero matrix): λ_max taken as 1"
-    if damping == floor and floor > 0: rule += f"; raised to 2·n·eps·λ_max = {floor:.4g}, the round-off floor of the {op.dtype} inverse"
+    if damping == floor and floor > 0: rule += f"; raised to 2·(largest factor size)·eps·λ_max = {floor:.4g}, the round-off floor of the {op.dtype} inverse"
     if not ok: warnings.warn(f"the spectrum estimate behind the default damping did not converge ({rule}): the damped matrix "
                              f"may not be positive definite; pass damping= explicitly")
     return damping, rule, used

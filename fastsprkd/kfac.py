@@ -121,10 +121,10 @@ class _Inverse(LinearOperator):
         self.num_matvecs = 0
         ev = op.eigenvalues()
         low = float(ev.min()) if ev.numel() else math.inf
-        tiny = ev.numel() * torch.finfo(op.dtype).eps * (float(ev.abs().max()) if ev.numel() else 0.)  # round-off of a zero eigenvalue
+        tiny = op.zero_tolerance()
         if not low + self.damping > tiny:
             raise ValueError(f"{type(op).__name__}.inverse(damping={damping:g}): the smallest eigenvalue of the approximation plus the "
-                             f"damping is {low + self.damping:.3g} (zero up to round-off, or negative), so it has no inverse; pass damping > {-low:.3g} (e.g. 1e-3 · the "
+                             f"damping is {low + self.damping:.3g} (zero up to round-off, or negative), so it has no inverse; pass damping > {tiny - low:.3g} (e.g. 1e-3 · the "
                              f"largest eigenvalue)")
     def _matmat(self, V): return self.op._apply(V, lambda e: 1. / (e + self.damping))
     def __repr__(self): return f"inverse of {self.op!r} + {self.damping:g}·I"
@@ -476,6 +476,11 @@ class KFACOperator(LinearOperator):
         if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not math.isfinite(damping) or damping < 0:
             raise ValueError(f"damping must be a finite number ≥ 0, got {damping!r}")
         return _Inverse(self, damping)
+    def zero_tolerance(self) -> float:
+        "Round-off size of a zero eigenvalue: (largest factor size)·eps·λ_max (a product of factor eigenvalues, each that far off)."
+        ev = self.eigenvalues()
+        dim = max([1] + [M.shape[0] for M in (*self._A, *self._G)])
+        return dim * torch.finfo(self.dtype).eps * (float(ev.abs().max()) if ev.numel() else 0.)
     def eigenvalues(self) -> Tensor:
         "All n eigenvalues of the approximation (unsorted: layer by layer, then the fallback block)."
         return torch.cat([e.reshape(-1) for _, _, e in self._eig()] + [self._fb_eigenvalues()])

@@ -15,3 +15,5 @@ def test_readme_quickstart_runs():
     assert ns['ax'].get_xlabel()
     assert len(ns['teacher'].saddle_capture.bank) > 0
     assert len(ns['student'].saddle_recruit.history) > 0
+    infl = ns['infl']
+    assert infl.scores.shape == (len(ns['dls'].train_ds), 2) and infl.helpful.shape == (2, 4) and infl.result.converged
