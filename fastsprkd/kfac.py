@@ -13,6 +13,7 @@ import torch
 from torch import nn, Tensor
 from torch.func import vjp, vmap
 from fastprogress.fastprogress import progress_bar
+from .curvature.base import ParameterVectors
 from .core import (LinearOperator, preserved_state, autocast_disabled, plain_tensor, fetched_batches,
                             prepare_batches, split_batch, select_unwrapped_parameters, unwrap_model, functional_forward)
 
@@ -134,7 +135,7 @@ class _Recorder:
     "What the forward hooks record during one forward pass: the layers' outputs, their input factors, the layers to clone."
     def __init__(self): self.on, self.outs, self.versions, self.inputs, self.clone, self.fn = False, {}, {}, {}, set(), None
 
-class KFACOperator(LinearOperator):
+class KFACOperator(ParameterVectors, LinearOperator):
     """Kronecker-factored approximation (K-FAC) of the GGN/Fisher of the mean loss of `model` over `data` w.r.t. `params`,
     as a symmetric linear operator. Each `nn.Linear`/`nn.Conv2d` layer's block (its weight, with its bias as an extra
     input column) is `G ⊗ A`: `A` the uncentred covariance of the layer's inputs (conv: unfolded patches) and `G` that of the
@@ -492,18 +493,6 @@ class KFACOperator(LinearOperator):
         t = sum((G.trace() * A.trace() for A, G in zip(self._A, self._G)), torch.zeros((), dtype=self.dtype, device=self.device))
         return t + self._fb_eigenvalues().sum() if self._fb else t
 
-    def flatten(self, tensors) -> Tensor:
-        "One flat vector from per-parameter tensors (a list in `names` order, or a dict by name)."
-        if isinstance(tensors, Mapping): tensors = [tensors[n] for n in self.names]
-        tensors = list(tensors)
-        if len(tensors) != len(self.shapes): raise ValueError(f"expected {len(self.shapes)} tensors, one per parameter, got {len(tensors)}")
-        for t, s, n in zip(tensors, self.shapes, self.names):
-            if t.shape != s: raise ValueError(f"tensor for {n!r} has shape {tuple(t.shape)}, expected {tuple(s)}")
-        return torch.cat([t.reshape(-1) for t in tensors])
-    def unflatten(self, vec:Tensor) -> list:
-        "Per-parameter views of a flat vector (or of the rows of an n×K matrix)."
-        if vec.shape[0] != self.num_params: raise ValueError(f"expected {self.num_params} entries, got {vec.shape[0]}")
-        return [vec[sl].reshape(*s, *vec.shape[1:]) for sl, s in zip(self._sl, self.shapes)]
 
     def __repr__(self):
         nl = sum(b.kind == 'linear' for b in self._blocks); nc = len(self._blocks) - nl

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['LinearOperator', 'DenseOperator', 'as_operator', 'mode_unavailable', 'CurvatureOperator']
+__all__ = ['LinearOperator', 'DenseOperator', 'as_operator', 'mode_unavailable', 'ParameterVectors', 'CurvatureOperator']
 
 # %% ../../nbs/02b_curvature_base.ipynb #44bc59a3
 from fastsprkd.curvature.functional import (preserved_state, autocast_disabled, differentiable_attention, fetched_batches,
@@ -138,7 +138,24 @@ def mode_unavailable(e:BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _UNAVAILABLE)
 
 # %% ../../nbs/02b_curvature_base.ipynb #c0a1b2c3
-class CurvatureOperator(LinearOperator):
+class ParameterVectors:
+    """Flat vectors <-> per-parameter tensors, for an operator with `names`, `shapes`, `sizes` and `num_params` (the curvature
+    operators and the Kronecker-factored ones share it)."""
+    def flatten(self, tensors) -> Tensor:
+        "One flat vector from per-parameter tensors (a list in `params` order, or a dict by name)."
+        if isinstance(tensors, Mapping): tensors = [tensors[n] for n in self.names]
+        tensors = list(tensors)
+        if len(tensors) != len(self.shapes): raise ValueError(f"expected {len(self.shapes)} tensors, one per parameter, got {len(tensors)}")
+        for t, s, n in zip(tensors, self.shapes, self.names):
+            if t.shape != s: raise ValueError(f"tensor for {n!r} has shape {tuple(t.shape)}, expected {tuple(s)}")
+        return torch.cat([t.reshape(-1) for t in tensors])
+    def unflatten(self, vec:Tensor) -> list:
+        "Per-parameter views (in `params` order) of a flat vector (or of the rows of an n×K matrix, with K last)."
+        if vec.shape[0] != self.num_params: raise ValueError(f"expected {self.num_params} entries, got {vec.shape[0]}")
+        return [c.reshape(*s, *vec.shape[1:]) for c, s in zip(vec.split(self.sizes), self.shapes)]
+
+
+class CurvatureOperator(ParameterVectors, LinearOperator):
     """Base of the curvature matrices of the sample-weighted mean loss of `model` over `data` w.r.t. `params`: the batch
     loop and its sample weights, the all-reduce across ranks, state restoration, `flatten`/`unflatten`, the memory budget,
     `loss`/`gradient`. A matrix defines its product on one batch (`_product_batch`)."""
@@ -190,20 +207,6 @@ class CurvatureOperator(LinearOperator):
         if self.process_group is None: self.num_samples = self.local_num_samples = self._validate()
         else: self.num_samples = self._global_num_samples()  # validates this rank's data inside the all-reduce
         if check_determinism: self.check_determinism()
-
-    # ---- flat vectors <-> per-parameter tensors
-    def flatten(self, tensors) -> Tensor:
-        "One flat vector from per-parameter tensors (a list in `params` order, or a dict by name)."
-        if isinstance(tensors, Mapping): tensors = [tensors[n] for n in self.names]
-        tensors = list(tensors)
-        if len(tensors) != len(self.shapes): raise ValueError(f"expected {len(self.shapes)} tensors, one per parameter, got {len(tensors)}")
-        for t, s, n in zip(tensors, self.shapes, self.names):
-            if t.shape != s: raise ValueError(f"tensor for {n!r} has shape {tuple(t.shape)}, expected {tuple(s)}")
-        return torch.cat([t.reshape(-1) for t in tensors])
-    def unflatten(self, vec:Tensor) -> list:
-        "Per-parameter views (in `params` order) of a flat vector (or of the rows of an n×K matrix, with K last)."
-        if vec.shape[0] != self.num_params: raise ValueError(f"expected {self.num_params} entries, got {vec.shape[0]}")
-        return [c.reshape(*s, *vec.shape[1:]) for c, s in zip(vec.split(self.sizes), self.shapes)]
 
     # ---- the loss as a function of the selected parameters
     def _batches(self):
