@@ -31,7 +31,7 @@ from torch import nn
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from common import save, table, machine
+from common import save, table, machine, kronfluence_ce_task
 
 CONTENDERS = ['ggn-cg', 'ekfac', 'kronfluence']  # and 'ekfac-f64': EK-FAC with the model and data in float64
 
@@ -58,17 +58,8 @@ def child(name, a):
     if name == 'kronfluence':
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments, ScoreArguments
-        from kronfluence.task import Task
         from kronfluence.utils.dataset import DataLoaderKwargs
-        class Cls(Task):
-            def compute_train_loss(self, batch, model, sample=False):
-                xb, yb = batch
-                logits = model(xb)
-                if sample:
-                    with torch.no_grad(): yb = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
-                return nn.functional.cross_entropy(logits, yb, reduction='sum')
-            def compute_measurement(self, batch, model): return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction='sum')
-        task = Cls()
+        task = kronfluence_ce_task()
         model = prepare_model(model, task)
         tr, te = torch.utils.data.TensorDataset(xtr, ytr), torch.utils.data.TensorDataset(xte, yte)
         with tempfile.TemporaryDirectory() as d:

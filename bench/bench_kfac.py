@@ -26,7 +26,7 @@ from torch import nn
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
-from common import save, table, machine
+from common import save, table, machine, kronfluence_ce_task
 
 CONTENDERS = {'kfac': ['fastsprkd K-FAC', 'curvlinops K-FAC', 'kronfluence covariances', 'fastsprkd K-FAC, all parameters'],
               'ekfac': ['fastsprkd EK-FAC', 'curvlinops EK-FAC', 'kronfluence EK-FAC']}
@@ -56,17 +56,8 @@ def one(name, n, bs, device, fisher):
     if name.startswith('kronfluence'):
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments
-        from kronfluence.task import Task
         from kronfluence.utils.dataset import DataLoaderKwargs
-        class Cls(Task):
-            def compute_train_loss(self, batch, model, sample=False):
-                xb, yb = batch
-                logits = model(xb)
-                if sample:
-                    with torch.no_grad(): yb = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
-                return nn.functional.cross_entropy(logits, yb, reduction='sum')
-            def compute_measurement(self, batch, model): return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction='sum')
-        task = Cls()
+        task = kronfluence_ce_task()
         model = prepare_model(model, task)
         ds = torch.utils.data.TensorDataset(x.cpu(), y.cpu())
         with tempfile.TemporaryDirectory() as d:

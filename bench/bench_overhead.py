@@ -25,12 +25,10 @@ from fastsprkd.models import DigitsCNN
 torch.set_num_threads(1)
 
 
-def small_batch_overhead(rounds):
-    """Medians of the bare kept-graph product and of `HessianOperator.matvec` on one image, interleaved, in wall-clock and
-    in CPU seconds (`time.process_time`: with one thread, the work done, without the waits a loaded machine adds)."""
-    import statistics, time
+def setup(n):
+    "The digits CNN on `n` images: `HessianOperator` (rev, kept graph), a vector `v`, and the bare kept-graph product (checked equal)."
     torch.manual_seed(0)
-    x, y = digits_tensors(1)
+    x, y = digits_tensors(n)
     m = DigitsCNN(32).eval()
     lf = nn.CrossEntropyLoss()
     ps = [p for p in m.parameters()]
@@ -40,6 +38,14 @@ def small_batch_overhead(rounds):
     vs = [t.reshape(p.shape) for t, p in zip(v.split([p.numel() for p in ps]), ps)]
     bare = lambda: torch.cat([h.reshape(-1) for h in torch.autograd.grad(g, ps, vs, retain_graph=True)])
     torch.testing.assert_close(op.matvec(v), bare(), rtol=1e-4, atol=1e-5)
+    return op, v, bare
+
+
+def small_batch_overhead(rounds):
+    """Medians of the bare kept-graph product and of `HessianOperator.matvec` on one image, interleaved, in wall-clock and
+    in CPU seconds (`time.process_time`: with one thread, the work done, without the waits a loaded machine adds)."""
+    import statistics, time
+    op, v, bare = setup(1)
     fns = {'bare': bare, 'matvec': lambda: op.matvec(v)}
     ts = {(k, c): [] for k in fns for c in ('wall', 'cpu')}
     for _ in range(rounds):
@@ -59,17 +65,7 @@ def cpu_time(f, n):
 
 
 def main(repeat, small_rounds):
-    torch.manual_seed(0)
-    x, y = digits_tensors(512)
-    m = DigitsCNN(32).eval()
-    lf = nn.CrossEntropyLoss()
-    ps = [p for p in m.parameters()]
-    g = torch.autograd.grad(lf(m(x), y), ps, create_graph=True)
-    op = HessianOperator(m, lf, (x, y), mode='rev')
-    v = torch.randn(op.num_params)
-    vs = [t.reshape(p.shape) for t, p in zip(v.split([p.numel() for p in ps]), ps)]
-    bare = lambda: torch.cat([h.reshape(-1) for h in torch.autograd.grad(g, ps, vs, retain_graph=True)])
-    torch.testing.assert_close(op.matvec(v), bare(), rtol=1e-4, atol=1e-5)
+    op, v, bare = setup(512)
     res = interleaved({'bare autograd.grad on a kept graph': bare, 'HessianOperator.matvec (rev, kept graph)': lambda: op.matvec(v)}, repeat)
     (tb, _), (tm, r) = res['bare autograd.grad on a kept graph'], res['HessianOperator.matvec (rev, kept graph)']
     print(f"bare {tb*1e3:.1f} ms, matvec {tm*1e3:.1f} ms, ratio {r:.3f}; overhead {(tm - tb)*1e3:.1f} ms = {(tm - tb)/tm:.1%} of a product")

@@ -51,3 +51,19 @@ def table(rows, cols):
     out = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
     for r in rows: out.append('| ' + ' | '.join(str(r.get(c, '')) for c in cols) + ' |')
     return '\n'.join(out)
+
+
+def kronfluence_ce_task():
+    """kronfluence's `Task` for a classifier trained with summed cross-entropy: the training loss (with labels sampled from
+    the model for its Fisher when `sample=True`) and the measurement, the test item's loss. One definition for every
+    benchmark that runs kronfluence as the peer."""
+    from kronfluence.task import Task
+    class CrossEntropyTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            xb, yb = batch
+            logits = model(xb)
+            if sample:
+                with torch.no_grad(): yb = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
+            return nn.functional.cross_entropy(logits, yb, reduction='sum')
+        def compute_measurement(self, batch, model): return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction='sum')
+    return CrossEntropyTask()

@@ -47,6 +47,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from fastsprkd.data import digits_tensors
 from fastsprkd.analysis import influence
+import os, sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import kronfluence_ce_task
 
 D = torch.float64
 N_TRAIN, WD, EXTRA = 400, 5e-3, 0.01
@@ -162,17 +165,8 @@ def kronfluence_scores(pb, damping, tmp):
     import copy
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
     from kronfluence.utils.dataset import DataLoaderKwargs
-    class Cls(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            xb, yb = batch
-            logits = model(xb)
-            if sample:
-                with torch.no_grad(): yb = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
-            return F.cross_entropy(logits, yb, reduction='sum')
-        def compute_measurement(self, batch, model): return F.cross_entropy(model(batch[0]), batch[1], reduction='sum')
-    task = Cls()
+    task = kronfluence_ce_task()
     model = prepare_model(copy.deepcopy(pb.model), task)
     tr = torch.utils.data.TensorDataset(pb.Xtr, pb.Ytr)
     te = torch.utils.data.TensorDataset(pb.Xte[pb.js], pb.Yte[pb.js])
