@@ -50,22 +50,14 @@ from fastsprkd.analysis import influence
 import os, sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import kronfluence_ce_task
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
+from test_influence_convex import SmoothDigitsCNN  # the smooth 1,898-parameter digits CNN, defined once
 
 D = torch.float64
 N_TRAIN, WD, EXTRA = 400, 5e-3, 0.01
 TRAIN_TOL, LOO_TOL, TOP = 1e-8, 1e-6, 30
 REPORT = {}
 
-
-class SmoothDigitsCNN(nn.Module):
-    "DigitsCNN(width=8)'s layers (1,898 parameters) with SiLU and average pooling: a smooth, non-convex objective."
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.conv2, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1), nn.Linear(64, 10)
-    def features(self, x):
-        x = F.avg_pool2d(F.silu(self.conv1(x)), 2)
-        return F.avg_pool2d(F.silu(self.conv2(x)), 2).flatten(1)
-    def forward(self, x): return self.fc(self.features(x))
 
 
 def pearson(a, b): return torch.corrcoef(torch.stack([torch.as_tensor(a, dtype=D), torch.as_tensor(b, dtype=D)]))[0, 1].item()
