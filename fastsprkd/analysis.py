@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
 from torch.func import functional_call, grad, vmap, jvp
+from torch.utils._pytree import tree_map
+from .curvature.functional import loader_order
 from .core import as_operator, preserved_state, HessianOperator, curvature_operator, functional_loss, select_parameters, prepare_batches, split_batch, fetched_batches, functional_forward, autocast_disabled, differentiable_attention, unwrap_model, select_unwrapped_parameters
 from .eigen import eigsh
 from .kfac import KFACOperator, EKFACOperator
@@ -134,11 +136,33 @@ def _sample_loss(model, loss_func, names, output_fn):
         return f
     return theta, fixed, loss_one
 
+def _vmap_cannot_batch(e):
+    "Is `e` vmap's refusal of data-dependent control flow (`.item()`, a branch or a slice on a batched tensor)?"
+    return isinstance(e, RuntimeError) and 'vmap' in str(e) and ('data-dependent control flow' in str(e) or '.item()' in str(e))
+
+class _SampleMap:
+    """`map(fn, dims)(theta, *rows)`: `fn` vmapped over the samples of `rows` (batch dimension `dims`), or, once vmap has
+    refused the model's data-dependent control flow (fastai's text classifier counts each batch's padding), a loop over
+    the samples with the same values (`fn` sees one sample either way); `.looped` says which ran."""
+    def __init__(self): self.looped = False
+    def map(self, fn, dims, chunk_size=None):
+        def mapped(th, *rows):
+            if not self.looped:
+                try: return vmap(fn, in_dims=(None, *dims), chunk_size=chunk_size)(th, *rows)
+                except RuntimeError as e:
+                    if not _vmap_cannot_batch(e): raise
+                    self.looped = True
+            B = next(o.shape[0] for o, d in zip(rows, dims) if d == 0)
+            outs = [fn(th, *(o[i] if d == 0 else o for o, d in zip(rows, dims))) for i in range(B)]
+            return tree_map(lambda *xs: torch.stack(xs), *outs)
+        return mapped
+
 def _per_sample_grad_batches(model, loss_func, data, names, n_inp=None, chunk_size=None, output_fn=None):
     "Yields, batch by batch in data order, the per-sample gradients (B × n) w.r.t. the parameters `names`."
     theta, _, loss_one = _sample_loss(model, loss_func, names, output_fn)
+    sm = _SampleMap()
     for items, dims, B, nx in _sample_batches(data, n_inp, theta[0].device):
-        g = vmap(grad(loss_one(dims, nx)), in_dims=(None, *dims), chunk_size=chunk_size)(theta, *items)
+        g = sm.map(grad(loss_one(dims, nx)), dims, chunk_size)(theta, *items)
         yield torch.cat([t.reshape(B, -1) for t in g], 1)
 
 def per_sample_gradients(model:nn.Module, # the model
@@ -205,7 +229,7 @@ def _influence_rows(model, loss_func, data, names, S, *, n_inp=None, chunk_size=
     tangents = tuple(c.T.reshape(T, *s) for c, s in zip(S.split(sizes), shapes))  # (T, *shape) per parameter
     off = _jvp_offenders(model, names)
     if off: stats.path, stats.why = 'per-sample gradients', f"forward mode does not give the gradient of {', '.join(off)}"
-    per_sample = None
+    per_sample, sm = None, _SampleMap()
     batches = _sample_batches(data, n_inp, theta[0].device)
     if progress:
         from fastprogress.fastprogress import progress_bar
@@ -221,7 +245,7 @@ def _influence_rows(model, loss_func, data, names, S, *, n_inp=None, chunk_size=
             try:
                 for lo in range(0, B, bc):
                     rows = _rows_of(items, dims, lo, lo + bc)
-                    def losses(th): return vmap(f, in_dims=(None, *dims))(th, *rows)
+                    def losses(th): return sm.map(f, dims)(th, *rows)
                     def along(tan): return jvp(losses, (theta,), (tan,))[1]
                     for t0 in range(0, T, tc):
                         d = vmap(along)(tuple(t[t0:t0 + tc] for t in tangents))  # (tc, bc) directional derivatives
@@ -232,7 +256,7 @@ def _influence_rows(model, loss_func, data, names, S, *, n_inp=None, chunk_size=
         if stats.path != 'jvp':
             bc = chunk_size or int(max(1, min(B, memory_budget // (3 * S.shape[0] * item + 3 * per_sample))))
             for lo in range(0, B, bc):
-                g = vmap(grad(f), in_dims=(None, *dims))(theta, *_rows_of(items, dims, lo, lo + bc))
+                g = sm.map(grad(f), dims)(theta, *_rows_of(items, dims, lo, lo + bc))
                 out[lo:lo + bc] = -(torch.cat([t.reshape(t.shape[0], -1) for t in g], 1) @ S)
         yield out
 
@@ -342,6 +366,7 @@ def influence(model:nn.Module, # the trained model
     if damping is not None and not damping >= 0: raise ValueError(f"damping must be ≥ 0 (or None for the spectrum rule), got {damping}")
     data, data_n_inp = prepare_batches(train_data)  # read once: a one-shot iterator becomes a list
     n_inp = n_inp if n_inp is not None else data_n_inp
+    rows_order, cols_order = loader_order(data), loader_order(prepare_batches(test_data)[0])  # SortedDL: by length
     kw = dict(eval_mode=eval_mode, n_inp=n_inp, output_fn=output_fn)
     kw.update(operator_kwargs or {})
     if kron: op = (EKFACOperator if curvature == 'ekfac' else KFACOperator)(model, loss_func, data, params, **kw)
@@ -389,8 +414,22 @@ def influence(model:nn.Module, # the trained model
         with _torch_func_unwound(): blocks = list(_influence_rows(inner, loss_func, data, names, S, n_inp=n_inp, chunk_size=chunk_size, output_fn=output_fn,
                                                                  memory_budget=memory_budget, stats=stats, progress=progress))
     if not blocks: raise ValueError("train_data is empty: no training sample to score")
-    return InfluenceResult(torch.cat(blocks), damping, rule, curvature, method, res.max().item(), res, bool(conv), its, used,
+    scores = _in_dataset_order(_in_dataset_order(torch.cat(blocks), rows_order, 'train_data'), cols_order, 'test_data', dim=1)
+    if cols_order is not None and res.numel() == len(cols_order): res = res[torch.as_tensor(cols_order).argsort()]  # per test point, as the columns
+    return InfluenceResult(scores, damping, rule, curvature, method, res.max().item(), res, bool(conv), its, used,
                            stats.path, names, stats.why)
+
+def _in_dataset_order(scores, order, what, dim=0):
+    "`scores` with its rows (`dim`=0) or columns (1), read in the loader's `order` of dataset indices, put in dataset order."
+    if order is None: return scores
+    if len(order) != scores.shape[dim] or sorted(order) != list(range(len(order))):
+        raise ValueError(f"{what}'s loader reads {scores.shape[dim]} samples but its indices are not a permutation of them: "
+                         f"cannot put the scores in dataset order; pass unshuffled batches (a list, or shuffle=False)")
+    out = torch.empty_like(scores)
+    idx = torch.as_tensor(order, device=scores.device)
+    if dim == 0: out[idx] = scores
+    else: out[:, idx] = scores
+    return out
 
 # %% ../nbs/05_analysis.ipynb #725b01bb
 def plot_influence(predicted, # predicted change of the test loss per removed training point (e.g. −influence/n_train)

@@ -16,6 +16,8 @@ from fastai.callback.progress import ProgressCallback
 from fastai.torch_core import to_device, show_image
 from .core import validation_transforms, preserved_rng, fetched_batches, prepare_batches, select_unwrapped_parameters
 from .analysis import influence, InfluenceResult
+from .callback.core import learner_output_fn
+from .curvature.functional import loader_order
 
 # %% auto #0
 __all__ = ['InfluenceExamples', 'show_influence']
@@ -41,7 +43,11 @@ def _test_batches(learn, test_items):
         if isinstance(test_items, torch.utils.data.DataLoader) and isinstance(test_items.sampler, torch.utils.data.RandomSampler):
             raise ValueError("test_items is a shuffling DataLoader: the columns follow the test items' order; pass shuffle=False")
         data, _ = prepare_batches(test_items)  # a fastai loader: unshuffled, all items
-        batches, dec = list(fetched_batches(data)), (data if hasattr(data, 'decode_batch') else dls.valid)
+        dec = data if hasattr(data, 'decode_batch') else dls.valid
+        if loader_order(data) is not None and hasattr(data, 'do_batch'):  # SortedDL reads by length: collate in dataset order
+            ds, bs = data.dataset, data.bs or 64
+            batches = [_collate(data, [ds[i] for i in range(lo, min(lo + bs, len(ds)))]) for lo in range(0, len(ds), bs)]
+        else: batches = list(fetched_batches(data))
     elif _is_batch(test_items): batches, dec = [test_items], dls.valid
     elif isinstance(test_items, (list, tuple)) or hasattr(test_items, '__iter__'):
         items = list(test_items)
@@ -108,6 +114,7 @@ def influence(self:Learner,
     batches, dec = _test_batches(self, test_items)
     if curvature is None: curvature = _default_curvature(self, params)
     kwargs.setdefault('progress', any(isinstance(cb, ProgressCallback) for cb in self.cbs))  # silent under learn.no_bar()
+    kwargs.setdefault('output_fn', learner_output_fn(self))  # the after_pred callbacks' view of the output (RNNCallback: out[0] of a text model)
     res = influence(self.model, self.loss_func, self.dls.train, batches, params=params, curvature=curvature, damping=damping,
                     n_inp=self.dls.n_inp, **kwargs)
     n = res.scores.shape[0]

@@ -87,6 +87,19 @@ def test_rows_in_order_over_unequal_batches_and_any_chunking():
     close(ps.scores, ref)
 
 
+def test_rows_and_columns_in_dataset_order_when_the_sampler_reorders():
+    "A DataLoader whose sampler reads the dataset backwards: the scores still come in dataset order (rows and columns)."
+    ce = nn.CrossEntropyLoss()
+    model = cnn()
+    tr, te = digits(60, n_test=5)
+    ref = influence(model, ce, tr, te, damping=0.3, method='exact')
+    backwards = lambda t, bs: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*t), batch_size=bs,
+                                                          sampler=list(range(len(t[0]) - 1, -1, -1)))
+    got = influence(model, ce, backwards(tr, 16), backwards(te, 2), damping=0.3, method='exact')
+    close(got.scores, ref.scores)
+    assert got.residuals.shape == ref.residuals.shape
+
+
 def test_parameter_subset():
     ce = nn.CrossEntropyLoss()
     model = cnn()

@@ -132,6 +132,39 @@ def test_non_image_items_are_shown_as_text():
     plt.close(fig)
 
 
+def test_text_learner_rows_in_dataset_order_and_text_grid():
+    """An AWD-LSTM text classifier (tuple output through RNNCallback; vmap refuses its padding count, so the per-sample
+    losses run one sample at a time): fastai's SortedDL reads the unshuffled training set sorted by length, and the rows
+    must still come in dataset order. Reference: `influence` on the loader's own batches (loader order, the same padding
+    and so the same curvature), each loader sample matched to its dataset item by its tokens."""
+    import sys, os
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_families_fit import text_dls, text_learner
+    dls = text_dls()
+    learn = text_learner(dls)
+    with learn.no_bar(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        learn.fit(1, 1e-2)
+        infl = learn.influence([dls.valid_ds[i] for i in range(2)], k=3, curvature='ggn', damping=1e-2)
+    ds = dls.train_ds
+    loader = dls.train.new(shuffle=False, drop_last=False)
+    batches = [tuple(o.as_subclass(torch.Tensor) for o in b) for b in loader]
+    tokens = [tuple(ds[i][0].tolist()) for i in range(len(ds))]
+    pad = 1
+    order = [tokens.index(tuple(t for t in row.tolist() if t != pad)) for xb, _ in batches for row in xb]
+    assert order != list(range(len(ds))) and sorted(order) == list(range(len(ds)))  # the loader does reorder
+    test = [tuple(o.as_subclass(torch.Tensor) for o in b) for b in infl.test_batches]
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        ref = influence(learn.model, learn.loss_func, batches, test, curvature='ggn', damping=1e-2, output_fn=lambda out: out[0])
+    torch.testing.assert_close(infl.scores[order], ref.scores, rtol=1e-4, atol=1e-7)
+    assert infl.result.rows == 'per-sample gradients'
+    fig = infl.show_influence()
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert len(fig.axes) == 2 * 7 and all(texts) and texts[1].startswith('xxbos')
+    plt.close(fig)
+
+
 def test_learner_influence_bad_input():
     dls, learn = small_learner(64)
     xb, yb = dls.valid.one_batch()

@@ -15,7 +15,7 @@ from torch.func import functional_call
 
 # %% auto #0
 __all__ = ['tensors_equal', 'preserved_state', 'preserved_rng', 'validation_transforms', 'autocast_disabled', 'plain_tensor',
-           'fetched_batches', 'prepare_batches', 'split_batch', 'select_parameters', 'describe_output',
+           'fetched_batches', 'prepare_batches', 'loader_order', 'split_batch', 'select_parameters', 'describe_output',
            'functional_forward', 'grad_or_none', 'functional_loss', 'unwrap_model', 'select_unwrapped_parameters',
            'differentiable_attention']
 
@@ -147,6 +147,20 @@ def prepare_batches(data):
         raise TypeError(f"data must be a batch (x, y) or an iterable of batches, got {type(data).__name__}")
     elif not isinstance(data, (list, tuple)): data = list(data)  # one-shot iterators: keep the batches
     return data, n_inp
+
+def loader_order(data):
+    """The dataset index of each sample in the order the batches of `data` (as `prepare_batches` returns it) hold them, or
+    None where that is the dataset's order or unknown (a list of batches). Not always the dataset's: fastai's `SortedDL`
+    (text) reads its unshuffled batches sorted by length, and a torch DataLoader's sampler may reorder."""
+    if hasattr(data, 'new') and hasattr(data, 'dataset') and hasattr(data, 'get_idxs'):  # fastai, already unshuffled
+        try: idxs = [int(i) for i in data.get_idxs()]
+        except TypeError: return None  # an iterable dataset: no indices
+    elif isinstance(data, torch.utils.data.DataLoader) and data.batch_sampler is not None and \
+            not isinstance(data.sampler, torch.utils.data.RandomSampler):
+        try: idxs = [int(i) for b in data.batch_sampler for i in b]
+        except TypeError: return None
+    else: return None
+    return None if idxs == list(range(len(idxs))) else idxs
 
 # %% ../../nbs/02a_curvature_functional.ipynb #22e498b2
 def split_batch(b, n_inp, device):
