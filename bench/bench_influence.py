@@ -2,7 +2,7 @@
 fit + pairwise scores in the same run; wall time and peak memory, one fresh process per contender.
 
     .venv/bin/python bench/bench_influence.py [--n 2000] [--bs 64] [--threads 2] [--damping 1e-3]
-                                              [--cg-tol 1e-3] [--cg-max-iter 10] [--which ggn-cg,ekfac,kronfluence]
+                                              [--cg-tol 1e-3] [--cg-max-iter 10] [--which ggn-cg,ekfac,kronfluence,ggn-pcg]
 
 Model: torchvision `resnet18(weights=None, num_classes=10)` in eval mode (BatchNorm running statistics), float32, CPU
 (bench_resnet.py's setup); all 11,181,642 parameters for fastsprkd (EK-FAC: Conv2d/Linear blocks, BatchNorm through its
@@ -15,6 +15,8 @@ What is timed (wall clock inside the child, after building the model and the dat
 ggn-cg       `influence(model, lf, batches, test, curvature='ggn', method='cg', damping=, tol=--cg-tol,
              max_iter=--cg-max-iter)`: the test gradient, CG on the GGN of all 2,000 images (each product is a pass over
              all batches), the rows as forward-mode directional derivatives. Its residual/iterations are reported.
+ggn-pcg      ggn-cg preconditioned by the EK-FAC inverse (`preconditioner=EKFACOperator(..., fisher_type='mc').inverse(damping)`,
+             its fit timed too).
 ekfac        `influence(..., curvature='ekfac', damping=, operator_kwargs=dict(fisher_type='mc'))`: EKFACOperator's fit
              (one sampled label per image, as kronfluence's default true Fisher), its exact inverse, the rows.
 ekfac-f64    the same with the model and the data in float64 (EKFACOperator eigendecomposes its factors in the model's
@@ -77,9 +79,12 @@ def child(name, a):
         row.update(fit_s=round(t1 - t0, 1), score_s=round(t2 - t1, 1), total_s=round(t2 - t0, 1))
     else:
         from fastsprkd.analysis import influence
-        kw = (dict(curvature='ggn', method='cg', tol=a.cg_tol, max_iter=a.cg_max_iter) if name == 'ggn-cg'
-              else dict(curvature='ekfac', operator_kwargs=dict(fisher_type='mc')))
+        from fastsprkd.kfac import EKFACOperator
         t0 = time.perf_counter()
+        kw = (dict(curvature='ggn', method='cg', tol=a.cg_tol, max_iter=a.cg_max_iter) if name.startswith('ggn-')
+              else dict(curvature='ekfac', operator_kwargs=dict(fisher_type='mc')))
+        if name == 'ggn-pcg':  # its EK-FAC fit (one sampled label per image) inside the timing
+            kw['preconditioner'] = EKFACOperator(model, lf, batches, fisher_type='mc').inverse(a.damping)
         with __import__('warnings').catch_warnings(record=True):  # CG stopped at max_iter warns; reported below
             res = influence(model, lf, batches, (xte, yte), damping=a.damping, **kw)
         row['total_s'] = round(time.perf_counter() - t0, 1)

@@ -335,6 +335,7 @@ def influence(model:nn.Module, # the trained model
               curvature:str='hessian', # the matrix C inverted: 'hessian', or the positive semi-definite 'ggn', 'ef', 'fisher', 'kfac', 'ekfac' (their exact inverse)
               tol:float|None=None, # CG/LiSSA relative residual (default 1e-8, or 100·eps of the dtype if larger: 1.2e-5 in float32)
               max_iter:int|None=None, # CG iteration limit
+              preconditioner=None, # CG's preconditioner: 'kfac' or 'ekfac' (fitted on `train_data`, inverted at the damping) or a linear operator ≈ (C + damping·I)⁻¹
               scale:float|None=None, # LiSSA scale (default from λ_max)
               depth:int=5000, # LiSSA steps
               relative_damping:float=1e-3, # the default rule's fraction of λ_max
@@ -356,13 +357,17 @@ def influence(model:nn.Module, # the trained model
     if method is None: method = 'inverse' if kron else 'cg'
     if kron and method not in ('inverse', 'exact'):
         raise ValueError(f"curvature={curvature!r} applies its own inverse: method must be 'inverse' (the default) or 'exact', got "
-                         f"{method!r}; for CG use curvature='ggn' (and KFACOperator(...).inverse(damping) as solve's preconditioner)")
+                         f"{method!r}; for CG use curvature='ggn' (with preconditioner='kfac' or 'ekfac')")
     if not kron and method not in ('cg', 'lissa', 'exact'):
         raise ValueError(f"method must be 'cg', 'lissa' or 'exact', got {method!r}")
     if isinstance(train_data, torch.utils.data.DataLoader) and (isinstance(train_data.sampler, torch.utils.data.RandomSampler) or train_data.drop_last):
         raise ValueError("train_data shuffles or drops its last batch: the influence matrix has one row per training item in data "
                          "order, which such a DataLoader does not keep; pass a DataLoader with shuffle=False, drop_last=False")
     if rows not in ('jvp', 'per-sample gradients'): raise ValueError(f"rows must be 'jvp' or 'per-sample gradients', got {rows!r}")
+    if preconditioner is not None and method != 'cg':
+        raise ValueError(f"preconditioner is for method='cg' (got method={method!r}); for curvature='kfac'/'ekfac' their inverse is exact already")
+    if isinstance(preconditioner, str) and preconditioner not in ('kfac', 'ekfac'):
+        raise ValueError(f"preconditioner must be 'kfac', 'ekfac' or a linear operator, got {preconditioner!r}")
     if damping is not None and not damping >= 0: raise ValueError(f"damping must be ≥ 0 (or None for the spectrum rule), got {damping}")
     data, data_n_inp = prepare_batches(train_data)  # read once: a one-shot iterator becomes a list
     n_inp = n_inp if n_inp is not None else data_n_inp
@@ -399,7 +404,12 @@ def influence(model:nn.Module, # the trained model
         res = _residuals(lambda V: op.matmat(V) + damping * V, rhs, S)  # of the K-FAC/EK-FAC system: round-off only
         used += op.num_matvecs - before
     else:
-        with _torch_func_unwound(): sol = solve(op, rhs, method=method, damping=damping, tol=tol, max_iter=max_iter, scale=scale, depth=depth)
+        pre = preconditioner
+        if isinstance(pre, str):  # fitted on the same data and parameters, with the solve's damping
+            pre = (EKFACOperator if pre == 'ekfac' else KFACOperator)(model, loss_func, data, params, eval_mode=eval_mode, n_inp=n_inp,
+                                                                     output_fn=output_fn).inverse(damping)
+        with _torch_func_unwound(): sol = solve(op, rhs, method=method, damping=damping, tol=tol, max_iter=max_iter, scale=scale, depth=depth,
+                                                 preconditioner=pre)
         S, its, conv, used = sol.x, sol.iterations, sol.converged, used + sol.num_matvecs
         res = torch.as_tensor(sol.residual, dtype=torch.float64).reshape(-1)
         if not conv:

@@ -218,6 +218,22 @@ def test_kfac_and_ekfac_inverses():
     close(ek.scores, dense_reference(model, ce, tr, te, 0.05, C=EKFACOperator(model, ce, tr, fallback='exact').to_dense()))
 
 
+def test_kfac_and_ekfac_preconditioned_cg():
+    "CG on the GGN preconditioned by K-FAC/EK-FAC (fitted on the same data) gives the exact GGN influence; bad choices refuse."
+    ce = nn.CrossEntropyLoss()
+    model = cnn()
+    tr, te = digits(80)
+    want = influence(model, ce, tr, te, curvature='ggn', damping=0.05, method='exact').scores
+    for pre in ('kfac', 'ekfac', KFACOperator(model, ce, tr).inverse(0.05)):
+        got = influence(model, ce, tr, te, curvature='ggn', damping=0.05, tol=1e-12, preconditioner=pre)
+        assert got.converged and got.method == 'cg' and got.iterations > 0, got
+        close(got.scores, want, 1e-9)
+    with pytest.raises(ValueError, match="preconditioner is for method='cg'"):
+        influence(model, ce, tr, te, curvature='ggn', damping=0.05, method='exact', preconditioner='kfac')
+    with pytest.raises(ValueError, match="'kfac', 'ekfac' or a linear operator"):
+        influence(model, ce, tr, te, curvature='ggn', damping=0.05, preconditioner='diag')
+
+
 def test_default_damping_rule():
     ce = nn.CrossEntropyLoss()
     torch.manual_seed(3)
