@@ -165,6 +165,28 @@ def test_text_learner_rows_in_dataset_order_and_text_grid():
     plt.close(fig)
 
 
+@pytest.mark.parametrize('family', ['vit', 'transformer'])
+def test_transformer_learners_rows_in_dataset_order(family):
+    "A timm ViT and an nn.TransformerEncoder classifier (attention through torch.func): the rows equal `influence` on the dataset's items in order."
+    import sys, os
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_families_fit import FAMILIES
+    make_dls, make = FAMILIES[family]
+    dls = make_dls()
+    torch.manual_seed(0)
+    learn = make(dls)
+    test = [dls.valid_ds[i] for i in range(2)]
+    with learn.no_bar(): infl = learn.influence(test, k=2, curvature='ggn', damping=0.1)
+    xs, ys = zip(*test)
+    ref = influence(learn.model, learn.loss_func, ordered_batches(dls.train_ds, 8), (torch.stack(xs), torch.stack(ys)),
+                    curvature='ggn', damping=0.1)
+    torch.testing.assert_close(infl.scores, ref.scores, rtol=1e-4, atol=1e-7)
+    assert infl.result.converged
+    fig = infl.show_influence()
+    assert len(fig.axes) == 2 * 5
+    plt.close(fig)
+
+
 def test_learner_influence_bad_input():
     dls, learn = small_learner(64)
     xb, yb = dls.valid.one_batch()
