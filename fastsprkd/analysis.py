@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn, Tensor
 from torch.func import functional_call, grad, vmap, jvp
-from torch.utils._pytree import tree_map
-from .curvature.functional import loader_order
+from .curvature.functional import loader_order, SampleMap
 from .core import as_operator, preserved_state, HessianOperator, curvature_operator, functional_loss, select_parameters, prepare_batches, split_batch, fetched_batches, functional_forward, autocast_disabled, differentiable_attention, unwrap_model, select_unwrapped_parameters
 from .eigen import eigsh
 from .kfac import KFACOperator, EKFACOperator
@@ -136,31 +135,12 @@ def _sample_loss(model, loss_func, names, output_fn):
         return f
     return theta, fixed, loss_one
 
-def _vmap_cannot_batch(e):
-    "Is `e` vmap's refusal of data-dependent control flow (`.item()`, a branch or a slice on a batched tensor)?"
-    return isinstance(e, RuntimeError) and 'vmap' in str(e) and ('data-dependent control flow' in str(e) or '.item()' in str(e))
 
-class _SampleMap:
-    """`map(fn, dims)(theta, *rows)`: `fn` vmapped over the samples of `rows` (batch dimension `dims`), or, once vmap has
-    refused the model's data-dependent control flow (fastai's text classifier counts each batch's padding), a loop over
-    the samples with the same values (`fn` sees one sample either way); `.looped` says which ran."""
-    def __init__(self): self.looped = False
-    def map(self, fn, dims, chunk_size=None):
-        def mapped(th, *rows):
-            if not self.looped:
-                try: return vmap(fn, in_dims=(None, *dims), chunk_size=chunk_size)(th, *rows)
-                except RuntimeError as e:
-                    if not _vmap_cannot_batch(e): raise
-                    self.looped = True
-            B = next(o.shape[0] for o, d in zip(rows, dims) if d == 0)
-            outs = [fn(th, *(o[i] if d == 0 else o for o, d in zip(rows, dims))) for i in range(B)]
-            return tree_map(lambda *xs: torch.stack(xs), *outs)
-        return mapped
 
 def _per_sample_grad_batches(model, loss_func, data, names, n_inp=None, chunk_size=None, output_fn=None):
     "Yields, batch by batch in data order, the per-sample gradients (B × n) w.r.t. the parameters `names`."
     theta, _, loss_one = _sample_loss(model, loss_func, names, output_fn)
-    sm = _SampleMap()
+    sm = SampleMap()
     for items, dims, B, nx in _sample_batches(data, n_inp, theta[0].device):
         g = sm.map(grad(loss_one(dims, nx)), dims, chunk_size)(theta, *items)
         yield torch.cat([t.reshape(B, -1) for t in g], 1)
@@ -229,7 +209,7 @@ def _influence_rows(model, loss_func, data, names, S, *, n_inp=None, chunk_size=
     tangents = tuple(c.T.reshape(T, *s) for c, s in zip(S.split(sizes), shapes))  # (T, *shape) per parameter
     off = _jvp_offenders(model, names)
     if off: stats.path, stats.why = 'per-sample gradients', f"forward mode does not give the gradient of {', '.join(off)}"
-    per_sample, sm = None, _SampleMap()
+    per_sample, sm = None, SampleMap()
     batches = _sample_batches(data, n_inp, theta[0].device)
     if progress:
         from fastprogress.fastprogress import progress_bar

@@ -342,3 +342,25 @@ def test_ggn_linearized_jacobian_products_match_forward_mode():
     slow = GGNOperator(m, lf, (x, y)); slow.linearize_speedup = 0.  # a trace that is not faster: dropped, for good
     for _ in range(slow.linearize_after + 3): c = slow @ V
     assert not slow._lin_ok and slow._lin is None and torch.equal(c, ref @ V)
+
+
+def test_ef_on_a_model_vmap_cannot_batch():
+    """fastai's AWD-LSTM classifier counts each batch's padding (data-dependent control flow that vmap refuses): the EF's
+    per-sample gradients loop over the samples instead, and EF·v equals (1/B)·Σᵢ gᵢ(gᵢᵀv) from torch.func.grad per sample."""
+    import sys, os, warnings
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_families_fit import text_dls, text_learner
+    dls = text_dls()
+    torch.manual_seed(0)
+    model = text_learner(dls).model.eval()
+    xb, yb = [o.as_subclass(torch.Tensor) for o in next(iter(dls.train.new(shuffle=False)))]
+    lf = nn.CrossEntropyLoss()
+    op = EFOperator(model, lf, (xb, yb), output_fn=lambda out: out[0])
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    def loss(ps, x, y): return lf(torch.func.functional_call(model, {**params, **ps}, (x,))[0], y)
+    G = torch.stack([torch.cat([g.reshape(-1) for g in torch.func.grad(loss)({n: params[n] for n in names}, xb[i:i+1], yb[i:i+1]).values()])
+                     for i in range(len(xb))])
+    v = torch.randn(G.shape[1], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(op.matvec(v), G.T @ (G @ v) / len(xb), rtol=1e-4, atol=1e-6)
+    assert op._sample_map.looped  # the loop ran: vmap refused this model

@@ -8,13 +8,14 @@ Docs: https://fastsprkd.github.io/fastsprkd/curvature_fisher.html.md"""
 from __future__ import annotations
 import torch
 from torch import nn, Tensor
-from torch.func import grad, vmap
+from torch.func import grad
 
 # %% auto #0
 __all__ = ['EFOperator']
 
 # %% ../../nbs/02e_curvature_fisher.ipynb #7a599209
 from .base import CurvatureOperator
+from .functional import SampleMap
 
 # %% ../../nbs/02e_curvature_fisher.ipynb #dc82abe7
 def _loss_reduction(loss_func) -> str:
@@ -51,9 +52,11 @@ class EFOperator(CurvatureOperator):
         for o in (*xb, *yb):
             if not isinstance(o, Tensor) or o.dim() == 0:
                 raise TypeError(f"EFOperator needs every input and target of a batch to be a tensor with a batch dimension, got {type(o).__name__}")
-        def one(ps, x, y):
-            return self._loss_fn(tuple(t[None] for t in x), tuple(t[None] for t in y), fixed)(*ps)
-        g = vmap(grad(one), in_dims=(None, 0, 0))(theta, xb, yb)
+        nx = len(xb)
+        def one(ps, *sample):
+            return self._loss_fn(tuple(t[None] for t in sample[:nx]), tuple(t[None] for t in sample[nx:]), fixed)(*ps)
+        if getattr(self, '_sample_map', None) is None: self._sample_map = SampleMap()  # vmap, or a loop where vmap cannot batch the model
+        g = self._sample_map.map(grad(one), (0,) * (len(xb) + len(yb)))(theta, *xb, *yb)
         return torch.cat([t.reshape(t.shape[0], -1) for t in g], 1)
 
     def _check_weighting(self, yb):

@@ -11,13 +11,14 @@ from contextlib import contextmanager
 from collections.abc import Iterable, Mapping
 import torch
 from torch import nn, Tensor
-from torch.func import functional_call
+from torch.func import functional_call, vmap
+from torch.utils._pytree import tree_map
 
 # %% auto #0
 __all__ = ['tensors_equal', 'preserved_state', 'preserved_rng', 'validation_transforms', 'autocast_disabled', 'plain_tensor',
-           'fetched_batches', 'prepare_batches', 'loader_order', 'split_batch', 'select_parameters', 'describe_output',
-           'functional_forward', 'grad_or_none', 'functional_loss', 'unwrap_model', 'select_unwrapped_parameters',
-           'differentiable_attention']
+           'fetched_batches', 'prepare_batches', 'loader_order', 'vmap_cannot_batch', 'SampleMap', 'split_batch',
+           'select_parameters', 'describe_output', 'functional_forward', 'grad_or_none', 'functional_loss',
+           'unwrap_model', 'select_unwrapped_parameters', 'differentiable_attention']
 
 # %% ../../nbs/02a_curvature_functional.ipynb #dfdf6052
 def tensors_equal(a:Tensor, b:Tensor) -> bool:
@@ -161,6 +162,28 @@ def loader_order(data):
         except TypeError: return None
     else: return None
     return None if idxs == list(range(len(idxs))) else idxs
+
+def vmap_cannot_batch(e) -> bool:
+    "Is `e` vmap's refusal of data-dependent control flow (`.item()`, a branch or a slice on a batched tensor)?"
+    return isinstance(e, RuntimeError) and 'vmap' in str(e) and ('data-dependent control flow' in str(e) or '.item()' in str(e))
+
+class SampleMap:
+    """`SampleMap().map(fn, dims)(theta, *rows)`: `fn` vmapped over the samples of `rows` (batch dimension 0 where `dims`
+    says 0), or, once vmap has refused the model's data-dependent control flow (fastai's AWD-LSTM classifier counts each
+    batch's padding), a loop over the samples with the same values (`fn` sees one sample either way). One instance per
+    sweep: after the first refusal it loops without retrying; `.looped` says which ran."""
+    def __init__(self): self.looped = False
+    def map(self, fn, dims, chunk_size=None):
+        def mapped(th, *rows):
+            if not self.looped:
+                try: return vmap(fn, in_dims=(None, *dims), chunk_size=chunk_size)(th, *rows)
+                except RuntimeError as e:
+                    if not vmap_cannot_batch(e): raise
+                    self.looped = True
+            B = next(o.shape[0] for o, d in zip(rows, dims) if d == 0)
+            outs = [fn(th, *(o[i] if d == 0 else o for o, d in zip(rows, dims))) for i in range(B)]
+            return tree_map(lambda *xs: torch.stack(xs), *outs)
+        return mapped
 
 # %% ../../nbs/02a_curvature_functional.ipynb #22e498b2
 def split_batch(b, n_inp, device):
