@@ -135,8 +135,6 @@ def _sample_loss(model, loss_func, names, output_fn):
         return f
     return theta, fixed, loss_one
 
-
-
 def _per_sample_grad_batches(model, loss_func, data, names, n_inp=None, chunk_size=None, output_fn=None):
     "Yields, batch by batch in data order, the per-sample gradients (B × n) w.r.t. the parameters `names`."
     theta, _, loss_one = _sample_loss(model, loss_func, names, output_fn)
@@ -351,7 +349,8 @@ def influence(model:nn.Module, # the trained model
     if damping is not None and not damping >= 0: raise ValueError(f"damping must be ≥ 0 (or None for the spectrum rule), got {damping}")
     data, data_n_inp = prepare_batches(train_data)  # read once: a one-shot iterator becomes a list
     n_inp = n_inp if n_inp is not None else data_n_inp
-    rows_order, cols_order = loader_order(data), loader_order(prepare_batches(test_data)[0])  # SortedDL: by length
+    test_data = prepare_batches(test_data)[0]  # read once, like train_data
+    rows_order, cols_order = loader_order(data), loader_order(test_data)  # not the datasets' order for a SortedDL (by length)
     kw = dict(eval_mode=eval_mode, n_inp=n_inp, output_fn=output_fn)
     kw.update(operator_kwargs or {})
     if kron: op = (EKFACOperator if curvature == 'ekfac' else KFACOperator)(model, loss_func, data, params, **kw)

@@ -78,7 +78,7 @@ def test_rows_in_order_over_unequal_batches_and_any_chunking():
     close(influence(model, ce, dl, te, damping=0.3, method='exact').scores, ref)
     cuts = [(0, 10), (10, 63), (63, 100)]
     batches = [(tr[0][a:b], tr[1][a:b]) for a, b in cuts]
-    close(influence(model, ce, iter(batches), [te], damping=0.3, method='exact').scores, ref)
+    close(influence(model, ce, iter(batches), iter([te]), damping=0.3, method='exact').scores, ref)  # one-shot iterators, both read once
     # one sample and one test point per vectorized chunk (a budget below one sample's activations), or 7 samples
     close(influence(model, ce, dl, te, damping=0.3, method='exact', memory_budget=1).scores, ref)
     close(influence(model, ce, dl, te, damping=0.3, method='exact', chunk_size=7).scores, ref)
