@@ -172,18 +172,22 @@ def _xdiag(op, m, gen, batch):
     S, R = loo
     QS, ZS = Q @ S, Z @ S
     # (I − Q_(i)Q_(i)ᵀ) y_i = Q s_i (s_iᵀ r_i): the part of y_i outside the span of the other probes' Y
-    Om, sr = sk.Om.double(), (S * R).sum(0)
-    D = base[:, None] - QS * ZS + Om * QS * sr
-    # without probe j, probe i's sample projects with Q(I − V G⁻¹Vᵀ)Qᵀ, V = [s_i s_j]; for each j, all i at once
+    C = ZS - sk.Om.double() * (S * R).sum(0)
+    P, B = QS * C, QS * ZS
+    D = base[:, None] - P  # column i: d_i
+    # Without probe j, probe i's sample projects with Q(I − V G⁻¹Vᵀ)Qᵀ, V = [s_i s_j]; with a = QS, b = ZS, c = C:
+    # δ_ij = (g−1) p_i + g a_j b_j + h (a_i b_j + a_j c_i) per entry (g, h: G⁻¹'s entries for the pair i, j), so
+    # Σ_{i≠j} δ_ij δ_ji is a sum of bilinear forms Σ_ij W_ij F_i G_j: n×s by s×s products, no per-pair n-vector
     g, h = _pair_inverse(S.T @ S)
+    off = ~torch.eye(s, dtype=torch.bool, device=g.device)
+    ij = [(g - 1, P, None), (g, None, B), (h, QS, ZS), (h, C, QS)]  # δ_ij = Σ coef_ij · F_i · G_j (None: 1)
+    ji = [(g - 1, None, P), (g, B, None), (h, ZS, QS), (h, QS, C)]  # δ_ji, same form
+    mul = lambda x, y: y if x is None else x if y is None else x * y
     cross = torch.zeros_like(base)
-    for j in range(s):
-        gj, hj, qj, zj = g[:, j], h[:, j], QS[:, j:j+1], ZS[:, j:j+1]
-        low = gj * (QS * ZS + qj * zj) + hj * (QS * zj + qj * ZS)  # diag(Q V G⁻¹Vᵀ Zᵀ), symmetric in i, j
-        di = D - (base[:, None] - low + Om * sr * (gj * QS + hj * qj))  # δ_ij, column i
-        dj = D[:, j:j+1] - (base[:, None] - low + Om[:, j:j+1] * sr[j] * (gj * qj + hj * QS))  # δ_ji, column i
-        di[:, j] = 0
-        cross += (di * dj).sum(1)
+    for c1, F1, G1 in ij:
+        for c2, F2, G2 in ji:
+            W, F, G = c1 * c2 * off, mul(F1, F2), mul(G1, G2)
+            cross += F @ W.sum(1) if G is None else G @ W.sum(0) if F is None else ((F @ W) * G).sum(1)
     return D.mean(1), _exchangeable_stderr(D, cross)
 
 # %% ../nbs/04_estimators.ipynb #6571ca98
