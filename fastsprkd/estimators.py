@@ -103,35 +103,64 @@ class _Sketch:
         Rit = torch.linalg.solve_triangular(R, torch.eye(self.s, dtype=R.dtype, device=R.device), upper=True).T  # R^{-T}
         return Rit / Rit.norm(dim=0), R
 
+def _exchangeable_stderr(T:Tensor, cross:Tensor) -> Tensor:
+    """Standard error of the mean of s exchangeable samples (last axis of T) that each use the other probes:
+    √(max(0, Σᵢ(tᵢ − t̄)² + Σ_{i≠j} δᵢⱼδⱼᵢ) / (s(s−1))), `cross` = Σ_{i≠j} δᵢⱼδⱼᵢ, δᵢⱼ = tᵢ − (tᵢ without probe j).
+    Without the clamp its square is unbiased for the variance; the clamp keeps it ≥ the naive std/√s."""
+    s = T.shape[-1]
+    ss = ((T - T.mean(-1, keepdim=True)) ** 2).sum(-1)
+    return ((ss + cross.clamp_min(0)) / (s * (s - 1))).sqrt()
+
+def _pair_inverse(C):
+    "G⁻¹ = [[g, h], [h, g]] of G = VᵀV, V = [s_i s_j] (unit columns, s_iᵀs_j = C[i, j]); diagonal entries unused."
+    den = (1 - C * C).clamp_min(torch.finfo(C.dtype).eps)
+    return 1 / den, -C / den
+
 def _xtrace_samples(sk):
-    "The s exchangeable XTrace samples t_i = tr(Q_(i)ᵀAQ_(i)) + u_iᵀAu_i, u_i = (I − Q_(i)Q_(i)ᵀ)ω_i; their mean is XTrace."
+    """The s exchangeable XTrace samples t_i = tr(Q_(i)ᵀAQ_(i)) + u_iᵀAu_i, u_i = (I − Q_(i)Q_(i)ᵀ)ω_i (their mean is
+    XTrace), and its standard error (`_exchangeable_stderr`; 0 when exact)."""
     H = (sk.Q.T @ sk.Z).double()  # QᵀAQ
     loo = sk.loo()
     if loo is None:  # Y = AΩ has lower rank than the probes: range(A) ⊂ span(Q) (almost surely), tr A = tr QᵀAQ exactly
-        return H.trace().reshape(1).cpu()
+        return H.trace().reshape(1).cpu(), 0.
     S, R = loo
     W, T = (sk.Q.T @ sk.Om).double(), (sk.Z.T @ sk.Om).double()  # w_i = Qᵀω_i, t_i = ZᵀΩ e_i = QᵀAω_i
     G = W - S * (S * W).sum(0)  # g_i = (I − s_i s_iᵀ) w_i: u_i = ω_i − Q g_i, A u_i = y_i − Z g_i
     t = (H.trace() - (S * (H @ S)).sum(0)  # tr(Q_(i)ᵀ A Q_(i))
          + sk.d - (T * G).sum(0) - (G * R).sum(0) + (G * (H @ G)).sum(0))  # u_iᵀ A u_i  (Qᵀy_i = r_i, the i-th column of R)
-    return t.cpu()
+    # t2[i, j]: probe i's sample from the sketch without probe j: Q_(i)Q_(i)ᵀ becomes Q(I − V G⁻¹Vᵀ)Qᵀ, V = [s_i s_j]
+    # (the other probes' span loses s_j's direction too), so every term is a 2×2 form in s×s matrices
+    g, h = _pair_inverse(S.T @ S)
+    SHS, SW, ST, SHW = S.T @ H @ S, S.T @ W, S.T @ T, S.T @ (H @ W)
+    hi, hj = SHS.diagonal()[:, None], SHS.diagonal()[None, :]
+    w1, w2 = SW.diagonal()[:, None], SW.T  # Vᵀw_i = (s_iᵀw_i, s_jᵀw_i)
+    t1, t2_ = ST.diagonal()[:, None], ST.T
+    b1, b2 = SHW.diagonal()[:, None], SHW.T
+    u1, u2 = g * w1 + h * w2, h * w1 + g * w2  # G⁻¹Vᵀw_i
+    sr = (S * R).sum(0)[:, None]  # Vᵀr_i = (s_iᵀr_i, 0)
+    t2 = (H.trace() - (g * hi + 2 * h * SHS + g * hj) + sk.d[:, None]
+          - ((T * W).sum(0)[:, None] - t1 * u1 - t2_ * u2) - ((R * W).sum(0)[:, None] - sr * u1)
+          + (W * (H @ W)).sum(0)[:, None] - 2 * (b1 * u1 + b2 * u2) + u1 * (hi * u1 + SHS * u2) + u2 * (SHS * u1 + hj * u2))
+    dl = (t[:, None] - t2).fill_diagonal_(0)  # δ_ij
+    return t.cpu(), _exchangeable_stderr(t, (dl * dl.T).sum()).item()
 
 def _xtrace(op, m, gen, batch, rtol):
-    "XTrace samples from up to m products (m//2 probes; with `rtol`, blocks of batch//2 probes until the stderr is small)."
+    "XTrace samples and stderr from up to m products (m//2 probes; with `rtol`, blocks of batch//2 probes until the stderr is small)."
     n = op.num_params
     s_max = min(m // 2, n)
     like = torch.empty(0, dtype=_probe_dtype(op), device=op.device)
     sk, step = _Sketch(op, batch), (max(2, batch // 2) if rtol is not None else s_max)
     while sk.s < s_max:
         sk.add(_rademacher(n, min(step, s_max - sk.s), gen, like))
-        t = _xtrace_samples(sk)
-        if sk.s == n or len(t) == 1: return (sk.Q.T @ sk.Z).double().trace().reshape(1).cpu() if sk.s == n else t  # exact
-        if rtol is not None and _stderr(t) <= rtol * abs(t.mean().item()): break
-    return t
+        t, se = _xtrace_samples(sk)
+        if sk.s == n: return (sk.Q.T @ sk.Z).double().trace().reshape(1).cpu(), 0.  # exact
+        if len(t) == 1: return t, 0.  # exact
+        if rtol is not None and se <= rtol * abs(t.mean().item()): break
+    return t, se
 
 def _xdiag(op, m, gen, batch):
     """XDiag from up to m products (m//2 probes): per probe i, diag(Q_(i)Q_(i)ᵀA) + ω_i ⊙ (I − Q_(i)Q_(i)ᵀ)Aω_i, unbiased
-    given the other probes; the mean and its standard error per entry."""
+    given the other probes; the mean and its standard error per entry (`_exchangeable_stderr`, δᵢⱼ per entry)."""
     n = op.num_params
     s = min(m // 2, n)
     sk = _Sketch(op, batch)
@@ -143,8 +172,23 @@ def _xdiag(op, m, gen, batch):
     S, R = loo
     QS, ZS = Q @ S, Z @ S
     # (I − Q_(i)Q_(i)ᵀ) y_i = Q s_i (s_iᵀ r_i): the part of y_i outside the span of the other probes' Y
-    D = base[:, None] - QS * ZS + sk.Om.double() * QS * (S * R).sum(0)
-    return D.mean(1), D.std(1, unbiased=True) / math.sqrt(s)
+    C = ZS - sk.Om.double() * (S * R).sum(0)
+    P, B = QS * C, QS * ZS
+    D = base[:, None] - P  # column i: d_i
+    # Without probe j, probe i's sample projects with Q(I − V G⁻¹Vᵀ)Qᵀ, V = [s_i s_j]; with a = QS, b = ZS, c = C:
+    # δ_ij = (g−1) p_i + g a_j b_j + h (a_i b_j + a_j c_i) per entry (g, h: G⁻¹'s entries for the pair i, j), so
+    # Σ_{i≠j} δ_ij δ_ji is a sum of bilinear forms Σ_ij W_ij F_i G_j: n×s by s×s products, no per-pair n-vector
+    g, h = _pair_inverse(S.T @ S)
+    off = ~torch.eye(s, dtype=torch.bool, device=g.device)
+    ij = [(g - 1, P, None), (g, None, B), (h, QS, ZS), (h, C, QS)]  # δ_ij = Σ coef_ij · F_i · G_j (None: 1)
+    ji = [(g - 1, None, P), (g, B, None), (h, ZS, QS), (h, QS, C)]  # δ_ji, same form
+    mul = lambda x, y: y if x is None else x if y is None else x * y
+    cross = torch.zeros_like(base)
+    for c1, F1, G1 in ij:
+        for c2, F2, G2 in ji:
+            W, F, G = c1 * c2 * off, mul(F1, F2), mul(G1, G2)
+            cross += F @ W.sum(1) if G is None else G @ W.sum(0) if F is None else ((F @ W) * G).sum(1)
+    return D.mean(1), _exchangeable_stderr(D, cross)
 
 # %% ../nbs/04_estimators.ipynb #6571ca98
 @_autocast_off
@@ -169,8 +213,8 @@ def trace(op, # linear operator or square tensor
         s = _hutchinson(op, num_matvecs, gen, batch, rtol)
         return Estimate(s.mean().item(), _stderr(s), op.num_matvecs - before, s, method)
     if method == 'xtrace':
-        s = _xtrace(op, num_matvecs, gen, batch, rtol)
-        return Estimate(s.mean().item(), 0. if len(s) == 1 else _stderr(s), op.num_matvecs - before, s, method)
+        s, se = _xtrace(op, num_matvecs, gen, batch, rtol)
+        return Estimate(s.mean().item(), se, op.num_matvecs - before, s, method)
     k = min(num_matvecs // 3, n)
     like = torch.empty(0, dtype=_probe_dtype(op), device=op.device)
     Q = torch.linalg.qr(apply_operator(op, _rademacher(n, k, gen, like), batch)).Q
