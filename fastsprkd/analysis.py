@@ -51,7 +51,7 @@ def basin_volume(op_or_logdet, # operator/square tensor H, or a given log det(H 
                  threshold:float=2., # T: the allowed rise of the quadratic loss model
                  shift:float=4 + 1e-5, # c = k/σ_init² + weight decay (the notebook's 1/0.5² + 1e-5)
                  n:int|None=None, # dimension (required with a given log-determinant; else the operator's)
-                 method:str='exact', # log-determinant by 'exact' dense eigenvalues or 'slq'
+                 method:str='exact', # log-determinant by 'exact' eigenvalues (dense; K-FAC/EK-FAC: from their factors) or 'slq'
                  stirling:bool=False, # log V_n by the notebook's Stirling form instead of exactly
                  num_probes:int=30, # SLQ: random probes
                  num_steps:int=30, # SLQ: Lanczos steps per probe
@@ -79,7 +79,8 @@ def basin_volume(op_or_logdet, # operator/square tensor H, or a given log det(H 
             est = sd.trace(lambda t: torch.log(t + shift))
         elif method == 'exact':
             before = op.num_matvecs
-            ev = dense_eigvalsh(op)
+            # K-FAC/EK-FAC: every eigenvalue exactly from their factors, at any size; else the dense matrix's
+            ev = op.eigenvalues().double().sort().values if isinstance(op, KFACOperator) else dense_eigvalsh(op)
             if ev[0] + shift <= 0: raise ValueError(not_pd_message(ev[0].item(), shift) + " The basin is unbounded.")
             est = Estimate((ev + shift).log().sum().item(), 0., op.num_matvecs - before, None, 'exact')
         else: raise ValueError(f"method must be 'exact' or 'slq', got {method!r}")

@@ -338,3 +338,15 @@ def test_cuda_matches_cpu():
             n = b.num_params
             assert (b.inverse(1e-3).matmat(b.to_dense() + 1e-3 * torch.eye(n, dtype=D, device='cuda')) - torch.eye(n, dtype=D, device='cuda')).abs().max() <= 1e-8
             model.cpu()
+
+
+@pytest.mark.parametrize('cls', [KFACOperator, EKFACOperator])
+def test_basin_volume_of_kfac_from_its_eigenvalues(cls):
+    "basin_volume(K-FAC/EK-FAC operator) takes their exact eigenvalues: equal to the dense matrix's basin volume, with no products."
+    from fastsprkd.analysis import basin_volume
+    model, data = _cnn(), _data('cnn')
+    op = cls(model, nn.CrossEntropyLoss(), data)
+    dense = op.matmat(torch.eye(op.num_params, dtype=D))
+    got, want = basin_volume(op, shift=0.1), basin_volume((dense + dense.T) / 2, shift=0.1)
+    assert got.log_volume == pytest.approx(want.log_volume, rel=1e-10, abs=1e-8)
+    assert got.num_matvecs == 0
