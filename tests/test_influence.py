@@ -344,3 +344,17 @@ def test_streaming_memory_stays_within_one_batch_of_per_sample_gradients():
     assert ps - base > 256 * 531914 * 4 * 0.9, (base, ps)  # the reference did hold the block
     assert inf <= 2 * ps, (inf, ps)
     assert inf - base <= 0.5 * (ps - base), (base, ps, inf)
+
+
+def test_loader_order_of_fastai_loaders():
+    "An iterable dataset has no indices (its get_idxs never ends): None; a SortedDL-like reordering: its indices."
+    from fastai.data.load import DataLoader
+    from fastsprkd.curvature.functional import loader_order
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self): return iter([(torch.zeros(2), torch.tensor(0))] * 5)
+    assert loader_order(DataLoader(Stream(), bs=2).new(shuffle=False)) is None
+    items = list(zip(torch.randn(5, 2), torch.arange(5)))
+    assert loader_order(DataLoader(items, bs=2).new(shuffle=False)) is None  # dataset order
+    class Backwards(DataLoader):
+        def get_idxs(self): return list(range(self.n))[::-1]
+    assert loader_order(Backwards(items, bs=2).new(shuffle=False)) == [4, 3, 2, 1, 0]

@@ -154,8 +154,9 @@ def loader_order(data):
     None where that is the dataset's order or unknown (a list of batches). Not always the dataset's: fastai's `SortedDL`
     (text) reads its unshuffled batches sorted by length, and a torch DataLoader's sampler may reorder."""
     if hasattr(data, 'new') and hasattr(data, 'dataset') and hasattr(data, 'get_idxs'):  # fastai, already unshuffled
+        if getattr(data, 'n', None) is None or not getattr(data, 'indexed', True): return None  # an iterable dataset: no indices (get_idxs is endless)
         try: idxs = [int(i) for i in data.get_idxs()]
-        except TypeError: return None  # an iterable dataset: no indices
+        except TypeError: return None
     elif isinstance(data, torch.utils.data.DataLoader) and data.batch_sampler is not None and \
             not isinstance(data.sampler, torch.utils.data.RandomSampler):
         try: idxs = [int(i) for b in data.batch_sampler for i in b]
