@@ -11,6 +11,7 @@ import torch
 from torch import nn, Tensor
 from torch.func import grad, jvp, vjp, vmap
 from fastcore.basics import patch
+from fastcore.meta import delegates
 
 # %% auto #0
 __all__ = ['HessianOperator']
@@ -39,31 +40,16 @@ def _fwd_offenders(model:nn.Module, params) -> list:
     return out
 
 # %% ../../nbs/02c_curvature_hessian.ipynb #5f637fea
+@delegates()  # the signature and parameter docs of CurvatureOperator's keywords (eval_mode, n_inp, chunk_size, memory_budget, at, ...)
 class HessianOperator(CurvatureOperator):
     "Exact Hessian of the sample-weighted mean loss of `model` over `data` w.r.t. `params`, as a linear operator."
-    def __init__(self,
-                 model:nn.Module, # the model; its device and dtype are the operator's
-                 loss_func, # `loss_func(pred, *targets)` -> scalar mean loss (fastai or torch losses)
-                 data, # one batch `(x, y)` or an iterable of batches (fastai/torch DataLoader, list)
-                 params=None, # None: all parameters that require grad; or parameters, modules or names
-                 *,
-                 eval_mode:bool=True, # evaluate in eval mode (deterministic BatchNorm/Dropout); False keeps the model's modes
+    def __init__(self, model:nn.Module, loss_func, data, params=None, *, # None: all parameters that require grad; or parameters, modules or names
                  mode:str='auto', # 'fwd' (forward-over-reverse), 'rev' (reverse-over-reverse) or 'auto'
-                 n_inp:int|None=None, # number of inputs in a batch (default: the data's `n_inp`, else all but the last item)
-                 chunk_size:int|None=None, # vectors per vectorized product in `matmat` (default: from `memory_budget`)
-                 memory_budget:int=2**30, # bytes that one vectorized chunk of `matmat` may use (estimate)
-                 max_dense_bytes:int=2**31, # `to_dense` refuses larger matrices
                  check_determinism:bool=False, # compare two identical products once and raise if they differ
                  cache_graph:bool=True, # single-batch data: keep the gradient graph while the model's state is unchanged (see below)
-                 process_group='auto', # 'auto': all-reduce over the default group when torch.distributed is initialized; a group; or None/False
-                 at=None, # values of the selected parameters (tensors in `params` order) to take the Hessian at, instead of the model's own (never written into it)
-                 validate:bool=True, # one checking forward pass at construction (False: only count the samples, e.g. for a batch whose loss was just computed)
-                 output_fn=None, # applied to the model's output before the loss, `loss_func(output_fn(model(*x)), *y)` (e.g. `lambda out: out[0]`)
-                ):
+                 **kwargs):
         if mode not in ('auto', 'fwd', 'rev'): raise ValueError(f"mode must be 'auto', 'fwd' or 'rev', got {mode!r}")
-        super().__init__(model, loss_func, data, params, eval_mode=eval_mode, n_inp=n_inp, chunk_size=chunk_size,
-                         memory_budget=memory_budget, max_dense_bytes=max_dense_bytes, process_group=process_group, at=at,
-                         validate=validate, output_fn=output_fn)
+        super().__init__(model, loss_func, data, params, **kwargs)
         self.mode, model = mode, self.model
         self._offenders = _fwd_offenders(model, self.params)
         if mode == 'fwd' and self._offenders: raise self._offender_error()
