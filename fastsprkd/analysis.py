@@ -79,8 +79,7 @@ def basin_volume(op_or_logdet, # operator/square tensor H, or a given log det(H 
             est = sd.trace(lambda t: torch.log(t + shift))
         elif method == 'exact':
             before = op.num_matvecs
-            # K-FAC/EK-FAC: every eigenvalue exactly from their factors, at any size; else the dense matrix's
-            ev = op.eigenvalues().double().sort().values if isinstance(op, KFACOperator) else dense_eigvalsh(op)
+            ev = dense_eigvalsh(op)  # K-FAC/EK-FAC: their exact eigenvalues, at any size
             if ev[0] + shift <= 0: raise ValueError(not_pd_message(ev[0].item(), shift) + " The basin is unbounded.")
             est = Estimate((ev + shift).log().sum().item(), 0., op.num_matvecs - before, None, 'exact')
         else: raise ValueError(f"method must be 'exact' or 'slq', got {method!r}")

@@ -416,7 +416,12 @@ def not_pd_message(lam_min, shift, what='smallest eigenvalue'):
             f"shift = {shift:g}), so its log-determinant is not a real number. Use a shift above {-lam_min:.6g}.")
 
 def dense_eigvalsh(op) -> Tensor:
-    "All eigenvalues (float64, ascending, on CPU) of the symmetrized dense matrix of `op`; an error on non-finite entries."
+    """All eigenvalues (float64, ascending, on CPU) of the symmetrized dense matrix of `op`; an error on non-finite entries.
+    An operator that knows every eigenvalue exactly (`eigenvalues()`: K-FAC/EK-FAC, from their factors) gives them without a dense matrix."""
+    if callable(getattr(op, 'eigenvalues', None)):
+        ev = op.eigenvalues().double().cpu()
+        if not torch.isfinite(ev).all(): raise FloatingPointError("the operator has non-finite eigenvalues")
+        return ev.sort().values
     H = op.to_dense().double()
     if not torch.isfinite(H).all(): raise FloatingPointError("the matrix has non-finite entries")
     return torch.linalg.eigvalsh((H + H.T) / 2).cpu()

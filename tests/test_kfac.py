@@ -350,3 +350,12 @@ def test_basin_volume_of_kfac_from_its_eigenvalues(cls):
     got, want = basin_volume(op, shift=0.1), basin_volume((dense + dense.T) / 2, shift=0.1)
     assert got.log_volume == pytest.approx(want.log_volume, rel=1e-10, abs=1e-8)
     assert got.num_matvecs == 0
+
+
+def test_exact_logdet_of_kfac_from_its_eigenvalues():
+    "estimators.logdet(K-FAC operator, method='exact') takes its eigenvalues (no products) and equals its own logdet."
+    from fastsprkd.estimators import logdet
+    op = KFACOperator(_mlp(), nn.CrossEntropyLoss(), _data('mlp'))
+    got = logdet(op, shift=0.1)
+    assert got.num_matvecs == 0
+    assert got.estimate == pytest.approx(op.logdet(0.1).item(), rel=1e-12)
