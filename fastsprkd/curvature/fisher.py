@@ -37,6 +37,7 @@ class EFOperator(CurvatureOperator):
     _matrix, _what = 'empirical Fisher', 'EF-vector product'
     def __init__(self, model, loss_func, data, params=None, *, check_determinism:bool=False, **kwargs):
         self.reduction = _loss_reduction(loss_func)
+        self._sample_map = SampleMap()  # vmap over the samples, or a loop where vmap cannot batch the model
         super().__init__(model, loss_func, data, params, **kwargs)
         self._finish_init(check_determinism)
     def _chunk(self, K, xb, fixed): return K  # columns are cheap: the per-sample gradients are the cost, computed once per batch
@@ -55,7 +56,6 @@ class EFOperator(CurvatureOperator):
         nx = len(xb)
         def one(ps, *sample):
             return self._loss_fn(tuple(t[None] for t in sample[:nx]), tuple(t[None] for t in sample[nx:]), fixed)(*ps)
-        if getattr(self, '_sample_map', None) is None: self._sample_map = SampleMap()  # vmap, or a loop where vmap cannot batch the model
         g = self._sample_map.map(grad(one), (0,) * (len(xb) + len(yb)))(theta, *xb, *yb)
         return torch.cat([t.reshape(t.shape[0], -1) for t in g], 1)
 
